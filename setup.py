@@ -1,0 +1,19 @@
+"""mom: Mixture-of-Modules transformers (Gong et al., EMNLP 2024), with Triton kernels."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mom",
+    version="0.1.0",
+    description="Mixture-of-Modules transformers: a PyTorch model layer and Triton routed-GEMM kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mom", "mom.*", "mom_kernels", "mom_kernels.*"]),
+    # torch: on a CPU-only machine install torch==2.13.0 first (README) so that pip does not pull a CUDA build.
+    install_requires=["torch>=2.4", "triton>=3.0", "einops", "numpy", "safetensors", "tqdm"],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "matplotlib"],
+        "flash": ["flash-attn"],
+        "plot": ["matplotlib"],
+    },
+)
