@@ -1,0 +1,7 @@
+"""mom: Mixture-of-Modules transformers (Gong et al., EMNLP 2024) in PyTorch, with Triton kernels."""
+from .config import MoMConfig, PRESETS
+from .layer import MoMLayer, MoMLayerOutput, StepRouting
+from .model import MoMForCausalLM, MoMOutput
+
+__all__ = ["MoMConfig", "PRESETS", "MoMLayer", "MoMLayerOutput", "StepRouting", "MoMForCausalLM", "MoMOutput"]
+__version__ = "0.1.0"

@@ -1,0 +1,216 @@
+"""MoMConfig: the shape of a Mixture-of-Modules language model, with GPT-2's field names.
+
+Layout (paper.md, "Layout of the model"):
+
+    embeddings -> n_bottom fixed GPT-2 blocks
+               -> chunks x [ depth routed steps over the chunk's pools (+ one fixed anchor block) ]
+               -> n_top fixed GPT-2 blocks -> ln_f -> tied LM head
+
+    graph depth   = n_bottom + chunks * (depth + anchor) + n_top
+    source layers = n_bottom + chunks * (max(n_attn, n_ffn) + anchor) + n_top   (GPT-2 layers consumed
+                    by `from_gpt2`; modules beyond n_attn / n_ffn are dropped)
+
+A vanilla GPT-2 is `chunks=0` with all its layers in `n_bottom`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+BACKENDS = ("reference", "torch", "triton", "auto")
+ROUTERS = ("gru", "mlp")
+BALANCE_MODES = ("per_step", "pooled")
+
+
+@dataclass
+class MoMConfig:
+    # --- GPT-2 fields (same names and defaults as Hugging Face's GPT2Config) -------------------------
+    vocab_size: int = 50257
+    n_positions: int = 1024          # longest sequence (learned position embeddings)
+    n_embd: int = 768                # D
+    n_head: int = 12
+    n_inner: Optional[int] = None    # F, FFN width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02  # std of the normal init (GPT-2's; routers too, paper.md phase 2)
+
+    # --- MoM layout ----------------------------------------------------------------------------------
+    n_bottom: int = 12               # fixed GPT-2 blocks before the first chunk
+    chunks: int = 0                  # C; 0 = vanilla GPT-2
+    n_attn: int = 1                  # attention modules in each chunk's pool
+    n_ffn: int = 1                   # FFN modules in each chunk's pool
+    depth: int = 1                   # H, routed steps per chunk
+    top_k: int = 1                   # K, modules picked per step by each router
+    anchor: bool = False             # one fixed GPT-2 block closes each chunk
+    n_top: int = 0                   # fixed GPT-2 blocks after the last chunk
+
+    # --- routers ---------------------------------------------------------------------------------------
+    router: str = "gru"              # "gru" (the paper's, state carried over a chunk's steps) | "mlp"
+    router_dim: int = 256            # GRU state / MLP hidden width (paper.md: 256)
+    router_temperature: float = 1.0  # tau in softmax(logits / tau); the authors' scripts use 0.2
+    skip: bool = True                # routers have a SKIP slot (costs nothing, adds nothing)
+    shared_slots: bool = False       # authors' layout: both routers have max(n_attn, n_ffn) + skip slots and
+                                     # every slot id >= the pool size means SKIP; False: n_pool + skip slots
+    renormalize: bool = True         # top-K weights renormalised over the K picks (authors' default;
+                                     # with top_k=1 the LM loss then gives the router no gradient)
+    straight_through: bool = False   # forward uses weight 1 per pick, backward the soft weight's gradient
+    weighted_qkv: bool = False       # QKV = sum of g_m * (LN_m(x) W_qkv[m] + b) instead of the plain sum
+    dense_routing: bool = False      # ablation: every slot is used, weighted by the full softmax (top_k unused)
+
+    # --- load-balancing loss (Switch style: n * sum_e f_e * P_e) ---------------------------------------
+    aux_loss_coef: float = 0.01      # paper.md
+    balance_loss: str = "per_step"   # "per_step": one loss per router and step, averaged;
+                                     # "pooled": f and P pooled over a chunk's steps, one loss per router
+    balance_skip: bool = False       # count the SKIP slot as a slot to balance (False: balance modules only)
+
+    # --- execution ---------------------------------------------------------------------------------------
+    backend: str = "auto"            # "reference" | "torch" | "triton" | "auto" (triton on CUDA, else torch)
+    checkpoint_chunks: bool = False  # recompute each chunk in backward (activation checkpointing)
+
+    # ------------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                raise ValueError(f"MoMConfig.{name}={getattr(self, name)!r}: {rule}")
+
+        def is_int(name):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool), name, "must be an int")
+
+        for name in ("vocab_size", "n_positions", "n_embd", "n_head", "n_bottom", "chunks", "n_attn",
+                     "n_ffn", "depth", "top_k", "n_top", "router_dim"):
+            is_int(name)
+        for name in ("vocab_size", "n_positions", "n_embd", "n_head"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
+        if self.n_inner is not None:
+            is_int("n_inner")
+            need(self.n_inner >= 1, "n_inner", "must be None (= 4 * n_embd) or >= 1")
+        need(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be > 0")
+        need(self.initializer_range > 0, "initializer_range", "must be > 0")
+        for name in ("n_bottom", "chunks", "n_top"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("anchor", "skip", "shared_slots", "renormalize", "straight_through", "weighted_qkv",
+                     "dense_routing", "balance_skip", "checkpoint_chunks"):
+            need(isinstance(getattr(self, name), bool), name, "must be a bool")
+        need(self.router in ROUTERS, "router", f"must be one of {ROUTERS}")
+        need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
+        need(self.balance_loss in BALANCE_MODES, "balance_loss", f"must be one of {BALANCE_MODES}")
+        need(self.router_temperature > 0, "router_temperature", "must be > 0")
+        need(self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
+        need(self.graph_depth >= 1, "n_bottom", "the model needs at least one block (n_bottom + chunks * "
+             "(depth + anchor) + n_top >= 1)")
+        if self.chunks > 0:
+            for name in ("n_attn", "n_ffn", "depth", "top_k", "router_dim"):
+                need(getattr(self, name) >= 1, name, "must be >= 1 when chunks > 0")
+            for pool, slots in (("n_attn", self.attn_slots), ("n_ffn", self.ffn_slots)):
+                need(self.top_k <= slots, "top_k",
+                     f"must be <= the {slots} router slots of the {pool} pool ({pool}={getattr(self, pool)}, "
+                     f"skip={self.skip}, shared_slots={self.shared_slots})")
+
+    # --- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def ffn_dim(self) -> int:
+        """F, the FFN width."""
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_modules(self) -> int:
+        """M = max(n_attn, n_ffn): GPT-2 layers a chunk's pools are cut from."""
+        return max(self.n_attn, self.n_ffn)
+
+    def _slots(self, pool_size: int) -> int:
+        return (self.n_modules if self.shared_slots else pool_size) + int(self.skip)
+
+    @property
+    def attn_slots(self) -> int:
+        """Router logits of the attention router; slot ids >= n_attn mean SKIP."""
+        return self._slots(self.n_attn)
+
+    @property
+    def ffn_slots(self) -> int:
+        """Router logits of the FFN router; slot ids >= n_ffn mean SKIP."""
+        return self._slots(self.n_ffn)
+
+    @property
+    def graph_depth(self) -> int:
+        """Blocks a token passes through: n_bottom + chunks * (depth + anchor) + n_top."""
+        return self.n_bottom + self.chunks * (self.depth + int(self.anchor)) + self.n_top
+
+    @property
+    def source_layers(self) -> int:
+        """GPT-2 layers `from_gpt2` consumes: n_bottom + chunks * (M + anchor) + n_top."""
+        return self.n_bottom + self.chunks * (self.n_modules + int(self.anchor)) + self.n_top
+
+    @property
+    def n_cache_layers(self) -> int:
+        """Attention calls per forward (one KV cache each): fixed blocks + routed steps."""
+        return self.graph_depth
+
+    def vanilla(self) -> "MoMConfig":
+        """The GPT-2 (chunks=0) whose layers this MoM is cut from by `from_gpt2` (phase 1 of training)."""
+        return dataclasses.replace(self, n_bottom=self.source_layers, chunks=0, n_top=0, anchor=False,
+                                   n_attn=1, n_ffn=1, depth=1, top_k=1)
+
+    def replace(self, **changes) -> "MoMConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- (de)serialisation ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"MoMConfig: unknown field(s) {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "MoMConfig":
+        """A preset by name (see PRESETS and docs/presets in the README); keyword overrides win."""
+        if name not in PRESETS:
+            raise ValueError(f"MoMConfig.from_name: unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_GPT2_SMALL = dict(n_embd=768, n_head=12)
+_GPT2_MEDIUM = dict(n_embd=1024, n_head=16)
+_GPT2_LARGE = dict(n_embd=1280, n_head=20)
+
+# Every MoM preset consumes exactly its GPT-2's layers (source_layers == 12 / 24 / 36) and keeps n_attn ==
+# n_ffn, so `from_gpt2` drops nothing and the parameter count is GPT-2's plus the routers'.
+PRESETS: dict[str, dict] = {
+    # Vanilla GPT-2 (chunks=0).                                                     depth | K | params
+    "gpt2": dict(**_GPT2_SMALL, n_bottom=12),                                      # 12 | - | 124.4M
+    "gpt2-medium": dict(**_GPT2_MEDIUM, n_bottom=24),                              # 24 | - | 354.8M
+    "gpt2-large": dict(**_GPT2_LARGE, n_bottom=36),                                # 36 | - | 774.0M
+    # MoM from GPT-2 small's 12 layers: 1 + 2 x (4 modules + anchor) + 1.           depth 1+2*(4+1)+1 = 12, K 2
+    "mom-small": dict(**_GPT2_SMALL, n_bottom=1, chunks=2, n_attn=4, n_ffn=4, depth=4, top_k=2, anchor=True,
+                      n_top=1),
+    # MoM from GPT-2 medium's 24 layers: 1 + 2 x (10 modules + anchor) + 1.         depth 1+2*(8+1)+1 = 20, K 2
+    "mom-medium": dict(**_GPT2_MEDIUM, n_bottom=1, chunks=2, n_attn=10, n_ffn=10, depth=8, top_k=2,
+                       anchor=True, n_top=1),
+    # Same parameters as GPT-2-large, deeper graph: 2 + 4 x (7 modules + anchor) + 2 = 36 layers;
+    # depth 2 + 4 x (11 + 1) + 2 = 52 >= 50 (paper: over 38% deeper than 36), K 1.
+    "mom-large-deep": dict(**_GPT2_LARGE, n_bottom=2, chunks=4, n_attn=7, n_ffn=7, depth=11, top_k=1,
+                           anchor=True, n_top=2),
+    # Fewer steps, more modules per step: 1 + 2 x (16 modules + anchor) + 1 = 36 layers;
+    # depth 1 + 2 x (5 + 1) + 1 = 14 <= 14 (paper: over 60% less depth), K 2.
+    "mom-large-efficient": dict(**_GPT2_LARGE, n_bottom=1, chunks=2, n_attn=16, n_ffn=16, depth=5, top_k=2,
+                                anchor=True, n_top=1),
+    # CPU tests: 1 + 2 x (4 + anchor) + 1 = 12 source layers of width 32; depth 1 + 2 x (3 + 1) + 1 = 10.
+    "tiny": dict(vocab_size=512, n_positions=64, n_embd=32, n_head=4, n_bottom=1, chunks=2, n_attn=3, n_ffn=4,
+                 depth=3, top_k=2, anchor=True, n_top=1, router_dim=16),
+    # The vanilla GPT-2 that "tiny" is cut from (phase 1 for the tiny model).
+    "tiny-gpt2": dict(vocab_size=512, n_positions=64, n_embd=32, n_head=4, n_bottom=12),
+}

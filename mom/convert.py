@@ -1,0 +1,168 @@
+"""GPT-2 checkpoints in, MoM checkpoints out.
+
+`from_gpt2` is phase 2 of the authors' two-phase recipe (paper.md): cut a trained vanilla GPT-2 into
+modules. With M = max(n_attn, n_ffn), the checkpoint's layers are consumed bottom-up:
+
+    layers [0, n_bottom)                      -> bottom blocks
+    per chunk c: the next M layers, j = 0..M-1 -> attention module j (ln_1 + attn) if j < n_attn,
+                                                 FFN module j (ln_2 + mlp) if j < n_ffn (the rest dropped)
+                 then one layer                -> the chunk's anchor block (if anchor)
+    the last n_top layers                     -> top blocks
+    wte, wpe, ln_f copied; routers stay freshly initialised (N(0, 0.02)).
+
+Hugging Face's GPT-2 keeps Conv1D weights as [in, out], the layout of our blocks and stacked pools, so no
+weight is transposed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, Union
+
+import torch
+
+from .config import MoMConfig
+
+_LAYER_KEY = re.compile(r"^h\.(\d+)\.(.+)$")
+_IGNORED = ("attn.bias", "attn.masked_bias")  # causal-mask buffers of old HF checkpoints
+
+
+def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or .bin/.pt file (or a folder holding model.safetensors)."""
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"GPT-2 checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _gpt2_layers(sd: Dict[str, torch.Tensor]):
+    """Split an HF GPT-2 state dict (GPT2LMHeadModel or GPT2Model keys) into globals and per-layer dicts."""
+    globals_, layers = {}, {}
+    for key, value in sd.items():
+        k = key[len("transformer."):] if key.startswith("transformer.") else key
+        m = _LAYER_KEY.match(k)
+        if m:
+            if not m.group(2).endswith(_IGNORED):
+                layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
+        elif k != "lm_head.weight":  # tied to wte
+            globals_[k] = value
+    n = len(layers)
+    if sorted(layers) != list(range(n)):
+        raise ValueError(f"GPT-2 checkpoint: layer indices are not 0..{n - 1}: {sorted(layers)}")
+    return globals_, [layers[i] for i in range(n)]
+
+
+def gpt2_to_mom_state_dict(sd: Dict[str, torch.Tensor], config: MoMConfig) -> Dict[str, torch.Tensor]:
+    """Map an HF GPT-2 state dict onto MoMForCausalLM's keys (routers not included)."""
+    g, layers = _gpt2_layers(sd)
+    for key in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+        if key not in g:
+            raise ValueError(f"GPT-2 checkpoint has no '{key}' (nor 'transformer.{key}')")
+    if len(layers) != config.source_layers:
+        raise ValueError(f"GPT-2 checkpoint has {len(layers)} layers; the config consumes "
+                         f"config.source_layers={config.source_layers} (n_bottom + chunks * (max(n_attn, n_ffn) "
+                         f"+ anchor) + n_top)")
+    D = g["wte.weight"].shape[1]
+    if D != config.n_embd or g["wte.weight"].shape[0] != config.vocab_size or \
+            g["wpe.weight"].shape[0] != config.n_positions:
+        raise ValueError(f"GPT-2 checkpoint sizes (vocab {g['wte.weight'].shape[0]}, n_positions "
+                         f"{g['wpe.weight'].shape[0]}, n_embd {D}) do not match the config (vocab_size "
+                         f"{config.vocab_size}, n_positions {config.n_positions}, n_embd {config.n_embd})")
+    out = {k: g[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+
+    def block(prefix, layer):
+        for k, v in layer.items():
+            out[f"{prefix}.{k}"] = v
+
+    it = iter(layers)
+    for i in range(config.n_bottom):
+        block(f"bottom.{i}", next(it))
+    for c in range(config.chunks):
+        cut = [next(it) for _ in range(config.n_modules)]
+        p = f"chunks.{c}"
+        attn, ffn = cut[: config.n_attn], cut[: config.n_ffn]
+        out[f"{p}.attn_pool.ln_weight"] = torch.stack([l["ln_1.weight"] for l in attn])
+        out[f"{p}.attn_pool.ln_bias"] = torch.stack([l["ln_1.bias"] for l in attn])
+        out[f"{p}.attn_pool.c_attn_weight"] = torch.stack([l["attn.c_attn.weight"] for l in attn])
+        out[f"{p}.attn_pool.c_attn_bias"] = torch.stack([l["attn.c_attn.bias"] for l in attn])
+        out[f"{p}.attn_pool.c_proj_weight"] = torch.stack([l["attn.c_proj.weight"] for l in attn])
+        out[f"{p}.attn_pool.c_proj_bias"] = torch.stack([l["attn.c_proj.bias"] for l in attn])
+        out[f"{p}.ffn_pool.ln_weight"] = torch.stack([l["ln_2.weight"] for l in ffn])
+        out[f"{p}.ffn_pool.ln_bias"] = torch.stack([l["ln_2.bias"] for l in ffn])
+        out[f"{p}.ffn_pool.c_fc_weight"] = torch.stack([l["mlp.c_fc.weight"] for l in ffn])
+        out[f"{p}.ffn_pool.c_fc_bias"] = torch.stack([l["mlp.c_fc.bias"] for l in ffn])
+        out[f"{p}.ffn_pool.c_proj_weight"] = torch.stack([l["mlp.c_proj.weight"] for l in ffn])
+        out[f"{p}.ffn_pool.c_proj_bias"] = torch.stack([l["mlp.c_proj.bias"] for l in ffn])
+        if config.anchor:
+            block(f"{p}.anchor", next(it))
+    for i in range(config.n_top):
+        block(f"top.{i}", next(it))
+    return out
+
+
+def from_gpt2(state_dict_or_path: Union[str, Dict[str, torch.Tensor]], config: MoMConfig):
+    """A MoMForCausalLM initialised from a GPT-2 checkpoint in HF's layout (routers new)."""
+    from .model import MoMForCausalLM
+
+    sd = load_state_dict(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) \
+        else state_dict_or_path
+    mapped = gpt2_to_mom_state_dict(sd, config)
+    model = MoMForCausalLM(config)
+    own = model.state_dict()
+    for k, v in mapped.items():
+        if k not in own:
+            raise ValueError(f"GPT-2 checkpoint: '{k}' has no place in the model (unexpected layer entry)")
+        if own[k].shape != v.shape:
+            raise ValueError(f"GPT-2 checkpoint: '{k}' has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(own[k].shape)}")
+    missing = [k for k in own if k not in mapped and ".attn_router." not in k and ".ffn_router." not in k]
+    if missing:
+        raise ValueError(f"GPT-2 checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    model.load_state_dict(mapped, strict=False)
+    return model
+
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+def save_pretrained(model, directory: str):
+    """config.json + model.safetensors (the tied LM head is wte; nothing is stored twice)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        f.write(model.config.to_json())
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(directory, WEIGHTS_NAME))
+
+
+def from_pretrained(directory: str, **config_overrides):
+    from safetensors.torch import load_file
+    from .model import MoMForCausalLM
+
+    cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for p in (cfg_path, w_path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"from_pretrained: {p} not found")
+    with open(cfg_path) as f:
+        config = MoMConfig.from_dict({**json.load(f), **config_overrides})
+    sd = load_file(w_path)
+    model = MoMForCausalLM(config)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"from_pretrained({directory}): checkpoint does not fit its config: missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]}")
+    model.load_state_dict(sd)
+    return model.to(next(iter(sd.values())).dtype) if sd else model

@@ -1,0 +1,126 @@
+"""MoMLayer: one chunk of a Mixture-of-Modules model, a drop-in [B, T, D] -> [B, T, D] layer.
+
+A chunk owns an attention pool, an FFN pool, an attention router, an FFN router and (optionally) a fixed
+anchor block. It runs `depth` routed steps (paper.md, "One routed step"), reusing its pools at each step:
+
+    x [B, T, D]
+    for each step h:
+        attention router on x           -> ids_a, g_a [N, K]      (N = B*T tokens; id n_attn = SKIP)
+        qkv = sum_m LN_m(x) W_qkv[m] + b_qkv[m]                    (optionally weighted by g_a)
+        o   = causal attention(q, k, v)                             ONE attention per step, own KV cache
+        x  += sum_m g_a,m (o W_o[m] + b_o[m])
+        FFN router on x                 -> ids_f, g_f [N, K]
+        x  += sum_m g_f,m FFN_m(LN_m(x))
+    x = anchor(x)                                                   (if config.anchor)
+
+A token whose K attention picks are all SKIP gets q = k = v = 0 at that step: it still sits in the other
+tokens' softmax with score 0 and value 0 (the authors' semantics), and its own output is 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from .blocks import AttentionPool, Block, FFNPool, KVCache, causal_attention, init_weights, merge_heads, split_heads
+from .config import MoMConfig
+from .routed import Ops, get_ops
+from .routers import Routing, balance_loss, balance_terms, make_router, route
+
+
+@dataclass
+class StepRouting:
+    """What the routers of one step picked, for analysis: ids [B, T, K] (pool size = SKIP), weights [B, T, K]."""
+    attn_ids: torch.Tensor
+    attn_weights: torch.Tensor
+    ffn_ids: torch.Tensor
+    ffn_weights: torch.Tensor
+
+
+@dataclass
+class MoMLayerOutput:
+    hidden_states: torch.Tensor             # [B, T, D]
+    routing: List[StepRouting]              # one per step
+    aux_loss: torch.Tensor                  # scalar: mean load-balancing loss of this chunk's routers
+    present: Optional[List[KVCache]] = None  # depth (+1 anchor) KV caches, when use_cache
+
+
+class MoMLayer(nn.Module):
+    """One MoM chunk. `MoMLayer(config)` initialises itself; call `forward(x)` with x [B, T, D]."""
+
+    def __init__(self, config: MoMConfig, init: bool = True):
+        super().__init__()
+        self.config = config
+        self.attn_pool = AttentionPool(config)
+        self.ffn_pool = FFNPool(config)
+        self.attn_router = make_router(config, config.attn_slots)
+        self.ffn_router = make_router(config, config.ffn_slots)
+        self.anchor = Block(config) if config.anchor else None
+        if init:
+            init_weights(self, config)
+
+    @property
+    def n_caches(self) -> int:
+        return self.config.depth + int(self.config.anchor)
+
+    def forward(self, x, past_key_values: Optional[List[KVCache]] = None, use_cache: bool = False,
+                ops: Optional[Ops] = None) -> MoMLayerOutput:
+        cfg = self.config
+        if x.dim() != 3 or x.shape[-1] != cfg.n_embd:
+            raise ValueError(f"MoMLayer: x must be [B, T, n_embd={cfg.n_embd}], got {tuple(x.shape)}")
+        if past_key_values is not None and len(past_key_values) != self.n_caches:
+            raise ValueError(f"MoMLayer: past_key_values has {len(past_key_values)} entries, expected "
+                             f"{self.n_caches} (depth + anchor)")
+        ops = ops if ops is not None else get_ops(cfg.backend, x.device)
+        B, T, D = x.shape
+        E_a, E_f = cfg.n_attn, cfg.n_ffn
+        pa, pf = self.attn_pool, self.ffn_pool
+        eps = cfg.layer_norm_epsilon
+        xf = x.reshape(B * T, D)                                     # [N, D]
+        state_a = state_f = None                                     # GRU states, zero at chunk start
+        routing, presents, terms = [], [], []
+        for h in range(cfg.depth):
+            # --- assembled attention ---
+            logits, state_a = self.attn_router(xf, state_a)         # [N, S_a]
+            ra = route(logits, E_a, cfg)
+            plan = ops.make_plan(ra.ids, E_a)                        # shared by QKV and output projection
+            qkv = ops.routed_linear(xf, pa.c_attn_weight, pa.c_attn_bias, ra.ids,
+                                    ra.weights if cfg.weighted_qkv else None, pa.ln_weight, pa.ln_bias, eps,
+                                    plan=plan)                       # [N, 3D]
+            q, k, v = qkv.view(B, T, 3 * D).split(D, dim=-1)
+            past = past_key_values[h] if past_key_values is not None else None
+            o, present = causal_attention(split_heads(q, cfg.n_head), split_heads(k, cfg.n_head),
+                                          split_heads(v, cfg.n_head), past)
+            o = merge_heads(o).reshape(B * T, D)                     # [N, D]
+            xf = xf + ops.routed_linear(o, pa.c_proj_weight, pa.c_proj_bias, ra.ids, ra.weights, plan=plan)
+            # --- assembled FFN ---
+            logits, state_f = self.ffn_router(xf, state_f)           # [N, S_f]
+            rf = route(logits, E_f, cfg)
+            xf = xf + ops.routed_ffn(xf, pf.ln_weight, pf.ln_bias, pf.c_fc_weight, pf.c_fc_bias,
+                                     pf.c_proj_weight, pf.c_proj_bias, rf.ids, rf.weights, eps,
+                                     plan=ops.make_plan(rf.ids, E_f))
+            routing.append(StepRouting(ra.ids.view(B, T, -1), ra.weights.view(B, T, -1),
+                                       rf.ids.view(B, T, -1), rf.weights.view(B, T, -1)))
+            terms.append((balance_terms(ra, E_a, cfg), balance_terms(rf, E_f, cfg)))
+            if use_cache:
+                presents.append(present)
+        x = xf.view(B, T, D)
+        if self.anchor is not None:
+            x, present = self.anchor(x, past_key_values[-1] if past_key_values is not None else None)
+            if use_cache:
+                presents.append(present)
+        return MoMLayerOutput(x, routing, self._aux_loss(terms), presents if use_cache else None)
+
+    def _aux_loss(self, terms):
+        """Mean Switch-style balance loss over routers and steps ("per_step") or over routers ("pooled")."""
+        if self.config.balance_loss == "per_step":
+            losses = [balance_loss(f, P) for pair in terms for (f, P) in pair]
+        else:  # pool f and P over the chunk's steps, one loss per router
+            losses = []
+            for r in range(2):
+                f = torch.stack([t[r][0] for t in terms]).mean(0)
+                P = torch.stack([t[r][1] for t in terms]).mean(0)
+                losses.append(balance_loss(f, P))
+        return torch.stack(losses).mean()

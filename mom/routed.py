@@ -1,0 +1,193 @@
+"""The two routed ops of a step, per backend: `routed_linear` (attention projections) and `routed_ffn`.
+
+    N = tokens, K = picks per token, E = pool size (id E = SKIP), D = input width, O = output width
+
+    routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps, plan=None)
+        y[t] = sum over k with ids[t,k] < E of w[t,k] * (LN_m(x[t]) @ weight[m] + bias[m]),  m = ids[t,k]
+        (w = 1 when weights is None; LN_m = identity when ln_weight is None)
+    routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan=None)
+        y[t] = sum over k with ids[t,k] < E of w[t,k] * (gelu_tanh(LN_m(x[t]) @ w1[m] + b1[m]) @ w2[m] + b2[m])
+
+Backends (same signatures; `mom_kernels` has the Triton one):
+  "reference": the obvious per-module loop, as the authors' code does it (gather the tokens that picked m,
+               run module m, index_add back). The test oracle.
+  "torch":     vectorised: one stable sort of the N*K picks per routing plan (shared by a step's QKV and
+               output projections), LayerNorm statistics once per token, one matmul per module over its
+               contiguous slice of the sorted rows, weighted combine by an index_copy into an [N*K, O]
+               buffer and a sum over K (deterministic, no atomics). It reads the E+1 per-module counts
+               back to the host once per plan (to slice); the Triton backend has no host sync.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def gelu(x):
+    return F.gelu(x, approximate="tanh")  # GPT-2's GELU
+
+
+# ----------------------------------------------------------------------------------------------------------
+# "reference": per-module loop
+# ----------------------------------------------------------------------------------------------------------
+def _module_rows(ids, weights, m):
+    """Tokens that picked module m (each picks it at most once) and their weight for it."""
+    sel = ids == m                                    # [N, K]
+    tok = sel.any(dim=1).nonzero().squeeze(1)         # [n_m]
+    w = None if weights is None else (weights * sel).sum(dim=1)[tok]  # [n_m]
+    return tok, w
+
+
+def reference_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
+                            plan=None):
+    N, D = x.shape
+    E, _, O = weight.shape
+    y = x.new_zeros(N, O)
+    for m in range(E):
+        tok, w = _module_rows(ids, weights, m)
+        if tok.numel() == 0:
+            continue
+        u = x[tok]
+        if ln_weight is not None:
+            u = F.layer_norm(u, (D,), ln_weight[m], ln_bias[m], eps)
+        out = u @ weight[m]
+        if bias is not None:
+            out = out + bias[m]
+        if w is not None:
+            out = out * w[:, None]
+        y = y.index_add(0, tok, out)
+    return y
+
+
+def reference_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5, plan=None):
+    N, D = x.shape
+    y = x.new_zeros(N, D)
+    for m in range(w1.shape[0]):
+        tok, w = _module_rows(ids, weights, m)
+        if tok.numel() == 0:
+            continue
+        u = F.layer_norm(x[tok], (D,), ln_weight[m], ln_bias[m], eps)
+        out = gelu(u @ w1[m] + b1[m]) @ w2[m] + b2[m]
+        y = y.index_add(0, tok, out * w[:, None])
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# "torch": sort once, slice per module
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Picks sorted by module. R = non-SKIP picks."""
+    n_tokens: int
+    top_k: int
+    pick: torch.Tensor      # [R] flat pick index t * K + k, sorted by module (stable: by t, then k)
+    token: torch.Tensor     # [R] token of each sorted pick
+    bounds: List[int]       # [E + 1] host ints: module m owns sorted rows bounds[m] : bounds[m + 1]
+
+
+def make_plan(ids: torch.Tensor, n_modules: int) -> Plan:
+    N, K = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.sort(flat, stable=True).indices                       # [N*K], SKIP (= E) last
+    counts = torch.bincount(flat, minlength=n_modules + 1)[: n_modules]  # [E]
+    bounds = [0] + torch.cumsum(counts, 0).tolist()                     # the one host sync per plan
+    pick = order[: bounds[-1]]
+    return Plan(n_tokens=N, top_k=K, pick=pick, token=pick // K, bounds=bounds)
+
+
+def _combine(rows, plan: Plan, weights):
+    """rows [R, O] in sorted order -> [N, O], sum over each token's K picks (weighted), deterministic."""
+    N, K = plan.n_tokens, plan.top_k
+    if weights is not None:
+        rows = rows * weights.reshape(-1)[plan.pick].unsqueeze(1)
+    out = rows.new_zeros(N * K, rows.shape[1]).index_copy(0, plan.pick, rows)  # each slot written once
+    return out.view(N, K, -1).sum(dim=1)
+
+
+def _normalized_rows(x, plan: Plan, ln_weight, eps):
+    """Gathered input rows [R, D]: x_hat (LayerNorm statistics once per token) when LN is on, else x."""
+    if ln_weight is not None:
+        x = F.layer_norm(x, (x.shape[1],), None, None, eps)
+    return x[plan.token]
+
+
+def torch_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
+                        plan: Optional[Plan] = None):
+    E = weight.shape[0]
+    plan = plan if plan is not None else make_plan(ids, E)
+    rows = _normalized_rows(x, plan, ln_weight, eps)  # [R, D]
+    outs = []
+    for m in range(E):
+        lo, hi = plan.bounds[m], plan.bounds[m + 1]
+        if hi == lo:
+            continue
+        u = rows[lo:hi]
+        if ln_weight is not None:
+            u = torch.addcmul(ln_bias[m], u, ln_weight[m])  # each module's gamma, beta
+        outs.append(u @ weight[m] if bias is None else torch.addmm(bias[m], u, weight[m]))
+    out_rows = torch.cat(outs) if outs else x.new_zeros(0, weight.shape[2])
+    return _combine(out_rows, plan, weights)
+
+
+def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
+                     plan: Optional[Plan] = None):
+    E = w1.shape[0]
+    plan = plan if plan is not None else make_plan(ids, E)
+    rows = _normalized_rows(x, plan, ln_weight, eps)  # [R, D]
+    outs = []
+    for m in range(E):
+        lo, hi = plan.bounds[m], plan.bounds[m + 1]
+        if hi == lo:
+            continue
+        u = torch.addcmul(ln_bias[m], rows[lo:hi], ln_weight[m])
+        outs.append(torch.addmm(b2[m], gelu(torch.addmm(b1[m], u, w1[m])), w2[m]))
+    out_rows = torch.cat(outs) if outs else x.new_zeros(0, w2.shape[2])
+    return _combine(out_rows, plan, weights)
+
+
+# ----------------------------------------------------------------------------------------------------------
+class Ops:
+    """The routed ops of one backend."""
+
+    def __init__(self, name, make_plan, routed_linear, routed_ffn):
+        self.name, self.make_plan, self.routed_linear, self.routed_ffn = name, make_plan, routed_linear, routed_ffn
+
+
+REFERENCE = Ops("reference", lambda ids, n_modules: None, reference_routed_linear, reference_routed_ffn)
+TORCH = Ops("torch", make_plan, torch_routed_linear, torch_routed_ffn)
+
+
+def triton_available() -> bool:
+    try:
+        import mom_kernels  # noqa: F401
+        return hasattr(mom_kernels, "routed_ffn") and hasattr(mom_kernels, "routed_linear")
+    except Exception:
+        return False
+
+
+def get_ops(backend: str, device: torch.device) -> Ops:
+    """The ops for a config backend ("auto": Triton on CUDA when mom_kernels imports, else torch)."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "reference":
+        return REFERENCE
+    if backend == "torch":
+        return TORCH
+    if backend == "triton":
+        return _triton_ops(device)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _triton_ops(device) -> Ops:
+    import os
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 (slow; for tests); "
+                           "use backend 'torch' on the CPU")
+    import mom_kernels
+    from mom_kernels import routing
+
+    return Ops("triton", routing.make_plan, mom_kernels.routed_linear, mom_kernels.routed_ffn)

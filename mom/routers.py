@@ -1,0 +1,88 @@
+"""Routers: per token and step, pick top-K modules of a pool (or SKIP) and weight them.
+
+    N = tokens (B * T), D = n_embd, r = router_dim, S = router slots, K = top_k, E = pool size
+
+    GRU router (the paper's): s <- GRUCell(x, s); logits = Linear(s)      s [N, r] starts at 0 each chunk
+    MLP router ("naive"):     logits = Linear(ReLU(Linear(x)))           stateless
+    route():  p = softmax(logits / tau) [N, S]; ids, g = top-K of p; g renormalised over the K picks
+              (config.renormalize); slot ids >= E become the SKIP id E (what the routed ops expect).
+    balance:  Switch-style  n * sum_e f_e * P_e  (f_e: share of the N*K top-K assignments to slot e,
+              P_e: mean probability of slot e), over the slots balanced (modules, plus SKIP if balance_skip).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoMConfig
+
+
+class GRURouter(nn.Module):
+    def __init__(self, config: MoMConfig, n_slots: int):
+        super().__init__()
+        self.cell = nn.GRUCell(config.n_embd, config.router_dim)
+        self.head = nn.Linear(config.router_dim, n_slots)
+
+    def forward(self, x, state: Optional[torch.Tensor]):  # x [N, D], state [N, r] or None (= zeros)
+        state = self.cell(x, state)
+        return self.head(state), state  # logits [N, S], state [N, r]
+
+
+class MLPRouter(nn.Module):
+    def __init__(self, config: MoMConfig, n_slots: int):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.router_dim)
+        self.head = nn.Linear(config.router_dim, n_slots)
+
+    def forward(self, x, state=None):  # x [N, D] -> logits [N, S]; no state
+        return self.head(F.relu(self.fc(x))), None
+
+
+def make_router(config: MoMConfig, n_slots: int) -> nn.Module:
+    return GRURouter(config, n_slots) if config.router == "gru" else MLPRouter(config, n_slots)
+
+
+@dataclass
+class Routing:
+    """One router's decision at one step, for N tokens."""
+    ids: torch.Tensor      # [N, K] int64, module ids; n_modules (= SKIP) where a SKIP slot was picked
+    weights: torch.Tensor  # [N, K] g of each pick (differentiable)
+    probs: torch.Tensor    # [N, S] softmax(logits / tau) over all slots
+    slots: torch.Tensor    # [N, K] int64, picked slot ids before SKIP slots are merged
+
+
+def route(logits: torch.Tensor, n_modules: int, config: MoMConfig) -> Routing:
+    """Top-K (or dense) routing of logits [N, S] over a pool of n_modules; slots >= n_modules are SKIP."""
+    probs = torch.softmax(logits / config.router_temperature, dim=-1)  # [N, S]
+    N, S = probs.shape
+    if config.dense_routing:  # ablation: all slots, weighted by the full softmax
+        slots = torch.arange(S, device=probs.device).expand(N, S)
+        weights = probs
+    else:
+        weights, slots = probs.topk(config.top_k, dim=-1)  # [N, K]
+        if config.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    if config.straight_through:  # value 1 per pick forward, the soft weight's gradient backward
+        weights = weights - weights.detach() + 1.0
+    ids = slots.clamp(max=n_modules)
+    return Routing(ids=ids, weights=weights, probs=probs, slots=slots)
+
+
+def balance_terms(r: Routing, n_modules: int, config: MoMConfig):
+    """(f, P) restricted to the balanced slots: f [S'] assignment shares (no gradient), P [S'] mean probs."""
+    S = r.probs.shape[-1]
+    counts = F.one_hot(r.slots.reshape(-1), S).sum(0).to(r.probs.dtype)  # [S]
+    f = counts / r.slots.numel()
+    P = r.probs.mean(0)
+    if not config.balance_skip:
+        f, P = f[:n_modules], P[:n_modules]
+    return f, P
+
+
+def balance_loss(f: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's n * sum_e f_e P_e (1 when routing is uniform)."""
+    return f.numel() * (f * P).sum()
