@@ -1,0 +1,43 @@
+"""Shared test helpers: small configs, randomised parameters, verbose comparisons."""
+import torch
+
+from mom import MoMConfig, MoMForCausalLM
+
+
+def small_config(**kw) -> MoMConfig:
+    """A routed config small enough for the reference loop on a CPU; keyword overrides win."""
+    base = dict(vocab_size=61, n_positions=32, n_embd=20, n_head=4, n_inner=36, n_bottom=1, chunks=2,
+                n_attn=3, n_ffn=2, depth=2, top_k=2, anchor=True, n_top=1, router="gru", router_dim=12,
+                skip=True, router_temperature=0.7)
+    base.update(kw)
+    return MoMConfig(**base)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, scale: float = 0.3):
+    """Perturb every parameter (LayerNorm gains and biases too), so no term of the math is trivially 1 or 0."""
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * scale * (p.std() if p.numel() > 1 and p.std() > 0 else 1.0) + 0.02 *
+               torch.randn_like(p))
+    return model
+
+
+def make_model(config: MoMConfig, dtype=torch.float64, seed=None) -> MoMForCausalLM:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return randomize_(MoMForCausalLM(config)).to(dtype)
+
+
+def assert_close(name, actual, expected, rtol, atol):
+    """allclose with a message that says where and by how much."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs()
+    tol = atol + rtol * expected.abs()
+    bad = err > tol
+    if bad.any():
+        i = int((err - tol).argmax())
+        idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), err.shape))
+        raise AssertionError(f"{name}: {int(bad.sum())}/{err.numel()} elements off; worst at {idx}: "
+                             f"{float(actual[idx]):.6g} vs {float(expected[idx]):.6g} (max abs err "
+                             f"{float(err.max()):.3g}, rtol {rtol}, atol {atol})")

@@ -1,0 +1,215 @@
+"""The model against its oracles: Hugging Face's GPT-2, the vanilla model it subsumes, the reference loop."""
+import pytest
+import torch
+
+from helpers import assert_close, make_model, randomize_, small_config
+from mom import MoMConfig, MoMForCausalLM
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_gpt2(n_layer, n_embd=32, n_head=4, vocab=97, n_positions=40, n_inner=None):
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
+                                  n_positions=n_positions, n_inner=n_inner, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    randomize_(model)  # HF initialises biases to 0 and LayerNorms to 1: perturb everything
+    return model
+
+
+def test_vanilla_from_gpt2_matches_hf():
+    hf = hf_gpt2(3, n_inner=72)
+    cfg = MoMConfig(vocab_size=97, n_positions=40, n_embd=32, n_head=4, n_inner=72, n_bottom=3)
+    ours = MoMForCausalLM.from_gpt2(hf.state_dict(), cfg).eval()
+    ids = torch.randint(0, 97, (3, 17))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids).logits
+    rel = (got - expected).abs().max() / expected.abs().max()
+    assert rel <= 1e-5, f"relative error {rel:.3g} against HF GPT-2"
+
+
+def test_from_gpt2_files(tmp_path):
+    """A .safetensors and a .bin path load the same model as the state dict."""
+    from safetensors.torch import save_file
+
+    hf = hf_gpt2(2)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(tmp_path / "g.safetensors"))
+    torch.save(hf.state_dict(), tmp_path / "g.bin")
+    cfg = MoMConfig(vocab_size=97, n_positions=40, n_embd=32, n_head=4, n_bottom=2)
+    ids = torch.randint(0, 97, (1, 9))
+    ref = MoMForCausalLM.from_gpt2(hf.state_dict(), cfg)(ids).logits
+    for path in ("g.safetensors", "g.bin"):
+        assert torch.equal(MoMForCausalLM.from_gpt2(str(tmp_path / path), cfg)(ids).logits, ref)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_mom_subsumes_vanilla(backend):
+    """Pools of one attention and one FFN module, depth 1, top-1, no SKIP == the GPT-2 of the same layers."""
+    hf = hf_gpt2(6)
+    sd = hf.state_dict()
+    common = dict(vocab_size=97, n_positions=40, n_embd=32, n_head=4, backend=backend)
+    vanilla = MoMForCausalLM.from_gpt2(sd, MoMConfig(**common, n_bottom=6)).double()
+    # 1 bottom + 2 chunks x (1 routed step + anchor) + 1 top = 6 layers, in the same order
+    routed_cfg = MoMConfig(**common, n_bottom=1, chunks=2, n_attn=1, n_ffn=1, depth=1, top_k=1, skip=False,
+                           anchor=True, n_top=1)
+    routed = MoMForCausalLM.from_gpt2(sd, routed_cfg).double()
+    ids = torch.randint(0, 97, (2, 13))
+    expected, got = vanilla(ids), routed(ids)
+    assert_close("logits", got.logits, expected.logits, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(s.attn_ids, torch.zeros_like(s.attn_ids)) for c in got.routing for s in c)
+    assert_close("logits vs HF", got.logits, hf.double()(ids).logits, rtol=1e-10, atol=1e-10)
+
+
+def test_from_gpt2_parameter_count():
+    """GPT-2's parameters + the routers' - the dropped modules (tiny: n_attn 3 < n_ffn 4, one attention
+    module dropped per chunk)."""
+    cfg = MoMConfig.from_name("tiny")
+    van = cfg.vanilla()
+    hf = hf_gpt2(van.n_bottom, n_embd=cfg.n_embd, n_head=cfg.n_head, vocab=cfg.vocab_size,
+                 n_positions=cfg.n_positions)
+    model = MoMForCausalLM.from_gpt2(hf.state_dict(), cfg)
+    D = cfg.n_embd
+    gpt2 = sum(p.numel() for n, p in hf.named_parameters())  # lm_head is tied (not counted twice)
+    routers = sum(p.numel() for n, p in model.named_parameters() if "_router." in n)
+    attn_module = 2 * D + D * 3 * D + 3 * D + D * D + D
+    dropped = cfg.chunks * (cfg.n_modules - cfg.n_attn) * attn_module
+    assert model.num_parameters() == gpt2 + routers - dropped
+
+
+@pytest.mark.parametrize("name,base", [("mom-small", "gpt2"), ("mom-medium", "gpt2-medium"),
+                                       ("mom-large-deep", "gpt2-large"), ("mom-large-efficient", "gpt2-large")])
+def test_preset_parameter_counts(name, base):
+    """Routed presets have their GPT-2's parameters plus the routers' (counted on the meta device)."""
+    with torch.device("meta"):
+        mom = MoMForCausalLM(MoMConfig.from_name(name))
+        gpt = MoMForCausalLM(MoMConfig.from_name(base))
+    routers = sum(p.numel() for n, p in mom.named_parameters() if "_router." in n)
+    assert mom.num_parameters() == gpt.num_parameters() + routers
+    assert MoMConfig.from_name(name).vanilla().source_layers == MoMConfig.from_name(base).graph_depth
+
+
+def test_gpt2_preset_sizes():
+    """124.4M / 354.8M / 774.0M parameters (tied head), as GPT-2 small / medium / large."""
+    with torch.device("meta"):
+        sizes = [MoMForCausalLM(MoMConfig.from_name(n)).num_parameters() for n in ("gpt2", "gpt2-medium",
+                                                                                  "gpt2-large")]
+    assert [round(s / 1e5) / 10 for s in sizes] == [124.4, 354.8, 774.0]
+
+
+def test_deep_and_efficient_presets_meet_the_papers_bounds():
+    deep, eff = MoMConfig.from_name("mom-large-deep"), MoMConfig.from_name("mom-large-efficient")
+    assert deep.graph_depth >= 50 and deep.source_layers == 36
+    assert eff.graph_depth <= 14 and eff.top_k > 1 and eff.source_layers == 36
+
+
+def _grads(model):
+    """Every parameter's gradient (zeros where autograd left None: a module nobody picked)."""
+    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+
+
+def _run(model, ids, backend):
+    model.set_backend(backend)
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out, _grads(model)
+
+
+CASES = [
+    dict(),                                                        # GRU, top-2, SKIP, n_attn != n_ffn
+    dict(router="mlp"),
+    dict(top_k=1, renormalize=False),
+    dict(top_k=3, n_attn=4, n_ffn=3, skip=False),
+    dict(top_k=3, n_attn=2, n_ffn=3),                              # K = every slot of the attention pool
+    dict(shared_slots=True, n_attn=2, n_ffn=4, top_k=2),           # authors' slot layout: several SKIP slots
+    dict(weighted_qkv=True, straight_through=True),
+    dict(dense_routing=True, balance_loss="pooled", balance_skip=True),
+    dict(n_embd=24, n_head=3, n_inner=41, depth=3, anchor=False, n_bottom=0, n_top=0),  # odd sizes
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_torch_backend_matches_reference_fp64(case):
+    cfg = small_config(**case)
+    model = make_model(cfg, torch.float64)
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    ref, ref_g = _run(model, ids, "reference")
+    got, got_g = _run(model, ids, "torch")
+    for c, (rc, gc) in enumerate(zip(ref.routing, got.routing)):
+        for h, (r, g) in enumerate(zip(rc, gc)):
+            assert torch.equal(r.attn_ids, g.attn_ids) and torch.equal(r.ffn_ids, g.ffn_ids), (c, h)
+    assert_close("logits", got.logits, ref.logits, 1e-10, 1e-10)
+    assert_close("loss", got.loss, ref.loss, 1e-10, 1e-10)
+    assert_close("aux_loss", got.aux_loss, ref.aux_loss, 1e-10, 1e-10)
+    for n in ref_g:
+        assert_close(f"grad {n}", got_g[n], ref_g[n], 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("router", ["gru", "mlp"])
+def test_torch_backend_matches_reference_fp32(router):
+    cfg = small_config(router=router, top_k=3, n_attn=4, n_ffn=3)
+    model = make_model(cfg, torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    ref, ref_g = _run(model, ids, "reference")
+    got, got_g = _run(model, ids, "torch")
+    assert_close("logits", got.logits, ref.logits, 1e-5, 1e-5)
+    for n in ref_g:
+        assert_close(f"grad {n}", got_g[n], ref_g[n], 1e-5, 1e-5)
+
+
+def test_router_gets_gradient_from_lm_loss_only_when_weights_carry_it():
+    """With top-1 and renormalised weights (g == 1) the LM loss gives the router nothing; un-renormalised
+    weights (renormalize=False) give it a gradient."""
+    for renorm, expect in ((True, False), (False, True)):
+        cfg = small_config(top_k=1, renormalize=renorm, aux_loss_coef=0.0)
+        model = make_model(cfg)
+        ids = torch.randint(0, cfg.vocab_size, (1, 7))
+        model(ids, labels=ids).loss.backward()
+        g = model.chunks[0].ffn_router.head.weight.grad
+        assert (g is not None and g.abs().max() > 1e-12) == expect  # w / w leaves ~1e-20 round-off
+
+
+def test_all_skip_step_leaves_residual_unchanged_and_zero_qkv():
+    """A token whose picks are all SKIP: q = k = v = 0, no attention or FFN output at that step."""
+    cfg = small_config(top_k=1, chunks=1, depth=1, anchor=False, n_bottom=0, n_top=0)
+    model = make_model(cfg)
+    chunk = model.chunks[0]
+    with torch.no_grad():  # make every router pick the SKIP slot
+        for r in (chunk.attn_router, chunk.ffn_router):
+            r.head.weight.zero_()
+            r.head.bias.zero_()
+            r.head.bias[-1] = 10.0
+    x = torch.randn(2, 5, cfg.n_embd, dtype=torch.float64)
+    for backend in ("reference", "torch"):
+        model.set_backend(backend)
+        out = chunk(x)
+        assert torch.equal(out.hidden_states, x)
+        assert (out.routing[0].attn_ids == cfg.n_attn).all()
+
+
+def test_deterministic_runs():
+    cfg = small_config()
+    model = make_model(cfg, torch.float32).set_backend("torch")
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    a, ga = _run(model, ids, "torch")
+    b, gb = _run(model, ids, "torch")
+    assert torch.equal(a.logits, b.logits) and all(torch.equal(ga[n], gb[n]) for n in ga)
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = small_config(backend="torch")
+    model = make_model(cfg, torch.float32)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    loaded = MoMForCausalLM.from_pretrained(str(tmp_path / "ckpt"))
+    assert loaded.config == cfg
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_state_dict_keys_do_not_depend_on_backend():
+    keys = [set(MoMForCausalLM(small_config(backend=b)).state_dict()) for b in ("reference", "torch", "auto")]
+    assert keys[0] == keys[1] == keys[2]
