@@ -17,15 +17,21 @@ def small_config(**kw) -> MoMConfig:
 def randomize_(model: torch.nn.Module, scale: float = 0.3):
     """Perturb every parameter (LayerNorm gains and biases too), so no term of the math is trivially 1 or 0."""
     for p in model.parameters():
-        p.add_(torch.randn_like(p) * scale * (p.std() if p.numel() > 1 and p.std() > 0 else 1.0) + 0.02 *
-               torch.randn_like(p))
+        size = p.abs().mean() if p.abs().mean() > 0 else torch.tensor(0.05)  # zero-initialised biases
+        p.add_(torch.randn_like(p) * scale * size)
     return model
 
 
 def make_model(config: MoMConfig, dtype=torch.float64, seed=None) -> MoMForCausalLM:
+    """A randomised model whose routers make token-dependent picks (GPT-2's init gives near-constant ones)."""
     if seed is not None:
         torch.manual_seed(seed)
-    return randomize_(MoMForCausalLM(config)).to(dtype)
+    model = randomize_(MoMForCausalLM(config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_router." in name and p.dim() == 2:
+                p.normal_(0.0, 3.0 / p.shape[1] ** 0.5)
+    return model.to(dtype)
 
 
 def assert_close(name, actual, expected, rtol, atol):
