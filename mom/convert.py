@@ -24,7 +24,7 @@ import torch
 
 from .config import MoMConfig
 
-_LAYER_KEY = re.compile(r"^h\.(\d+)\.(.+)$")
+_LAYER_KEY = re.compile(r"^(?:h|bottom)\.(\d+)\.(.+)$")  # HF's "h.i." or a vanilla MoM's "bottom.i."
 _IGNORED = ("attn.bias", "attn.masked_bias")  # causal-mask buffers of old HF checkpoints
 
 
@@ -46,13 +46,17 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 def _gpt2_layers(sd: Dict[str, torch.Tensor]):
-    """Split an HF GPT-2 state dict (GPT2LMHeadModel or GPT2Model keys) into globals and per-layer dicts."""
+    """Split a GPT-2 state dict (HF GPT2LMHeadModel / GPT2Model keys, or a vanilla MoMForCausalLM's) into
+    globals and per-layer dicts."""
+    routed = [k for k in sd if k.startswith(("chunks.", "top."))]
+    if routed:
+        raise ValueError(f"not a vanilla GPT-2 checkpoint: it has routed or top blocks, e.g. '{routed[0]}'")
     globals_, layers = {}, {}
     for key, value in sd.items():
         k = key[len("transformer."):] if key.startswith("transformer.") else key
         m = _LAYER_KEY.match(k)
         if m:
-            if not m.group(2).endswith(_IGNORED):
+            if m.group(2) not in _IGNORED:
                 layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
         elif k != "lm_head.weight":  # tied to wte
             globals_[k] = value
