@@ -1,0 +1,600 @@
+"""Gathered grouped GEMMs over the picked modules, forward and backward, and their launchers.
+
+Index legend: T tokens, K picks, E modules, P = T*K picks, p = t*K + k, s a module-sorted
+position (see `routing.py`), m = module of row s, N_in / N_out the GEMM's reduction / output dims.
+
+One grouped GEMM kernel, specialised by constexpr flags, does every row-parallel product:
+
+    out[row_out(s)] = epilogue( prologue(A[row_a(s)]) @ W[m] )      for every sorted row s < S
+
+    row_a(s)   = token t (gather on load, A_GATHER) or s (A already in sorted order)
+    prologue   = LayerNorm with module m's affine, statistics once per token (A_LN):
+                 (a - mean[t]) * rstd[t] * gamma[m] + beta[m]
+    epilogue   = + bias[m]; GELU (tanh) storing the pre-activation for backward; * g[p];
+                 * gelu'(pre) (backward); a partial row dot product with a recomputed
+                 U row (the gradient of the routing weight g)
+    row_out(s) = s (grouped store), p (per-pick slot, for the deterministic combine) or t (K == 1)
+
+Backward uses the same kernel with W[m] transposed (strides swapped, no copy) for dX, a
+segmented reduction over each module's contiguous sorted rows for dW[m] = U_m^T dY_m and
+db[m] = sum dY_m (one program per output tile, no atomics, deterministic), a per-token combine
+kernel (sum of the K pick slots in fp32, fused with the LayerNorm backward), and a segmented
+reduction for d gamma[m], d beta[m]. LayerNorm statistics come from `_ln_stats_kernel`.
+
+Launchers (plain functions: check, allocate, grid, launch) sit outside autograd so tests and
+benchmarks can call them; `routed_linear.py` and `routed_ffn.py` wire them into autograd.
+fp32 accumulation for fp16 / bf16 / fp32 (fp64 inputs accumulate in fp64); fp32 dots use IEEE
+precision (no TF32). Under TRITON_INTERPRET=1 bf16 / fp16 dot operands are upcast to fp32
+(the interpreter's bf16 dot returns garbage) and tiles are small.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .routing import RoutingPlan
+
+# sqrt(2 / pi) and the cubic coefficient of GPT-2's tanh GELU
+_GELU_C = 0.7978845608028654
+_GELU_A = 0.044715
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tanh(z):
+    # tanh(z) = 2 * sigmoid(2z) - 1, stable at both ends (exp overflow gives -1 or 1)
+    return 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
+
+
+@triton.jit
+def _gelu(u):
+    return 0.5 * u * (1.0 + _tanh(_GELU_C * (u + _GELU_A * u * u * u)))
+
+
+@triton.jit
+def _gelu_grad(u):
+    th = _tanh(_GELU_C * (u + _GELU_A * u * u * u))
+    return 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * _GELU_C * (1.0 + 3.0 * _GELU_A * u * u)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, RTNE: tl.constexpr):
+    """x.to(dtype); with RTNE (set under the interpreter, whose fp32 -> bf16 cast truncates instead
+    of rounding to nearest even as the GPU does) bf16 is rounded to nearest even by hand first."""
+    if RTNE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _ln_stats_kernel(
+    x_ptr, mean_ptr, rstd_ptr,  # x [T, D]; mean, rstd [T]
+    T, D, stride_xt, stride_xd, eps,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Mean and 1/std of each token row (two passes over D, fp32 or fp64 as mean_ptr)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    rows = offs_t.to(tl.int64) * stride_xt
+    cdt = mean_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_T], dtype=cdt)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_t[:, None] & (offs_d < D)[None, :]
+        x = tl.load(x_ptr + rows[:, None] + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
+        acc += tl.sum(x.to(cdt), axis=1)
+    mean = acc / D
+    acc = tl.zeros([BLOCK_T], dtype=cdt)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_t[:, None] & (offs_d < D)[None, :]
+        x = tl.load(x_ptr + rows[:, None] + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
+        xc = tl.where(mask, x.to(cdt) - mean[:, None], 0.0)
+        acc += tl.sum(xc * xc, axis=1)
+    rstd = 1.0 / tl.sqrt(acc / D + eps)
+    tl.store(mean_ptr + offs_t, mean, mask=mask_t)
+    tl.store(rstd_ptr + offs_t, rstd, mask=mask_t)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr,
+    u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+    sorted_pick_ptr, offsets_ptr, tile_module_ptr, tile_row_start_ptr,
+    N_IN, N_OUT, TOP_K, N_MOD, N_PICKS,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
+    stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk, stride_ge, stride_gk,
+    A_GATHER: tl.constexpr,  # A row = token (gather on load), else the sorted position
+    A_LN: tl.constexpr,  # LayerNorm prologue on A (needs A_GATHER)
+    HAS_BIAS: tl.constexpr,
+    EPI_GELU: tl.constexpr,  # out = gelu(acc + bias)
+    SAVE_PRE: tl.constexpr,  # with EPI_GELU: store acc + bias to pre (sorted rows)
+    GELU_BWD: tl.constexpr,  # out = acc * gelu'(pre) (pre: sorted rows)
+    WEIGHTED: tl.constexpr,  # out *= g[p]
+    ROWDOT: tl.constexpr,  # 0: none, 1: part[n_tile, p] = sum(acc * gelu(pre)), 2: ... * U[t] (LN opt.)
+    U_LN: tl.constexpr,  # with ROWDOT 2: U = LayerNorm_m(u[t]), else u[t]
+    STORE_MODE: tl.constexpr,  # 0: row s, 1: row p, 2: row t
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32
+    IEEE: tl.constexpr,  # fp32 / fp64 inputs: exact dot (no TF32)
+    RTNE: tl.constexpr,  # interpreter: round bf16 stores to nearest even (see _cast)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    tile = pid // num_n
+    pid_n = pid % num_n
+    m = tl.load(tile_module_ptr + tile)
+    if m < N_MOD:  # spare tiles (the grid is an upper bound) do nothing
+        row_start = tl.load(tile_row_start_ptr + tile)
+        row_end = tl.load(offsets_ptr + m + 1)
+        offs_s = row_start + tl.arange(0, BLOCK_M)  # [BM] sorted positions
+        mask_m = offs_s < row_end
+        pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_m, other=0)  # [BM] p = t*K + k
+        tok = pick // TOP_K  # [BM]
+        offs_s64 = offs_s.to(tl.int64)
+        tok64 = tok.to(tl.int64)
+        if A_GATHER:
+            a_rows = tok64
+        else:
+            a_rows = offs_s64
+        m64 = m.to(tl.int64)
+        cdt = mean_ptr.dtype.element_ty  # compute / accumulate dtype (fp32, or fp64 for fp64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_OUT
+        offs_k = tl.arange(0, BLOCK_K)
+        if A_LN:
+            mu = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
+            rs = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
+        a_base = a_ptr + a_rows[:, None] * stride_am  # [BM, 1]
+        w_base = w_ptr + m64 * stride_we
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=cdt)
+        for k0 in range(0, N_IN, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < N_IN
+            a = tl.load(a_base + kk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)  # [BM, BK]
+            if A_LN:
+                ga = tl.load(gamma_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
+                be = tl.load(beta_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
+                u = (a.to(cdt) - mu[:, None]) * rs[:, None] * ga.to(cdt)[None, :] + be.to(cdt)[None, :]
+                a = _cast(u, a_ptr.dtype.element_ty, RTNE)
+            w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        # ---- epilogue ----
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + m64 * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
+            acc += bias.to(cdt)[None, :]
+        if EPI_GELU:
+            if SAVE_PRE:
+                tl.store(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                         _cast(acc, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+            acc = _gelu(acc)
+        if ROWDOT == 1 or GELU_BWD:
+            pre = tl.load(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                          mask=mask_mn, other=0.0).to(cdt)
+        if ROWDOT != 0:
+            if ROWDOT == 1:
+                uu = _gelu(pre)
+            else:
+                uu = tl.load(u_ptr + tok64[:, None] * stride_um + offs_n[None, :] * stride_uk,
+                             mask=mask_mn, other=0.0).to(cdt)
+                if U_LN:
+                    mu2 = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
+                    rs2 = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
+                    ga2 = tl.load(gamma_ptr + m64 * stride_ge + offs_n * stride_gk, mask=mask_n,
+                                  other=0.0).to(cdt)
+                    be2 = tl.load(beta_ptr + m64 * stride_ge + offs_n * stride_gk, mask=mask_n,
+                                  other=0.0).to(cdt)
+                    uu = (uu - mu2[:, None]) * rs2[:, None] * ga2[None, :] + be2[None, :]
+            part = tl.sum(tl.where(mask_mn, acc * uu, 0.0), axis=1)  # [BM]
+            tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
+        if GELU_BWD:
+            acc = acc * _gelu_grad(pre)
+        if WEIGHTED:
+            g = tl.load(g_ptr + pick, mask=mask_m, other=0.0).to(cdt)
+            acc = acc * g[:, None]
+        if STORE_MODE == 0:
+            o_rows = offs_s64
+        elif STORE_MODE == 1:
+            o_rows = pick.to(tl.int64)
+        else:
+            o_rows = tok64
+        tl.store(out_ptr + o_rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+
+
+@triton.jit
+def _grouped_dw_kernel(
+    a_ptr, dy_ptr, g_ptr, dw_ptr, db_ptr,
+    mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, sorted_pick_ptr, offsets_ptr,
+    N_IN, N_OUT, TOP_K,
+    stride_am, stride_ak, stride_dm, stride_dn, stride_we, stride_wk, stride_wn,
+    stride_be, stride_bn, stride_ge, stride_gk,
+    A_GATHER: tl.constexpr, A_MODE: tl.constexpr,  # A_MODE 0: a, 1: LayerNorm_m(a), 2: gelu(a)
+    DY_GATHER: tl.constexpr, WEIGHTED: tl.constexpr, HAS_DB: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, RTNE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dW[m] = sum over module m's rows of U_r^T dY_r and db[m] = sum dY_r, one program per
+    (m, K tile, N tile) walking the module's contiguous sorted rows in order: no atomics."""
+    m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    m64 = m.to(tl.int64)
+    start = tl.load(offsets_ptr + m)
+    end = tl.load(offsets_ptr + m + 1)
+    cdt = mean_ptr.dtype.element_ty
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < N_IN
+    mask_n = offs_n < N_OUT
+    if A_MODE == 1:
+        ga = tl.load(gamma_ptr + m64 * stride_ge + offs_k * stride_gk, mask=mask_k, other=0.0).to(cdt)
+        be = tl.load(beta_ptr + m64 * stride_ge + offs_k * stride_gk, mask=mask_k, other=0.0).to(cdt)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=cdt)
+    dbacc = tl.zeros([BLOCK_N], dtype=cdt)
+    n_iter = tl.cdiv(end - start, BLOCK_R)
+    for i in range(0, n_iter):
+        offs_s = start + i * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+        mask_r = offs_s < end
+        pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_r, other=0)
+        tok = pick // TOP_K
+        if A_GATHER:
+            a_rows = tok.to(tl.int64)
+        else:
+            a_rows = offs_s.to(tl.int64)
+        mask_kr = mask_k[:, None] & mask_r[None, :]
+        aT = tl.load(a_ptr + offs_k[:, None] * stride_ak + a_rows[None, :] * stride_am,
+                     mask=mask_kr, other=0.0)  # [BK, BR]
+        if A_MODE == 1:
+            mu = tl.load(mean_ptr + tok, mask=mask_r, other=0.0)
+            rs = tl.load(rstd_ptr + tok, mask=mask_r, other=0.0)
+            u = (aT.to(cdt) - mu[None, :]) * rs[None, :] * ga[:, None] + be[:, None]
+            aT = _cast(tl.where(mask_kr, u, 0.0), a_ptr.dtype.element_ty, RTNE)
+        elif A_MODE == 2:
+            aT = _cast(_gelu(aT.to(cdt)), a_ptr.dtype.element_ty, RTNE)
+        if DY_GATHER:
+            d_rows = tok.to(tl.int64)
+        else:
+            d_rows = offs_s.to(tl.int64)
+        dy = tl.load(dy_ptr + d_rows[:, None] * stride_dm + offs_n[None, :] * stride_dn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BR, BN]
+        if WEIGHTED:
+            g = tl.load(g_ptr + pick, mask=mask_r, other=0.0).to(cdt)
+            dy = _cast(dy.to(cdt) * g[:, None], dy_ptr.dtype.element_ty, RTNE)
+        if HAS_DB:
+            dbacc += tl.sum(dy.to(cdt), axis=0)
+        if UPCAST:
+            aT = aT.to(tl.float32)
+            dy = dy.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(aT, dy, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(aT, dy, acc)
+    tl.store(dw_ptr + m64 * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+             _cast(acc, dw_ptr.dtype.element_ty, RTNE), mask=mask_k[:, None] & mask_n[None, :])
+    if HAS_DB:
+        if pid_k == 0:
+            tl.store(db_ptr + m64 * stride_be + offs_n * stride_bn, _cast(dbacc, db_ptr.dtype.element_ty, RTNE),
+                     mask=mask_n)
+
+
+@triton.jit
+def _combine_kernel(
+    buf_ptr, ids_ptr, gamma_ptr, x_ptr, mean_ptr, rstd_ptr, out_ptr,
+    T, N, TOP_K, N_MOD,
+    stride_bm, stride_bn, stride_ge, stride_gn, stride_xt, stride_xn, stride_ot, stride_on,
+    HAS_GAMMA: tl.constexpr,  # scale pick slot p by gamma[ids[p]]
+    LN_BWD: tl.constexpr,  # out = LayerNorm backward of the combined d x_hat (needs BLOCK_N >= N)
+    RTNE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[t] = sum over k with 0 <= ids[t,k] < E of (gamma[ids[t,k]] *) buf[t*K + k], summed in fp32
+    in k order (deterministic); with LN_BWD the sum is d x_hat and out is dx:
+    dx = rstd * (dxh - mean(dxh) - x_hat * mean(dxh * x_hat))."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_t = offs_t < T
+    mask_n = offs_n < N
+    mask = mask_t[:, None] & mask_n[None, :]
+    cdt = buf_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=cdt)
+    for k in range(0, TOP_K):
+        p = offs_t.to(tl.int64) * TOP_K + k
+        mod = tl.load(ids_ptr + p, mask=mask_t, other=N_MOD)
+        valid = mask_t & (mod >= 0) & (mod < N_MOD)
+        vmask = valid[:, None] & mask_n[None, :]
+        row = tl.load(buf_ptr + p[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=vmask,
+                      other=0.0).to(cdt)
+        if HAS_GAMMA:
+            ga = tl.load(gamma_ptr + mod.to(tl.int64)[:, None] * stride_ge + offs_n[None, :] * stride_gn,
+                         mask=vmask, other=0.0).to(cdt)
+            row = row * ga
+        acc += tl.where(vmask, row, 0.0)
+    if LN_BWD:
+        mu = tl.load(mean_ptr + offs_t, mask=mask_t, other=0.0).to(cdt)
+        rs = tl.load(rstd_ptr + offs_t, mask=mask_t, other=0.0).to(cdt)
+        x = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_n[None, :] * stride_xn,
+                    mask=mask, other=0.0).to(cdt)
+        xhat = tl.where(mask, (x - mu[:, None]) * rs[:, None], 0.0)
+        c1 = tl.sum(acc, axis=1) / N
+        c2 = tl.sum(acc * xhat, axis=1) / N
+        acc = rs[:, None] * (acc - c1[:, None] - xhat * c2[:, None])
+    tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_n[None, :] * stride_on,
+             _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask)
+
+
+@triton.jit
+def _ln_affine_bwd_kernel(
+    dxh_ptr, x_ptr, mean_ptr, rstd_ptr, dgamma_ptr, dbeta_ptr, sorted_pick_ptr, offsets_ptr,
+    D, TOP_K,
+    stride_bm, stride_bn, stride_xt, stride_xd, stride_ge, stride_gd,
+    RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d gamma[m] = sum over module m's rows of dU_p * x_hat[t], d beta[m] = sum dU_p (dU_p in pick
+    slot p of dxh, the gradient of pick p's LayerNorm output): a segmented reduction, no atomics."""
+    m = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    start = tl.load(offsets_ptr + m)
+    end = tl.load(offsets_ptr + m + 1)
+    cdt = dxh_ptr.dtype.element_ty
+    accg = tl.zeros([BLOCK_D], dtype=cdt)
+    accb = tl.zeros([BLOCK_D], dtype=cdt)
+    n_iter = tl.cdiv(end - start, BLOCK_R)
+    for i in range(0, n_iter):
+        offs_s = start + i * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_s < end
+        mask = mask_r[:, None] & mask_d[None, :]
+        pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_r, other=0)
+        tok = pick // TOP_K
+        du = tl.load(dxh_ptr + pick.to(tl.int64)[:, None] * stride_bm + offs_d[None, :] * stride_bn,
+                     mask=mask, other=0.0).to(cdt)
+        x = tl.load(x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+                    mask=mask, other=0.0).to(cdt)
+        mu = tl.load(mean_ptr + tok, mask=mask_r, other=0.0).to(cdt)
+        rs = tl.load(rstd_ptr + tok, mask=mask_r, other=0.0).to(cdt)
+        xhat = tl.where(mask, (x - mu[:, None]) * rs[:, None], 0.0)
+        accg += tl.sum(du * xhat, axis=0)
+        accb += tl.sum(du, axis=0)
+    tl.store(dgamma_ptr + m.to(tl.int64) * stride_ge + offs_d * stride_gd,
+             _cast(accg, dgamma_ptr.dtype.element_ty, RTNE), mask=mask_d)
+    tl.store(dbeta_ptr + m.to(tl.int64) * stride_ge + offs_d * stride_gd,
+             _cast(accb, dbeta_ptr.dtype.element_ty, RTNE), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations (what the launchers use; `aot.py` compiles exactly these)
+# ----------------------------------------------------------------------------------------------
+
+def _p2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / statistics dtype: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> dict:
+    """Tile sizes of `_grouped_gemm_kernel` (BLOCK_M comes from the plan).
+    GPU: 128x128x64 tiles, 8 warps, 3 stages for 16-bit inputs (the usual Hopper/Ampere
+    tensor-core tile); fp32/fp64 halve BLOCK_N/BLOCK_K to stay in registers / shared memory."""
+    if interpret:
+        return dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=min(32, _p2(n_in)), num_warps=4, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(BLOCK_N=min(128, _p2(n_out)), BLOCK_K=64, num_warps=8, num_stages=3)
+    if dtype == torch.float64:
+        return dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=16, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=min(64, _p2(n_out)), BLOCK_K=32, num_warps=8, num_stages=3)
+
+
+def dw_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> dict:
+    """Tile sizes of `_grouped_dw_kernel`: one [BLOCK_K, BLOCK_N] tile of dW[m] per program,
+    BLOCK_R rows of the module per step."""
+    if interpret:
+        return dict(BLOCK_R=16, BLOCK_K=min(32, _p2(n_in)), BLOCK_N=min(32, _p2(n_out)),
+                    num_warps=4, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(BLOCK_R=64, BLOCK_K=min(128, _p2(n_in)), BLOCK_N=min(128, _p2(n_out)),
+                    num_warps=8, num_stages=3)
+    if dtype == torch.float64:
+        return dict(BLOCK_R=16, BLOCK_K=min(32, _p2(n_in)), BLOCK_N=min(32, _p2(n_out)),
+                    num_warps=4, num_stages=2)
+    return dict(BLOCK_R=32, BLOCK_K=min(64, _p2(n_in)), BLOCK_N=min(64, _p2(n_out)),
+                num_warps=8, num_stages=3)
+
+
+def _check_device(*tensors):
+    dev = tensors[0].device
+    if dev.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "mom_kernels: CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "importing triton / mom_kernels, or use mom_kernels.reference for plain PyTorch.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (no autograd)
+# ----------------------------------------------------------------------------------------------
+
+def ln_stats(x: torch.Tensor, eps: float):
+    """Per-token LayerNorm statistics of x [T, D]: mean [T], rstd [T] (fp32; fp64 for fp64)."""
+    _check_device(x)
+    T, D = x.shape
+    cdt = acc_dtype(x.dtype)
+    mean = torch.empty(T, device=x.device, dtype=cdt)
+    rstd = torch.empty(T, device=x.device, dtype=cdt)
+    if T == 0:
+        return mean, rstd
+    BLOCK_T = 4 if not interpreting() else 16
+    BLOCK_D = min(_p2(D), 1024 if not interpreting() else 64)
+    _ln_stats_kernel[(triton.cdiv(T, BLOCK_T),)](
+        x, mean, rstd, T, D, x.stride(0), x.stride(1), float(eps),
+        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
+    return mean, rstd
+
+
+def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: bool = False,
+                 bias=None, ln=None, gelu: bool = False, pre=None, save_pre: bool = False,
+                 gelu_bwd: bool = False, weights=None, rowdot: int = 0, part=None, u=None,
+                 u_ln=None, store: str = "sorted"):
+    """Launch `_grouped_gemm_kernel`: out[row_out(s)] = epi(pro(a[row_a(s)]) @ W[m]).
+
+    a      [T or P, N_in] (rows by token if a_gather else by sorted position)
+    w      [E, N_in, N_out], or [E, N_out, N_in] read transposed when w_transposed (for dX)
+    ln     (mean [T], rstd [T], gamma [E, N_in], beta [E, N_in]) for the LayerNorm prologue (A side)
+    u, u_ln  with rowdot == 2: U = u[t] [T, N_out], or LN_m(u[t]) with u_ln = (mean, rstd, gamma [E, N_out],
+           beta) (gamma / beta share strides); ln and u_ln are exclusive (they share kernel pointers)
+    pre    [P, N_out] pre-activation (written when save_pre, read when gelu_bwd or rowdot == 1)
+    weights [P] routing weights g (contiguous), part [n_tiles_N, P] fp32 row-dot partial sums
+    store  "sorted" (row s), "pick" (row p = t*K + k) or "token" (row t)
+    """
+    E = w.shape[0]
+    if w_transposed:
+        n_out, n_in = w.shape[1], w.shape[2]
+        s_we, s_wk, s_wn = w.stride(0), w.stride(2), w.stride(1)
+    else:
+        n_in, n_out = w.shape[1], w.shape[2]
+        s_we, s_wk, s_wn = w.stride(0), w.stride(1), w.stride(2)
+    interp = interpreting()
+    cfg = gemm_config(a.dtype, n_in, n_out, interp)
+    cdt = acc_dtype(a.dtype)
+    dummy = torch.empty(1, device=a.device, dtype=cdt)  # for pointers a variant does not use
+    if ln is not None and u_ln is not None:
+        raise ValueError("grouped_gemm: ln and u_ln are exclusive")
+    stats = ln if ln is not None else u_ln
+    if stats is not None:
+        mean, rstd, gamma, beta = stats
+    else:
+        mean = rstd = dummy
+        gamma = beta = dummy.view(1, 1)
+    num_n = triton.cdiv(n_out, cfg["BLOCK_N"])
+    grid = (plan.n_tiles * num_n,)
+    store_mode = {"sorted": 0, "pick": 1, "token": 2}[store]
+    bias_t = bias if bias is not None else dummy.view(1, 1)
+    pre_t = pre if pre is not None else dummy.view(1, 1)
+    u_t = u if u is not None else dummy.view(1, 1)
+    _grouped_gemm_kernel[grid](
+        a, w, bias_t, out, pre_t, weights if weights is not None else dummy,
+        part if part is not None else dummy,
+        u_t, mean, rstd, gamma, beta,
+        plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
+        n_in, n_out, plan.top_k, E, plan.n_tokens * plan.top_k,
+        a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
+        out.stride(0), out.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
+        gamma.stride(0), gamma.stride(1),
+        A_GATHER=a_gather, A_LN=ln is not None, HAS_BIAS=bias is not None,
+        EPI_GELU=gelu, SAVE_PRE=save_pre, GELU_BWD=gelu_bwd, WEIGHTED=weights is not None,
+        ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode,
+        UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
+        IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
+        BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def rowdot_tiles(n_out: int, dtype: torch.dtype) -> int:
+    """Number of N tiles of a grouped GEMM with output width n_out (rows of its `part` buffer)."""
+    return triton.cdiv(n_out, gemm_config(dtype, 16, n_out, interpreting())["BLOCK_N"])
+
+
+def grouped_dw(a, dy, plan: RoutingPlan, *, dw, db=None, a_gather: bool, a_mode: int = 0, ln=None,
+               dy_gather: bool, weights=None):
+    """Launch `_grouped_dw_kernel`: dw[m] = sum_r U_r^T dY_r, db[m] = sum_r dY_r over module m's rows.
+
+    a [T or P, N_in] (U = a, LN_m(a) with ln = (mean, rstd, gamma, beta) for a_mode 1, gelu(a) for
+    a_mode 2), dy [T or P, N_out] (times g[p] when weights [P] given), dw [E, N_in, N_out], db [E, N_out].
+    """
+    E, n_in, n_out = dw.shape
+    interp = interpreting()
+    cfg = dw_config(a.dtype, n_in, n_out, interp)
+    cdt = acc_dtype(a.dtype)
+    dummy = torch.empty(1, device=a.device, dtype=cdt)
+    if ln is not None:
+        mean, rstd, gamma, beta = ln
+    else:
+        mean = rstd = dummy
+        gamma = beta = dummy.view(1, 1)
+    db_t = db if db is not None else dummy.view(1, 1)
+    grid = (E, triton.cdiv(n_in, cfg["BLOCK_K"]), triton.cdiv(n_out, cfg["BLOCK_N"]))
+    _grouped_dw_kernel[grid](
+        a, dy, weights if weights is not None else dummy, dw, db_t,
+        mean, rstd, gamma, beta, plan.sorted_pick, plan.offsets,
+        n_in, n_out, plan.top_k,
+        a.stride(0), a.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        db_t.stride(0), db_t.stride(1), gamma.stride(0), gamma.stride(1),
+        A_GATHER=a_gather, A_MODE=a_mode, DY_GATHER=dy_gather, WEIGHTED=weights is not None,
+        HAS_DB=db is not None,
+        UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
+        IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dw, db
+
+
+def combine(buf, ids, n_modules: int, out, *, gamma=None, ln=None, x=None):
+    """out[t] = sum_k valid (gamma[m] *) buf[t*K + k] in fp32 (deterministic, no atomics).
+    With ln = (mean, rstd) and x, out is the LayerNorm input gradient of that sum (needs gamma)."""
+    T, K = ids.shape
+    N = buf.shape[1]
+    if T == 0:
+        return out
+    interp = interpreting()
+    if ln is not None:
+        BLOCK_N = _p2(N)  # the whole row: the LayerNorm backward reduces over it
+        BLOCK_T = 1 if not interp else 4
+    else:
+        BLOCK_N = min(_p2(N), 256 if not interp else 64)
+        BLOCK_T = 8 if not interp else 16
+    dummy = torch.empty(1, device=buf.device, dtype=buf.dtype)
+    g_t = gamma if gamma is not None else dummy.view(1, 1)
+    x_t = x if x is not None else dummy.view(1, 1)
+    mean, rstd = ln if ln is not None else (dummy, dummy)
+    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
+    _combine_kernel[grid](
+        buf, ids, g_t, x_t, mean, rstd, out, T, N, K, n_modules,
+        buf.stride(0), buf.stride(1), g_t.stride(0), g_t.stride(1), x_t.stride(0), x_t.stride(1),
+        out.stride(0), out.stride(1),
+        HAS_GAMMA=gamma is not None, LN_BWD=ln is not None, RTNE=interp,
+        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, num_warps=4 if BLOCK_N <= 2048 else 8)
+    return out
+
+
+def ln_affine_bwd(dxh, x, mean, rstd, plan: RoutingPlan, dgamma, dbeta):
+    """d gamma [E, D], d beta [E, D] of the per-module LayerNorms from the per-pick gradients
+    dxh [P, D] of the LayerNorm outputs (segmented reduction over each module's rows)."""
+    E, D = dgamma.shape
+    interp = interpreting()
+    BLOCK_R = 16 if interp else 32
+    BLOCK_D = min(_p2(D), 64 if interp else 128)
+    _ln_affine_bwd_kernel[(E, triton.cdiv(D, BLOCK_D))](
+        dxh, x, mean, rstd, dgamma, dbeta, plan.sorted_pick, plan.offsets, D, plan.top_k,
+        dxh.stride(0), dxh.stride(1), x.stride(0), x.stride(1), dgamma.stride(0), dgamma.stride(1),
+        RTNE=interp, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4)
+    return dgamma, dbeta

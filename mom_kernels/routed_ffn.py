@@ -1,0 +1,187 @@
+"""Routed FFN: two gathered grouped GEMMs over the picked FFN modules with a per-module LayerNorm.
+
+    y[t] = sum_{k : ids[t,k] < E} g[t,k] * FFN_m(LN_m(x[t])),   m = ids[t,k]
+    FFN_m(u) = gelu_tanh(u @ W1[m] + b1[m]) @ W2[m] + b2[m]
+
+Dataflow (s = module-sorted row, p = t*K + k its pick):
+    plan -> mean, rstd per token
+    GEMM1: pre[s] = LN_m(x[t]) @ W1[m] + b1[m] (x gathered on load, gamma/beta in the prologue),
+           h[s] = gelu(pre[s]) (epilogue; pre kept for backward, grouped store)
+    GEMM2: slot[p] = g_p * (h[s] @ W2[m] + b2[m])      (per-pick slot; K == 1: token row)
+    combine: y[t] = sum_k slot[t*K + k] in fp32
+Backward:
+    GEMM2^T: G[s] = dy[t] @ W2[m]^T;  dg_p = G[s] . gelu(pre[s]) + dy[t] . b2[m] (row dots in the
+             epilogue, partial per N tile, summed after);  dpre[s] = g_p * G[s] * gelu'(pre[s])
+    dW2[m] = sum gelu(pre)^T (g dy[t]),  db2[m] = sum g dy[t]      (segmented, no atomics)
+    GEMM1^T: dU[p] = dpre[s] @ W1[m]^T;  dx = LayerNorm backward of sum_k gamma[m] * dU[p]
+    dW1[m] = sum LN_m(x[t])^T dpre[s],  db1[m] = sum dpre[s];  dgamma, dbeta from dU and x_hat
+Saved for backward: x, the parameters, ids, g, the plan, mean / rstd [T] and the pre-activation
+pre [T*K, F] (GELU and h are recomputed from it); no gathered copy of x is kept.
+Tests: tests/test_kernels_routed_ffn.py.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import checks
+from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
+                           ln_stats, rowdot_tiles)
+from .routed_linear import _plan_of, dweights_bias_term
+from .routing import RoutingPlan, make_plan
+
+Tensor = torch.Tensor
+
+
+def ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan, save_pre: bool):
+    """Launch the forward. Returns (y [T, D], mean [T], rstd [T], pre [T*K, F] or [0, F])."""
+    _check_device(x)
+    T, K = ids.shape
+    E, D, F = w1.shape
+    P = T * K
+    mean, rstd = ln_stats(x, eps)
+    ln = (mean, rstd, ln_weight.contiguous(), ln_bias.contiguous())
+    g = weights.reshape(-1).contiguous()
+    # rows 0..S-1 of h / pre are used (S = non-SKIP picks, known only on the device)
+    h = x.new_empty(P, F)
+    pre = x.new_empty(P if save_pre else 0, F)
+    grouped_gemm(x, w1, plan, out=h, a_gather=True, bias=b1, ln=ln, gelu=True,
+                 pre=pre if save_pre else None, save_pre=save_pre, store="sorted")
+    if K == 1:
+        y = x.new_zeros(T, D)
+        grouped_gemm(h, w2, plan, out=y, a_gather=False, bias=b2, weights=g, store="token")
+    else:
+        buf = torch.empty(P, D, device=x.device, dtype=acc_dtype(x.dtype))
+        grouped_gemm(h, w2, plan, out=buf, a_gather=False, bias=b2, weights=g, store="pick")
+        y = x.new_empty(T, D)
+        combine(buf, ids, E, y)
+    return y, mean, rstd, pre
+
+
+def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, rstd, pre, plan):
+    """Launch the backward. Returns (dx, dln_weight, dln_bias, dw1, db1, dw2, db2, dweights)."""
+    T, K = ids.shape
+    E, D, F = w1.shape
+    P = T * K
+    cdt = acc_dtype(x.dtype)
+    dy = dy.to(x.dtype)
+    g = weights.reshape(-1).contiguous()
+    ln = (mean, rstd, ln_weight.contiguous(), ln_bias.contiguous())
+    # GEMM2^T: dpre = g * (dy[t] @ W2^T) * gelu'(pre), row dots with gelu(pre) for dg
+    dpre = x.new_empty(P, F)
+    part = torch.zeros(rowdot_tiles(F, x.dtype), P, device=x.device, dtype=cdt)
+    grouped_gemm(dy, w2, plan, out=dpre, a_gather=True, w_transposed=True, pre=pre, gelu_bwd=True,
+                 weights=g, rowdot=1, part=part, store="sorted")
+    dw2 = torch.empty(w2.shape, device=x.device, dtype=w2.dtype)
+    db2 = torch.empty(b2.shape, device=x.device, dtype=b2.dtype)
+    grouped_dw(pre, dy, plan, dw=dw2, db=db2, a_gather=False, a_mode=2, dy_gather=True, weights=g)
+    # GEMM1^T: dU[p] = dpre[s] @ W1^T into per-pick slots, then LayerNorm backward per token
+    buf = torch.empty(P, D, device=x.device, dtype=cdt)
+    grouped_gemm(dpre, w1, plan, out=buf, a_gather=False, w_transposed=True, store="pick")
+    dx = x.new_empty(T, D)
+    combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x)
+    dgamma = torch.empty(ln_weight.shape, device=x.device, dtype=ln_weight.dtype)
+    dbeta = torch.empty(ln_bias.shape, device=x.device, dtype=ln_bias.dtype)
+    ln_affine_bwd(buf, x, mean, rstd, plan, dgamma, dbeta)
+    dw1 = torch.empty(w1.shape, device=x.device, dtype=w1.dtype)
+    db1 = torch.empty(b1.shape, device=x.device, dtype=b1.dtype)
+    grouped_dw(x, dpre, plan, dw=dw1, db=db1, a_gather=True, a_mode=1, ln=ln, dy_gather=False)
+    dgp = part.sum(0).view(T, K) + dweights_bias_term(dy, b2, ids, E)
+    valid = (ids >= 0) & (ids < E)
+    dg = torch.where(valid, dgp, torch.zeros_like(dgp)).to(weights.dtype)
+    return dx, dgamma, dbeta, dw1, db1, dw2, db2, dg
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("mom_kernels::routed_ffn_fwd", mutates_args=())
+def _routed_ffn_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                    b2: Tensor, ids: Tensor, weights: Tensor, eps: float, sorted_pick: Tensor,
+                    offsets: Tensor, tile_module: Tensor, tile_row_start: Tensor, block_m: int,
+                    save_pre: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    plan = _plan_of(ids, w1.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
+    return ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids.contiguous(), weights, eps, plan,
+                        save_pre)
+
+
+@_routed_ffn_fwd.register_fake
+def _(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, sorted_pick, offsets, tile_module,
+      tile_row_start, block_m, save_pre):
+    T, K = ids.shape
+    cdt = acc_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty(T, dtype=cdt), x.new_empty(T, dtype=cdt),
+            x.new_empty(T * K if save_pre else 0, w1.shape[2]))
+
+
+@torch.library.custom_op("mom_kernels::routed_ffn_bwd", mutates_args=())
+def _routed_ffn_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1: Tensor, b1: Tensor,
+                    w2: Tensor, b2: Tensor, ids: Tensor, weights: Tensor, mean: Tensor, rstd: Tensor,
+                    pre: Tensor, sorted_pick: Tensor, offsets: Tensor, tile_module: Tensor,
+                    tile_row_start: Tensor, block_m: int
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    plan = _plan_of(ids, w1.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
+    return ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids.contiguous(), weights, mean,
+                        rstd, pre, plan)
+
+
+@_routed_ffn_bwd.register_fake
+def _(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, rstd, pre, sorted_pick, offsets,
+      tile_module, tile_row_start, block_m):
+    return tuple(t.new_empty(t.shape) for t in (x, ln_weight, ln_bias, w1, b1, w2, b2, weights))
+
+
+def _ffn_setup_context(ctx, inputs, output):
+    (x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, sorted_pick, offsets, tile_module,
+     tile_row_start, block_m, save_pre) = inputs
+    _, mean, rstd, pre = output
+    if not save_pre:
+        raise RuntimeError("routed_ffn_fwd was called with save_pre=False but a gradient is needed")
+    ctx.block_m = block_m
+    ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, rstd, pre,
+                          sorted_pick, offsets, tile_module, tile_row_start)
+
+
+def _ffn_backward(ctx, dy, _dmean, _drstd, _dpre):
+    saved = ctx.saved_tensors
+    dx, dgamma, dbeta, dw1, db1, dw2, db2, dg = torch.ops.mom_kernels.routed_ffn_bwd(
+        dy, *saved, ctx.block_m)
+    return (dx, dgamma, dbeta, dw1, db1, dw2, db2, None, dg) + (None,) * 7
+
+
+_routed_ffn_fwd.register_autograd(_ffn_backward, setup_context=_ffn_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional
+# ---------------------------------------------------------------------------------------------
+
+def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
+               plan: Optional[RoutingPlan] = None):
+    """Routed FFN (see the module docstring). x [T, D]; ln_weight, ln_bias [E, D]; w1 [E, D, F];
+    b1 [E, F]; w2 [E, F, D]; b2 [E, D]; ids [T, K] int32/int64 with E = SKIP; weights [T, K];
+    plan: a `make_plan(ids, E)` to reuse (built here if None). Returns [T, D] in x's dtype.
+    Differentiable in x, every parameter and weights."""
+    checks.check_x(x)
+    T, D = x.shape
+    dev, dt = x.device, x.dtype
+    checks.check_tensor("w1", w1, (None, D, None), dt, dev)
+    E, _, F = w1.shape
+    if E < 1:
+        raise ValueError("w1 must hold at least one module (E >= 1)")
+    checks.check_tensor("ln_weight", ln_weight, (E, D), dt, dev)
+    checks.check_tensor("ln_bias", ln_bias, (E, D), dt, dev)
+    checks.check_tensor("b1", b1, (E, F), dt, dev)
+    checks.check_tensor("w2", w2, (E, F, D), dt, dev)
+    checks.check_tensor("b2", b2, (E, D), dt, dev)
+    checks.check_ids(ids, T, E, dev)
+    checks.check_tensor("weights", weights, (T, ids.shape[1]), None, dev)
+    checks.check_plan(plan, ids, E)
+    if plan is None:
+        plan = make_plan(ids, E)
+    save_pre = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, ln_weight, ln_bias, w1, b1, w2, b2, weights))
+    y = torch.ops.mom_kernels.routed_ffn_fwd(
+        x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, float(eps), *plan.tensors(),
+        plan.block_m, save_pre)[0]
+    return y

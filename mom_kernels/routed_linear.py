@@ -1,0 +1,229 @@
+"""Routed linear layer: a grouped GEMM over the picked modules with an optional per-module LayerNorm.
+
+    y[t] = sum_{k : ids[t,k] < E} g[t,k] * (U_m(x[t]) @ W[m] + b[m]),   m = ids[t,k]
+    U_m(x) = LN_m(x) = (x - mean(x)) * rstd(x) * gamma[m] + beta[m]   (or x without LayerNorm)
+    g = 1 when `weights` is None (the QKV projection), the routing weights otherwise (output proj.)
+
+Dataflow: plan (sort picks by module) -> LayerNorm statistics once per token -> grouped GEMM that
+gathers x rows on load, applies gamma[m], beta[m] in the prologue, adds b[m], scales by g ->
+per-pick slots -> fp32 sum over the K picks (K == 1: stored straight into the token row).
+
+Backward (G_p = dy[t] @ W[m]^T, dU_p = g_p * G_p, all deterministic, no atomics):
+    dx      = sum_k dU_p (no LayerNorm), or LayerNorm backward of sum_k gamma[m] * dU_p
+    dW[m]   = sum over module m's rows of U_m(x[t])^T (g_p dy[t]),  db[m] = sum g_p dy[t]
+    dgamma[m] = sum dU_p * x_hat[t],  dbeta[m] = sum dU_p
+    dg_p    = G_p . U_m(x[t]) + dy[t] . b[m]
+Saved for backward: x, the weights, ids, g, the plan and the per-token mean / rstd ([T] each);
+U is recomputed from x on load, no gathered [T*K, N_in] copy is kept.
+
+Layers, in order: launchers live in `grouped_gemm.py`; here the implementation functions, the
+torch.library custom ops (so torch.compile(fullgraph=True) traces through) with their autograd,
+and the functional `routed_linear`. Tests: tests/test_kernels_routed_linear.py.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import checks
+from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
+                           ln_stats, rowdot_tiles)
+from .routing import RoutingPlan, make_plan
+
+Tensor = torch.Tensor
+
+
+def _plan_of(ids: Tensor, n_modules: int, block_m: int, sorted_pick, offsets, tile_module,
+             tile_row_start) -> RoutingPlan:
+    T, K = ids.shape
+    return RoutingPlan(n_tokens=T, top_k=K, n_modules=n_modules, block_m=block_m,
+                       sorted_pick=sorted_pick, offsets=offsets, counts=offsets[1:] - offsets[:-1],
+                       tile_module=tile_module, tile_row_start=tile_row_start)
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+def dweights_bias_term(dy, bias, ids, n_modules):
+    """dy[t] . b[ids[t,k]] for every pick, [T, K] in the accumulation dtype (0 for SKIP):
+    a [T, N] @ [N, E] product then a gather, so no [T, K, N] copy of the biases is made."""
+    cdt = acc_dtype(dy.dtype)
+    dyb = dy.to(cdt) @ bias.to(cdt).t()  # [T, E]
+    idx = ids.long().clamp(0, n_modules - 1)
+    return dyb.gather(1, idx)  # [T, K]
+
+
+def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan):
+    """Launch the forward. Returns (y [T, N_out], mean [T] or [0], rstd [T] or [0])."""
+    _check_device(x)
+    T, K = ids.shape
+    E, n_in, n_out = weight.shape
+    has_ln = ln_weight is not None
+    if has_ln:
+        mean, rstd = ln_stats(x, eps)
+        beta = ln_bias if ln_bias is not None else torch.zeros_like(ln_weight)
+        ln = (mean, rstd, ln_weight.contiguous(), beta.contiguous())
+    else:
+        mean = x.new_empty(0, dtype=acc_dtype(x.dtype))  # distinct tensors: op outputs may not alias
+        rstd = x.new_empty(0, dtype=acc_dtype(x.dtype))
+        ln = None
+    g = weights.reshape(-1).contiguous() if weights is not None else None
+    if K == 1:  # each token has one pick: store its row directly, SKIP rows stay zero
+        y = x.new_zeros(T, n_out)
+        grouped_gemm(x, weight, plan, out=y, a_gather=True, bias=bias, ln=ln, weights=g, store="token")
+    else:
+        buf = torch.empty(T * K, n_out, device=x.device, dtype=acc_dtype(x.dtype))  # per-pick slots
+        grouped_gemm(x, weight, plan, out=buf, a_gather=True, bias=bias, ln=ln, weights=g, store="pick")
+        y = x.new_empty(T, n_out)
+        combine(buf, ids, E, y)
+    return y, mean, rstd
+
+
+def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, plan):
+    """Launch the backward. Returns (dx, dweight, dbias or None, dweights or None,
+    dln_weight or None, dln_bias or None)."""
+    T, K = ids.shape
+    E, n_in, n_out = weight.shape
+    P = T * K
+    cdt = acc_dtype(x.dtype)
+    dy = dy.to(x.dtype)
+    has_ln = ln_weight is not None
+    if has_ln:
+        beta = ln_bias if ln_bias is not None else torch.zeros_like(ln_weight)
+        ln = (mean, rstd, ln_weight.contiguous(), beta.contiguous())
+    else:
+        ln = None
+    g = weights.reshape(-1).contiguous() if weights is not None else None
+    # dU_p = g_p * dy[t] @ W[m]^T into per-pick slots; the row dots G_p . U_p give dg
+    buf = torch.empty(P, n_in, device=x.device, dtype=cdt)
+    part = None
+    if g is not None:
+        part = torch.zeros(rowdot_tiles(n_in, x.dtype), P, device=x.device, dtype=cdt)
+    grouped_gemm(dy, weight, plan, out=buf, a_gather=True, w_transposed=True, weights=g,
+                 rowdot=2 if g is not None else 0, part=part, u=x, u_ln=ln, store="pick")
+    dx = x.new_empty(T, n_in)
+    dgamma = dbeta = None
+    if has_ln:
+        combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x)
+        dgamma = torch.empty(E, n_in, device=x.device, dtype=ln_weight.dtype)
+        dbeta = torch.empty_like(dgamma)
+        ln_affine_bwd(buf, x, mean, rstd, plan, dgamma, dbeta)
+        if ln_bias is None:
+            dbeta = None
+    else:
+        combine(buf, ids, E, dx)
+    dw = torch.empty(weight.shape, device=x.device, dtype=weight.dtype)
+    db = torch.empty(bias.shape, device=x.device, dtype=bias.dtype) if bias is not None else None
+    grouped_dw(x, dy, plan, dw=dw, db=db, a_gather=True, a_mode=1 if has_ln else 0, ln=ln,
+               dy_gather=True, weights=g)
+    dg = None
+    if g is not None:
+        dgp = part.sum(0).view(T, K)
+        if bias is not None:
+            dgp = dgp + dweights_bias_term(dy, bias, ids, E)
+        valid = (ids >= 0) & (ids < E)
+        dg = torch.where(valid, dgp, torch.zeros_like(dgp)).to(weights.dtype)
+    return dx, dw, db, dg, dgamma, dbeta
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile, differentiable through register_autograd)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("mom_kernels::routed_linear_fwd", mutates_args=())
+def _routed_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
+                       weights: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                       eps: float, sorted_pick: Tensor, offsets: Tensor, tile_module: Tensor,
+                       tile_row_start: Tensor, block_m: int) -> Tuple[Tensor, Tensor, Tensor]:
+    plan = _plan_of(ids, weight.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
+    return linear_fwd_impl(x, weight, bias, ids.contiguous(), weights, ln_weight, ln_bias, eps, plan)
+
+
+@_routed_linear_fwd.register_fake
+def _(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, sorted_pick, offsets, tile_module,
+      tile_row_start, block_m):
+    T = x.shape[0]
+    n_stats = T if ln_weight is not None else 0
+    cdt = acc_dtype(x.dtype)
+    return (x.new_empty(T, weight.shape[2]), x.new_empty(n_stats, dtype=cdt), x.new_empty(n_stats, dtype=cdt))
+
+
+@torch.library.custom_op("mom_kernels::routed_linear_bwd", mutates_args=())
+def _routed_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
+                       weights: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                       mean: Tensor, rstd: Tensor, sorted_pick: Tensor, offsets: Tensor,
+                       tile_module: Tensor, tile_row_start: Tensor, block_m: int
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    plan = _plan_of(ids, weight.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
+    outs = linear_bwd_impl(dy, x, weight, bias, ids.contiguous(), weights, ln_weight, ln_bias, mean,
+                           rstd, plan)
+    return tuple(o if o is not None else _empty(x) for o in outs)
+
+
+@_routed_linear_bwd.register_fake
+def _(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets,
+      tile_module, tile_row_start, block_m):
+    e = x.new_empty(0)
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape) if bias is not None else e,
+            weights.new_empty(weights.shape) if weights is not None else e,
+            ln_weight.new_empty(ln_weight.shape) if ln_weight is not None else e,
+            ln_bias.new_empty(ln_bias.shape) if ln_bias is not None else e)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    (x, weight, bias, ids, weights, ln_weight, ln_bias, eps, sorted_pick, offsets, tile_module,
+     tile_row_start, block_m) = inputs
+    _, mean, rstd = output
+    ctx.block_m = block_m
+    ctx.has = (bias is not None, weights is not None, ln_weight is not None, ln_bias is not None)
+    ctx.save_for_backward(x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd,
+                          sorted_pick, offsets, tile_module, tile_row_start)
+
+
+def _linear_backward(ctx, dy, _dmean, _drstd):
+    (x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets, tile_module,
+     tile_row_start) = ctx.saved_tensors
+    dx, dw, db, dg, dgamma, dbeta = torch.ops.mom_kernels.routed_linear_bwd(
+        dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets,
+        tile_module, tile_row_start, ctx.block_m)
+    has_b, has_g, has_lw, has_lb = ctx.has
+    return (dx, dw, db if has_b else None, None, dg if has_g else None, dgamma if has_lw else None,
+            dbeta if has_lb else None, None, None, None, None, None, None)
+
+
+_routed_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional
+# ---------------------------------------------------------------------------------------------
+
+def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
+                  plan: Optional[RoutingPlan] = None):
+    """Routed linear layer (see the module docstring). x [T, N_in]; weight [E, N_in, N_out];
+    bias [E, N_out] or None; ids [T, K] int32/int64 with E = SKIP; weights [T, K] or None;
+    ln_weight, ln_bias [E, N_in] or None (LayerNorm on x per module when ln_weight is given);
+    plan: a `make_plan(ids, E)` to share between calls with the same ids (built here if None).
+    Returns [T, N_out] in x's dtype. Differentiable in x, weight, bias, weights, ln_weight, ln_bias."""
+    checks.check_x(x)
+    T, n_in = x.shape
+    dev, dt = x.device, x.dtype
+    checks.check_tensor("weight", weight, (None, n_in, None), dt, dev)
+    E, _, n_out = weight.shape
+    if E < 1:
+        raise ValueError("weight must hold at least one module (E >= 1)")
+    checks.check_tensor("bias", bias, (E, n_out), dt, dev, optional=True)
+    checks.check_ids(ids, T, E, dev)
+    K = ids.shape[1]
+    checks.check_tensor("weights", weights, (T, K), None, dev, optional=True)
+    if ln_bias is not None and ln_weight is None:
+        raise ValueError("ln_bias is given without ln_weight; pass both (or ln_weight alone)")
+    checks.check_tensor("ln_weight", ln_weight, (E, n_in), dt, dev, optional=True)
+    checks.check_tensor("ln_bias", ln_bias, (E, n_in), dt, dev, optional=True)
+    checks.check_plan(plan, ids, E)
+    if plan is None:
+        plan = make_plan(ids, E)
+    y, _, _ = torch.ops.mom_kernels.routed_linear_fwd(
+        x, weight, bias, ids, weights, ln_weight, ln_bias, float(eps), *plan.tensors(), plan.block_m)
+    return y

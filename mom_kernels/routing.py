@@ -1,0 +1,107 @@
+"""Routing plan: the picks of one routed step sorted by module, built on the device with no host sync.
+
+Index legend: T tokens, K picks per token, E modules (SKIP = id E), P = T*K flattened picks,
+p = t*K + k a pick, s a position in module-sorted order, S = number of non-SKIP picks (on device).
+
+    sorted_pick[s]  = p, stable sort of ids.flatten() by module; SKIP (and any id outside
+                      0..E-1) lands after offsets[E] and is never computed
+    offsets[e]      = first sorted position of module e; offsets[E] = S            [E+1] int32
+    counts[e]       = offsets[e+1] - offsets[e]                                     [E]   int32
+    tile schedule   (for a tile height BLOCK_M): tile i covers sorted rows
+                    [tile_row_start[i], min(tile_row_start[i] + BLOCK_M, offsets[m+1])) of
+                    module m = tile_module[i]; only the tiles that exist are real, the grid is
+                    sized by the host-side upper bound ceil(P / BLOCK_M) + E and spare tiles have
+                    tile_module = E (their programs exit at once).
+
+The combine needs nothing more: kernels write pick p's row to slot p of a [P, N] buffer (or to
+token row p // K when K == 1) and the combine sums the K slots of a token in fp32, masking SKIP.
+
+One plan serves every routed GEMM of a step that uses the same ids (the QKV and the output
+projection of a routed attention step): build it once with `make_plan(ids, n_modules)` and pass
+it as `plan=` to `routed_linear` / `routed_ffn`. Everything here is deterministic (stable sort,
+searchsorted, cumsum) and made of plain torch ops, so `torch.compile(fullgraph=True)` traces it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RoutingPlan", "make_plan", "default_block_m"]
+
+
+def default_block_m(device: torch.device) -> int:
+    """Tile height the grouped GEMMs use: 128 on a GPU (a tensor-core tile; one module per tile),
+    16 under the CPU interpreter (smallest tl.dot tile, keeps the interpreter fast)."""
+    return 128 if torch.device(device).type == "cuda" else 16
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Module-sorted picks of one routed step (see the module docstring for the format)."""
+
+    n_tokens: int  # T
+    top_k: int  # K
+    n_modules: int  # E
+    block_m: int  # tile height of the schedule
+    sorted_pick: torch.Tensor  # [P] int32, pick index p = t*K + k in module-sorted order
+    offsets: torch.Tensor  # [E+1] int32, start of each module's rows in sorted order; offsets[E] = S
+    counts: torch.Tensor  # [E] int32, rows per module
+    tile_module: torch.Tensor  # [n_tiles] int32, module of each tile (E = spare tile)
+    tile_row_start: torch.Tensor  # [n_tiles] int32, first sorted row of each tile
+
+    @property
+    def n_tiles(self) -> int:
+        """Host-side upper bound on the number of tiles (the grid size), ceil(P / BLOCK_M) + E."""
+        return self.tile_module.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.sorted_pick.device
+
+    def tensors(self):
+        """The plan's tensors in the order the custom ops take them."""
+        return self.sorted_pick, self.offsets, self.tile_module, self.tile_row_start
+
+
+def make_plan(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> RoutingPlan:
+    """Build the routing plan of picks `ids` [T, K] (values 0..n_modules-1, n_modules = SKIP).
+
+    Runs on ids' device with no host synchronisation. Ids outside 0..n_modules are not checked
+    here (that needs a sync; the functionals check on CPU or when asked, see `mom_kernels.checks`):
+    they are dropped like SKIP.
+    """
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be [T, K], got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+    T, K = ids.shape
+    E = int(n_modules)
+    if E < 1:
+        raise ValueError(f"n_modules must be >= 1, got {n_modules}")
+    block_m = int(block_m or default_block_m(ids.device))
+    dev = ids.device
+    P = T * K
+    flat = ids.reshape(-1).to(torch.int64)  # [P]
+    # ids outside 0..E-1 (SKIP, or invalid) all get key E so they sort after every module.
+    key = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E))
+    sorted_key, sorted_pick = torch.sort(key, stable=True)  # [P], [P]
+    bounds = torch.arange(E + 1, device=dev, dtype=torch.int64)
+    offsets = torch.searchsorted(sorted_key, bounds)  # [E+1] first position with key >= e
+    counts = offsets[1:] - offsets[:-1]  # [E]
+    # tile schedule: module e owns ceil(counts[e] / BLOCK_M) consecutive tiles
+    n_tiles = (P + block_m - 1) // block_m + E  # host-side upper bound, no sync
+    tiles = (counts + block_m - 1) // block_m  # [E]
+    tile_end = torch.cumsum(tiles, 0)  # [E] one past each module's last tile
+    i = torch.arange(n_tiles, device=dev, dtype=torch.int64)  # [n_tiles]
+    tile_module = torch.searchsorted(tile_end, i, right=True)  # [n_tiles] in 0..E (E = spare)
+    m = tile_module.clamp(max=E - 1)
+    tile_row_start = offsets[m] + (i - (tile_end[m] - tiles[m])) * block_m
+    return RoutingPlan(
+        n_tokens=T, top_k=K, n_modules=E, block_m=block_m,
+        sorted_pick=sorted_pick.to(torch.int32),
+        offsets=offsets.to(torch.int32),
+        counts=counts.to(torch.int32),
+        tile_module=tile_module.to(torch.int32),
+        tile_row_start=tile_row_start.to(torch.int32),
+    )

@@ -1,0 +1,83 @@
+"""Test helpers shared by tests/test_kernels_*.py and the benchmarks: random routed inputs and the
+tolerance rules.
+
+Tolerance rules (flash-attention's): in fp64 / fp32 the kernel must match the fp64 reference to a
+tight absolute + relative bound; in fp16 / bf16 the kernel's error against the fp64 reference must
+be at most 2x the error of the reference computed in the same low precision, plus a small floor.
+"""
+import torch
+
+from .routing import make_plan  # noqa: F401  (re-export for tests)
+
+
+def make_ids(T, K, E, skip_frac=0.25, device="cpu", dtype=torch.int64, generator=None, empty=()):
+    """Random picks [T, K]: distinct modules per token (top-K picks are distinct), a fraction
+    of picks SKIP (= E), modules in `empty` never picked."""
+    allowed = [e for e in range(E) if e not in set(empty)]
+    ids = torch.full((T, K), E, dtype=torch.int64)
+    for t in range(T):
+        perm = torch.randperm(len(allowed), generator=generator)[:K] if allowed else torch.empty(0, dtype=torch.long)
+        for k in range(K):
+            if k < len(perm) and torch.rand((), generator=generator).item() >= skip_frac:
+                ids[t, k] = allowed[perm[k]]
+    return ids.to(device=device, dtype=dtype)
+
+
+def ffn_inputs(T, K, E, D, F, dtype=torch.float64, device="cpu", skip_frac=0.25, seed=0, empty=(),
+               ids_dtype=torch.int64):
+    """Fresh random (x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights) for routed_ffn, fp64 master
+    values cast to dtype (so two dtypes see the same numbers)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, dtype=torch.float64) * scale)
+    x = r(T, D)
+    lw = 1.0 + r(E, D, scale=0.2)
+    lb = r(E, D, scale=0.2)
+    w1 = r(E, D, F, scale=D ** -0.5)
+    b1 = r(E, F, scale=0.2)
+    w2 = r(E, F, D, scale=F ** -0.5)
+    b2 = r(E, D, scale=0.2)
+    ids = make_ids(T, K, E, skip_frac, generator=gen, empty=empty, dtype=ids_dtype)
+    g = torch.rand(T, K, generator=gen, dtype=torch.float64) + 0.1
+    ts = [t.to(device=device, dtype=dtype) for t in (x, lw, lb, w1, b1, w2, b2)]
+    return (*ts, ids.to(device), g.to(device=device, dtype=dtype))
+
+
+def linear_inputs(T, K, E, N_in, N_out, dtype=torch.float64, device="cpu", skip_frac=0.25, seed=0,
+                  empty=(), ids_dtype=torch.int64):
+    """Fresh random (x, weight, bias, ids, weights, ln_weight, ln_bias) for routed_linear."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, dtype=torch.float64) * scale)
+    x = r(T, N_in)
+    w = r(E, N_in, N_out, scale=N_in ** -0.5)
+    b = r(E, N_out, scale=0.2)
+    ids = make_ids(T, K, E, skip_frac, generator=gen, empty=empty, dtype=ids_dtype)
+    g = torch.rand(T, K, generator=gen, dtype=torch.float64) + 0.1
+    lw = 1.0 + r(E, N_in, scale=0.2)
+    lb = r(E, N_in, scale=0.2)
+    x, w, b, g, lw, lb = [t.to(device=device, dtype=dtype) for t in (x, w, b, g, lw, lb)]
+    return x, w, b, ids.to(device), g, lw, lb
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_verbose(name, got, want, atol, rtol):
+    """allclose with a message saying where and by how much."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got, want = got.double(), want.double()
+    diff = (got - want).abs()
+    bad = diff > atol + rtol * want.abs()
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} elements off, max |diff| "
+                             f"{diff.max().item():.3e}; first at {idx}: got {got[idx].item():.6e}, "
+                             f"want {want[idx].item():.6e} (atol {atol}, rtol {rtol})")
+
+
+def assert_2x_rule(name, got, ref_lowp, ref_hi, floor):
+    """|got - ref_hi| <= 2 |ref_lowp - ref_hi| + floor, in max norm."""
+    e_got = max_err(got, ref_hi)
+    e_ref = max_err(ref_lowp, ref_hi)
+    assert e_got <= 2 * e_ref + floor, (f"{name}: error {e_got:.3e} > 2 x reference's own "
+                                        f"{e_ref:.3e} + {floor:.1e}")
