@@ -1,0 +1,563 @@
+"""Two-phase pre-training (paper.md): phase 1 a vanilla GPT-2, phase 2 the MoM cut from it by `from_gpt2`.
+
+    python -m mom.train --config configs/tiny.json [--max_steps 50] [--set lr=3e-4 --set model_overrides.n_embd=64]
+    torchrun --standalone --nproc_per_node=8 -m mom.train --config ...      (DDP; --distributed fsdp: FSDP2)
+
+One script for one CPU, one GPU or many (torchrun sets RANK/WORLD_SIZE; gloo on CPU, NCCL on CUDA):
+
+    data (memory-mapped uint16 windows, order = f(seed, step)) -> model (preset or config.json, `vanilla`
+    = phase 1, `init_from` = a phase-1 checkpoint cut into this model) -> AdamW, warmup + cosine
+    -> per step: grad_accum micro-batches (bf16 autocast on CUDA), all-reduce, clip, step
+    -> every eval_interval: validation loss / perplexity; every ckpt_interval: checkpoint (tmp + rename)
+
+Defaults are the authors' recipe (paper.md): AdamW (0.9, 0.95, eps 1e-5), lr 1e-3 with linear warmup (500)
+then cosine to min_lr_ratio * lr (0.1, our choice: the paper says "cosine" only), weight decay 0.1 on
+matrices only (no decay on biases, LayerNorms, embeddings), clip 1.0, no dropout (the model has none).
+
+Output folder (out_dir):
+    run.json        the run's identity (model config, data, hyper-parameters); another run is refused here
+    metrics.jsonl   one row per logged step ({"step", "loss", ...}) and per evaluation ({"val_loss", ...})
+    ckpt/           model.safetensors + config.json (loadable with MoMForCausalLM.from_pretrained),
+                    optimizer.pt, train_state.json (step, tokens, RNG states)
+
+Resume (`--resume`): model, optimiser, step and RNG come back from ckpt/; the data order is a function of
+(seed, step), so a resumed run reads the same batches and logs the same losses as an uninterrupted one
+(tests/test_train.py checks it). `stop_after` ends a run early without changing its schedule.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import PRESETS, MoMConfig
+from .data import TokenData, read_meta
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---------------------------------------------------------------------------------------------
+    model: str = "tiny"                 # a preset name (MoMConfig.from_name) or a path to a config.json
+    model_overrides: dict = field(default_factory=dict)  # MoMConfig fields that win over the preset
+    vanilla: bool = False               # phase 1: train model's `.vanilla()` GPT-2 (the layers phase 2 cuts)
+    init_from: Optional[str] = None     # a checkpoint folder/file: a vanilla one is cut into this model
+                                        # (from_gpt2; phase 2), a routed one must have this exact config
+    # --- data ----------------------------------------------------------------------------------------------
+    data: str = "data/sample"           # a folder written by `python -m mom.data`
+    block_size: Optional[int] = None    # T, tokens per sequence (None: the model's n_positions)
+    batch_size: int = 8                 # sequences per micro-batch and rank
+    global_batch_size: Optional[int] = None  # sequences per optimiser step over all ranks (None: batch_size);
+                                        # grad_accum = global_batch_size / (batch_size * world size)
+    seed: int = 1234                    # model init and data order
+    # --- optimisation (paper.md) ------------------------------------------------------------------------------
+    max_steps: int = 1000               # the schedule's length
+    stop_after: Optional[int] = None    # stop after this step (an interruption; the schedule is unchanged)
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1           # cosine decays to min_lr_ratio * lr at max_steps
+    warmup_steps: int = 500
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    grad_clip: float = 1.0              # max global grad norm; 0 = off
+    # --- evaluation, logging, checkpoints ------------------------------------------------------------------
+    eval_interval: int = 100            # steps between validation losses (and one at the end)
+    eval_windows: Optional[int] = None  # validation sequences (the first ones of val.bin); None = all
+    log_interval: int = 10
+    ckpt_interval: int = 500            # steps between checkpoints (and one at the end); 0 = end only
+    out_dir: str = "runs/tiny"
+    resume: bool = False                # continue from out_dir/ckpt (must be the same run)
+    # --- execution -----------------------------------------------------------------------------------------
+    device: str = "auto"                # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda
+    dtype: str = "auto"                 # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    backend: Optional[str] = None       # the model's routed-op backend (None: keep the config's)
+    distributed: str = "ddp"            # under torchrun: ddp | fsdp (FSDP2 fully_shard per block)
+    compile: bool = False               # torch.compile the model
+    threads: Optional[int] = None       # torch.set_num_threads (CPU); 1 is fastest for tiny models on a busy CPU
+    peak_flops: Optional[float] = None  # accelerator peak FLOP/s for MFU (e.g. 989e12, H100 bf16 dense)
+    progress: bool = True               # tqdm bar on rank 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# Keys that define a run's results; resuming (or reusing out_dir) with other values is refused.
+_IDENTITY = ("vanilla", "init_from", "block_size", "global_batch_size", "seed", "max_steps", "lr", "min_lr_ratio",
+             "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "eval_windows")
+
+
+class RunError(RuntimeError):
+    """A problem with the inputs or the output folder, found before any training step."""
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(path: Optional[str], overrides: dict) -> TrainConfig:
+    """A TrainConfig from a JSON (.json) or TOML (.toml) file, then `overrides` ("a.b" keys reach into dicts)."""
+    d = {}
+    if path:
+        if not os.path.exists(path):
+            raise RunError(f"config file {path} not found")
+        if path.endswith(".toml"):
+            import tomllib
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+        else:
+            with open(path) as f:
+                d = json.load(f)
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = d
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return TrainConfig.from_dict(d)
+
+
+def model_config(tc: TrainConfig) -> MoMConfig:
+    """The MoMConfig this run trains (backend overrides are execution-only)."""
+    if tc.model in PRESETS:
+        cfg = MoMConfig.from_name(tc.model, **tc.model_overrides)
+    elif os.path.isfile(tc.model):
+        with open(tc.model) as f:
+            cfg = MoMConfig.from_dict({**json.load(f), **tc.model_overrides})
+    else:
+        raise RunError(f"model {tc.model!r} is neither a preset ({sorted(PRESETS)}) nor a config.json file")
+    if tc.vanilla:
+        cfg = cfg.vanilla()
+    if tc.backend is not None:
+        cfg = cfg.replace(backend=tc.backend)
+    return cfg
+
+
+def _identity(tc: TrainConfig, cfg: MoMConfig, meta: dict) -> dict:
+    arch = {k: v for k, v in cfg.to_dict().items() if k not in ("backend", "checkpoint_chunks")}
+    return {"model": arch, "train": {k: getattr(tc, k) for k in _IDENTITY},
+            "data": {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+                     "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"]}}
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+# --- schedule, optimiser, FLOPs ----------------------------------------------------------------------------
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup from 0 over warmup_steps, then cosine from lr to min_lr_ratio * lr at max_steps."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    span = max(1, tc.max_steps - tc.warmup_steps)
+    t = min(1.0, (step - tc.warmup_steps) / span)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def no_decay(name: str) -> bool:
+    """Biases, LayerNorm gains/biases (ln_1, ln_2, ln_f, pools' ln_weight) and embeddings are not decayed."""
+    parts = name.split(".")
+    return "bias" in parts[-1] or any(p.startswith("ln") for p in parts) or parts[0] in ("wte", "wpe")
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if no_decay(name) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=False)
+
+
+def train_flops_per_token(cfg: MoMConfig, T: int) -> float:
+    """fwd + bwd FLOPs per token = 3 x forward (paper.md's cost model, every pick a module: an upper bound)."""
+    try:
+        from . import flops
+        return 3.0 * flops.expected(cfg, 1, T).total / T
+    except Exception:  # mom.flops missing or changed: the same cost model, inline
+        D, F, r = cfg.n_embd, cfg.ffn_dim, cfg.router_dim
+        fixed = 8 * D * D + 4 * D * F + 4 * T * D
+        router = 2 * (3 * r * D + 3 * r * r) + 2 * r * max(cfg.attn_slots, cfg.ffn_slots)
+        step = cfg.top_k * (8 * D * D + 4 * D * F) + 4 * T * D + 2 * router
+        n_fixed = cfg.n_bottom + cfg.n_top + cfg.chunks * int(cfg.anchor)
+        return 3.0 * (n_fixed * fixed + cfg.chunks * cfg.depth * step + 2 * D * cfg.vocab_size)
+
+
+# --- distributed -------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    on: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(tc: TrainConfig) -> tuple:
+    d = Dist()
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), True)
+    want = tc.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if d.on and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def _all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.on:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= d.world
+    return x
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+def _full_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out_dir: str, model, optimizer, tc: TrainConfig, cfg: MoMConfig, state: dict, d: Dist):
+    """out_dir/ckpt, written to a temporary folder and renamed over the old one (never half-written)."""
+    msd, osd = _full_state(model, optimizer)  # collective under FSDP: every rank calls it
+    if not d.main:
+        return
+    from safetensors.torch import save_file
+    final, tmp, old = (os.path.join(out_dir, n) for n in ("ckpt", ".ckpt-tmp", ".ckpt-old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        f.write(cfg.to_json())
+    save_file({k: v.detach().contiguous() for k, v in msd.items()}, os.path.join(tmp, "model.safetensors"))
+    torch.save({"optimizer": osd, "rng": {"torch": torch.get_rng_state(),
+                                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}},
+               os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "train_state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(out_dir: str):
+    """A crash between the two renames of save_checkpoint leaves only .ckpt-old: put it back."""
+    final, old = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, ".ckpt-old")
+    if not os.path.exists(final) and os.path.exists(old):
+        os.replace(old, final)
+
+
+def _load_weights(path: str):
+    from .convert import load_state_dict
+    return load_state_dict(path)
+
+
+def init_model(tc: TrainConfig, cfg: MoMConfig):
+    """A fresh model (seeded), or the init_from checkpoint cut into (vanilla source) / loaded into cfg."""
+    from .model import MoMForCausalLM
+    torch.manual_seed(tc.seed)
+    if tc.init_from is None:
+        return MoMForCausalLM(cfg)
+    src = tc.init_from
+    if os.path.isdir(src) and os.path.isdir(os.path.join(src, "ckpt")):
+        src = os.path.join(src, "ckpt")  # a run folder: its checkpoint
+    if not os.path.exists(src):
+        raise RunError(f"init_from={tc.init_from}: not found")
+    try:
+        sd = _load_weights(src)
+    except Exception as e:
+        raise RunError(f"init_from={tc.init_from}: cannot read a checkpoint there ({e})") from e
+    routed = any(k.startswith(("chunks.", "top.")) for k in sd)
+    if not routed:
+        try:
+            return MoMForCausalLM.from_gpt2(sd, cfg)
+        except ValueError as e:
+            raise RunError(f"init_from={tc.init_from}: this vanilla checkpoint cannot be cut into the model "
+                           f"config ({e})") from e
+    cfg_path = os.path.join(src if os.path.isdir(src) else os.path.dirname(src), "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            theirs = MoMConfig.from_dict(json.load(f))
+        diff = _diff({k: v for k, v in theirs.to_dict().items() if k != "backend"},
+                     {k: v for k, v in cfg.to_dict().items() if k != "backend"})
+        if diff:
+            raise RunError(f"init_from={tc.init_from}: a routed checkpoint of another config ({'; '.join(diff)})")
+    model = MoMForCausalLM(cfg)
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if bad:
+        raise RunError(f"init_from={tc.init_from}: checkpoint does not fit the model config (e.g. {bad[:3]})")
+    model.load_state_dict(sd)
+    return model
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, val: TokenData, tc: TrainConfig, d: Dist, device, autocast) -> float:
+    """Mean LM loss over the first eval_windows validation windows (batches spread round-robin over ranks)."""
+    model.eval()
+    n = val.n_windows if tc.eval_windows is None else min(tc.eval_windows, val.n_windows)
+    total = torch.zeros(2, dtype=torch.float64, device=device)   # [sum of window losses, windows]
+    batches = [list(range(i, min(i + tc.batch_size, n))) for i in range(0, n, tc.batch_size)]
+    for b, idx in enumerate(batches):
+        if b % d.world != d.rank:
+            continue
+        x = torch.stack([torch.from_numpy(val.window(i)) for i in idx]).to(device)
+        with autocast():
+            out = model(x, labels=x)
+        total[0] += float(out.lm_loss) * len(idx)
+        total[1] += len(idx)
+    if d.on:
+        dist.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1])
+
+
+# --- main loop -----------------------------------------------------------------------------------------------
+def prepare_run(tc: TrainConfig, d: Dist):
+    """Every check that can fail, before anything is written or trained: data, vocab, out_dir, checkpoint."""
+    meta = read_meta(tc.data)                       # missing folder / meta.json -> FileNotFoundError
+    for split in ("train", "val"):
+        if not os.path.exists(os.path.join(tc.data, f"{split}.bin")):
+            raise FileNotFoundError(f"{os.path.join(tc.data, split + '.bin')} not found")
+    cfg = model_config(tc)
+    if meta["vocab_size"] != cfg.vocab_size:
+        raise RunError(f"tokenizer/vocab mismatch: the data in {tc.data} was tokenised with "
+                       f"{meta['tokenizer']['name']} ({meta['vocab_size']} ids) but the model has "
+                       f"vocab_size={cfg.vocab_size}; prepare the data with --tokenizer bpe:{cfg.vocab_size} "
+                       f"or set model_overrides.vocab_size={meta['vocab_size']}")
+    T = tc.block_size or cfg.n_positions
+    if T > cfg.n_positions or T < 2:
+        raise RunError(f"block_size={T} must be in [2, n_positions={cfg.n_positions}]")
+    gbs = tc.global_batch_size or tc.batch_size
+    if gbs % (tc.batch_size * d.world):
+        raise RunError(f"global_batch_size={gbs} is not a multiple of batch_size={tc.batch_size} x "
+                       f"world size {d.world}")
+    if tc.max_steps < 1 or tc.warmup_steps < 0:
+        raise RunError(f"need max_steps >= 1 and warmup_steps >= 0, got {tc.max_steps}, {tc.warmup_steps}")
+    if tc.distributed not in ("ddp", "fsdp"):
+        raise RunError(f"distributed must be ddp or fsdp, got {tc.distributed!r}")
+    ident = _identity(dataclasses.replace(tc, global_batch_size=gbs, block_size=T), cfg, meta)
+    _recover(tc.out_dir) if d.main else None
+    run_json, ckpt = os.path.join(tc.out_dir, "run.json"), os.path.join(tc.out_dir, "ckpt")
+    if os.path.exists(run_json):
+        with open(run_json) as f:
+            diff = _diff(json.load(f), ident)
+        if diff:
+            raise RunError(f"{tc.out_dir} holds another run (differences: {'; '.join(diff[:6])}); use a new "
+                           f"out_dir - nothing was overwritten")
+    has_ckpt = os.path.exists(os.path.join(ckpt, "train_state.json"))
+    if has_ckpt and not tc.resume:
+        raise RunError(f"{ckpt} exists; pass --resume to continue it or choose another out_dir - nothing was "
+                       f"overwritten")
+    if tc.resume and not has_ckpt and os.path.exists(run_json):
+        raise RunError(f"--resume: {tc.out_dir} has run.json but no complete checkpoint in {ckpt}")
+    return cfg, meta, ident, T, gbs // (tc.batch_size * d.world), has_ckpt and tc.resume
+
+
+def train(tc: TrainConfig) -> dict:
+    """Run (or resume) one training run; returns {"step", "val_loss", "out_dir"}. Rank 0 writes files."""
+    d, device = setup_distributed(tc)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    try:
+        return _train(tc, d, device)
+    finally:
+        if d.on and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(tc: TrainConfig, d: Dist, device) -> dict:
+    cfg, meta, ident, T, accum, resuming = prepare_run(tc, d)
+    train_data, val_data = TokenData(tc.data, "train", T), TokenData(tc.data, "val", T)
+    model = init_model(tc, cfg).to(device)     # a bad init_from fails here, before out_dir is touched
+    start, tokens = 0, 0
+    ckpt = os.path.join(tc.out_dir, "ckpt")
+    if resuming:
+        with open(os.path.join(ckpt, "train_state.json")) as f:
+            state = json.load(f)
+        from .convert import load_state_dict
+        model.load_state_dict(load_state_dict(ckpt))
+        start, tokens = state["step"], state["tokens"]
+    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    raw = model
+    if d.on and tc.distributed == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 else \
+            MixedPrecisionPolicy()
+        for blocks in (raw.bottom, raw.chunks, raw.top):
+            for b in blocks:
+                fully_shard(b, mp_policy=mp)
+        fully_shard(raw, mp_policy=mp)
+    elif d.on:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=cfg.chunks > 0)  # a module no token picked gets no gradient
+    optimizer = make_optimizer(model, tc)
+    if resuming:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        blob = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=False)
+        set_optimizer_state_dict(model, optimizer, blob["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        torch.set_rng_state(blob["rng"]["torch"])
+    fwd = torch.compile(model) if tc.compile else model
+
+    # --- from here on out_dir is written -------------------------------------------------------------------
+    metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+    if d.main:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        with open(os.path.join(tc.out_dir, "run.json"), "w") as f:
+            json.dump(ident, f, indent=2)
+        rows = []
+        if resuming and os.path.exists(metrics_path):  # drop rows logged after the checkpoint
+            with open(metrics_path) as f:
+                rows = [r for r in f if json.loads(r)["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(rows)
+    if d.on:
+        dist.barrier()
+
+    def log(row: dict):
+        if d.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    flops_tok = train_flops_per_token(cfg, T)
+    seq_per_step = tc.batch_size * accum * d.world
+    end = tc.max_steps if tc.stop_after is None else min(tc.max_steps, tc.stop_after)
+    bar = None
+    if d.main and tc.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=end, initial=start, desc=os.path.basename(tc.out_dir.rstrip("/")), dynamic_ncols=True,
+                   file=sys.stderr)
+    if d.main:
+        print(f"[mom.train] {raw.num_parameters() / 1e6:.2f}M params, graph depth {cfg.graph_depth}, "
+              f"{d.world} rank(s) x {accum} micro-batch(es) x {tc.batch_size} x {T} tokens per step, "
+              f"steps {start}..{end} of {tc.max_steps}, {'bf16' if use_bf16 else 'fp32'} on {device}", flush=True)
+    val_loss = None
+    model.train()
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        lr = lr_at(step, tc)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, lm_loss, aux over micro-batches
+        for micro in range(accum):
+            x = train_data.train_batch(step, micro, d.rank, d.world, accum, tc.batch_size, tc.seed).to(device)
+            last = micro == accum - 1
+            if d.on and tc.distributed == "ddp" and not last:
+                sync = model.no_sync()
+            else:
+                sync = contextlib.nullcontext()
+            if d.on and tc.distributed == "fsdp":
+                raw.set_requires_gradient_sync(last)
+            with sync:
+                with autocast():
+                    out = fwd(x, labels=x)
+                (out.loss / accum).backward()
+            sums += torch.tensor([float(out.loss.detach()), float(out.lm_loss.detach()), float(out.aux_loss.detach())], dtype=torch.float64)
+        sums = _all_mean(sums.to(device), d).cpu() / accum
+        if tc.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        else:
+            gnorm = float("nan")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tokens += seq_per_step * T
+        tps = seq_per_step * T / dt
+        mfu = tps * flops_tok / tc.peak_flops if tc.peak_flops else None
+        done = step + 1
+        if done % tc.log_interval == 0 or done == end or done == start + 1:
+            log({"step": done, "tokens": tokens, "lr": lr, "loss": float(sums[0]), "lm_loss": float(sums[1]),
+                 "aux_loss": float(sums[2]), "grad_norm": gnorm, "tok_per_s": tps, "mfu": mfu})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(sums[1]):.4f}", tok_s=f"{tps:,.0f}",
+                            mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%")
+        if done % tc.eval_interval == 0 or done == end:
+            val_loss = evaluate(fwd, val_data, tc, d, device, autocast)
+            log({"step": done, "tokens": tokens, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            if d.main:
+                msg = f"[mom.train] step {done}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50)):.2f}"
+                bar.write(msg) if bar is not None else print(msg, flush=True)
+        if (tc.ckpt_interval and done % tc.ckpt_interval == 0) or done == end:
+            save_checkpoint(tc.out_dir, model, optimizer, tc, cfg,
+                            {"step": done, "tokens": tokens, "val_loss": val_loss, "data_meta": meta["tokenizer"]}, d)
+    if bar is not None:
+        bar.close()
+    return {"step": end, "val_loss": val_loss, "out_dir": tc.out_dir}
+
+
+def main(argv=None):
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    p = argparse.ArgumentParser(prog="python -m mom.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a .json or .toml training config (configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key (JSON value; a.b reaches into model_overrides), repeatable")
+    for name in fields:
+        if name == "resume":
+            p.add_argument("--resume", action="store_true", default=None, help="continue from out_dir/ckpt")
+        else:
+            p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    overrides = {}
+    for kv in a.set:
+        if "=" not in kv:
+            p.error(f"--set {kv}: expected KEY=VALUE")
+        k, v = kv.split("=", 1)
+        overrides[k] = _parse_value(v)
+    for name in fields:
+        v = getattr(a, name)
+        if v is not None:
+            overrides[name] = v if isinstance(v, bool) else _parse_value(v)
+    try:
+        tc = load_config(a.config, overrides)
+        result = train(tc)
+    except (RunError, FileNotFoundError, ValueError) as e:
+        print(f"mom.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
