@@ -1,0 +1,107 @@
+"""mom.analysis: pick frequencies, heatmaps, module removal (exact when the removed modules are never picked)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mom import MoMConfig, MoMForCausalLM
+from mom import analysis
+from mom import data as mdata
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data") / "sample"
+    mdata.prepare("sample", str(d), "bpe:512", cache=str(d) + "-cache")
+    return str(d)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = MoMConfig.from_name("tiny", backend="torch", **kw)
+    m = MoMForCausalLM(cfg)
+    with torch.no_grad():  # routers that make token-dependent picks (GPT-2 init gives near-constant ones)
+        for name, p in m.named_parameters():
+            if "_router." in name and p.dim() == 2:
+                p.normal_(0.0, 3.0 / p.shape[1] ** 0.5)
+    return m
+
+
+def test_pick_frequencies_and_heatmaps(sample_data, tmp_path):
+    m = tiny_model()
+    val = mdata.TokenData(sample_data, "val", 64)
+    f = analysis.pick_frequencies(m, val)
+    cfg = m.config
+    assert np.asarray(f["attn"]).shape == (cfg.chunks, cfg.depth, cfg.n_attn + 1)
+    assert np.asarray(f["ffn"]).shape == (cfg.chunks, cfg.depth, cfg.n_ffn + 1)
+    assert np.allclose(np.asarray(f["attn"]).sum(-1), 1) and np.allclose(np.asarray(f["ffn"]).sum(-1), 1)
+    paths = analysis.plot_heatmaps(f, str(tmp_path))
+    assert len(paths) == cfg.chunks and all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_least_used():
+    freqs = {"attn": [[[0.5, 0.1, 0.3, 0.1], [0.4, 0.0, 0.4, 0.2]]],   # 1 chunk, 2 steps, 3 modules + SKIP
+             "ffn": [[[0.1, 0.2, 0.3, 0.2, 0.2], [0.1, 0.2, 0.3, 0.2, 0.2]]]}
+    d = analysis.least_used(freqs, 0.34, 0.25)
+    assert d == {"attn": [[1]], "ffn": [[0]]}
+    with pytest.raises(ValueError):
+        analysis.least_used(freqs, 1.0, 0.0)
+
+
+def test_removing_never_picked_modules_changes_nothing():
+    """Modules whose router logit is -1e4 are never picked and have probability 0: removing them (and their
+    router rows) must leave the logits unchanged."""
+    m = tiny_model(seed=1).double()
+    drop_a, drop_f = [[2], [0]], [[1, 3], [0, 2]]
+    with torch.no_grad():
+        for c in range(m.config.chunks):
+            m.chunks[c].attn_router.head.bias[drop_a[c]] = -1e4
+            m.chunks[c].ffn_router.head.bias[drop_f[c]] = -1e4
+    small = analysis.remove_modules(m, drop_a, drop_f)
+    assert (small.config.n_attn, small.config.n_ffn) == (2, 2)
+    x = torch.randint(0, 512, (3, 40))
+    a, b = m(x), small(x)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-9, atol=1e-9)
+    for ra, rb in zip(a.routing[0], b.routing[0]):  # chunk 0 kept attention modules [0, 1], SKIP 3 -> 2
+        mapped = torch.tensor([0, 1, -1, 2])[ra.attn_ids]
+        assert torch.equal(mapped, rb.attn_ids)
+    with torch.no_grad():  # the kept modules' weights moved with them
+        assert torch.equal(small.chunks[1].attn_pool.c_attn_weight, m.chunks[1].attn_pool.c_attn_weight[[1, 2]])
+        assert torch.equal(small.chunks[0].ffn_router.head.weight, m.chunks[0].ffn_router.head.weight[[0, 2, 4]])
+
+
+def test_removal_reroutes_and_rejects_bad_requests():
+    m = tiny_model(seed=2)
+    small = analysis.remove_modules(m, [[0, 1], [1, 2]], [[3], [3]])
+    out = small(torch.randint(0, 512, (2, 16)))
+    for steps in out.routing:
+        for r in steps:
+            assert int(r.attn_ids.max()) <= 1 and int(r.ffn_ids.max()) <= 3   # 1 module + SKIP; 3 + SKIP
+    with pytest.raises(ValueError, match="as many"):
+        analysis.remove_modules(m, [[0], [0, 1]], [[], []])
+    with pytest.raises(ValueError, match="bad attn module ids"):
+        analysis.remove_modules(m, [[5], [0]], [[], []])
+    with pytest.raises(ValueError, match="n_attn=0"):  # the config validates the smaller pools
+        analysis.remove_modules(m, [[0, 1, 2], [0, 1, 2]], [[], []])
+
+
+def test_cli_routing_removal_and_retrain(sample_data, tmp_path):
+    m = tiny_model(seed=3)
+    ckpt = tmp_path / "ckpt"
+    m.save_pretrained(str(ckpt))
+    n = torch.get_num_threads()
+    try:
+        analysis.main(["--ckpt", str(ckpt), "--data", sample_data, "--out", str(tmp_path / "a"),
+                       "--remove_attn", "0.34", "--remove_ffn", "0.25", "--retrain_steps", "2", "--threads", "1"])
+    finally:
+        torch.set_num_threads(n)
+    res = json.load(open(tmp_path / "a" / "removal.json"))
+    assert res["n_attn"] == [3, 2] and res["n_ffn"] == [4, 3] and res["params"][1] < res["params"][0]
+    for k in ("val_loss_before", "val_loss_after", "val_loss_after_retrain"):
+        assert np.isfinite(res[k])
+    f = json.load(open(tmp_path / "a" / "routing.json"))
+    assert len(f["attn"]) == 2 and os.path.exists(tmp_path / "a" / "routing_chunk1.png")
+    small = MoMForCausalLM.from_pretrained(str(tmp_path / "a" / "pruned"))
+    assert small.config.n_attn == 2
