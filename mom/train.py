@@ -330,14 +330,15 @@ def evaluate(model, val: TokenData, tc: TrainConfig, d: Dist, device, autocast) 
     n = val.n_windows if tc.eval_windows is None else min(tc.eval_windows, val.n_windows)
     total = torch.zeros(2, dtype=torch.float64, device=device)   # [sum of window losses, windows]
     batches = [list(range(i, min(i + tc.batch_size, n))) for i in range(0, n, tc.batch_size)]
-    for b, idx in enumerate(batches):
-        if b % d.world != d.rank:
-            continue
+    rounds = -(-len(batches) // d.world)  # every rank runs as many forwards (FSDP's all-gathers need lockstep)
+    for b in range(d.rank, rounds * d.world, d.world):
+        idx = batches[b] if b < len(batches) else batches[0]           # a padding forward, not counted
         x = torch.stack([torch.from_numpy(val.window(i)) for i in idx]).to(device)
         with autocast():
             out = model(x, labels=x)
-        total[0] += float(out.lm_loss) * len(idx)
-        total[1] += len(idx)
+        if b < len(batches):
+            total[0] += float(out.lm_loss) * len(idx)
+            total[1] += len(idx)
     if d.on:
         dist.all_reduce(total)
     model.train()
