@@ -37,9 +37,9 @@ import triton.language as tl
 
 from .routing import RoutingPlan
 
-# sqrt(2 / pi) and the cubic coefficient of GPT-2's tanh GELU
-_GELU_C = 0.7978845608028654
-_GELU_A = 0.044715
+# GPT-2's tanh GELU: gelu(u) = 0.5 u (1 + tanh(c (u + a u^3))), c = sqrt(2 / pi) = 0.7978845608028654,
+# a = 0.044715 (literals in the jit functions: module-level floats are not visible to a compiled
+# kernel, and a tl.constexpr global times a tensor breaks the interpreter).
 
 
 def interpreting() -> bool:
@@ -59,13 +59,13 @@ def _tanh(z):
 
 @triton.jit
 def _gelu(u):
-    return 0.5 * u * (1.0 + _tanh(_GELU_C * (u + _GELU_A * u * u * u)))
+    return 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
 
 
 @triton.jit
 def _gelu_grad(u):
-    th = _tanh(_GELU_C * (u + _GELU_A * u * u * u))
-    return 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * _GELU_C * (1.0 + 3.0 * _GELU_A * u * u)
+    th = _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
+    return 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
 
 
 @triton.jit

@@ -1,0 +1,257 @@
+"""Ahead-of-time compile check: every kernel, at the configurations the launchers use, compiled for
+sm_90 (H100 / H200) and sm_80 (A100) on a machine without a GPU, with its resource use read back
+from the cubin.
+
+How: the launchers are run on `meta` tensors (no data, no device) with each kernel swapped for a
+recorder, so what gets compiled is exactly what the launchers would launch on a GPU: the same
+constexprs (tile sizes, flags), num_warps / num_stages, argument dtypes, and the runtime's
+specialisations (integer arguments equal to 1 become constants, multiples of 16 and pointers get
+the divisibility-16 hint). Each distinct launch is compiled with `triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))`; the PTX is searched for `wgmma` (Hopper tensor-core MMA) and
+the cubin is read with the `cuobjdump --dump-resource-usage` that ships in the triton wheel:
+registers per thread, shared memory per block, local memory (spills) per thread.
+
+    python -m mom_kernels.aot                      # bf16, fp16, fp32 for sm_90 and sm_80, prints the table
+    python -m mom_kernels.aot --dtypes bf16 --archs 90 --shape 4096,2,8,768,3072
+
+The interpreter must be off while compiling (TRITON_INTERPRET decides at import time whether the
+kernels are compiled or interpreted), so `main` re-runs itself in a subprocess without it when set.
+Tests: tests/test_aot.py (asserts no spills, and wgmma in the GEMM kernels' sm_90 PTX).
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+GEMM_KERNELS = ("_grouped_gemm_kernel", "_grouped_dw_kernel")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+             torch.int32: "i32", torch.int64: "i64"}
+
+
+@dataclass
+class Launch:
+    """One distinct kernel launch as the launchers would issue it."""
+
+    kernel: object  # the triton JITFunction
+    name: str
+    role: str  # which step of which op launched it
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    key: str = field(default="")
+
+    def config(self) -> str:
+        """Tiles, warps/stages and the flags that are on, e.g. '128x128x64 w8s3 A_GATHER,A_LN'."""
+        c = self.constexprs
+        tiles = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK"))
+        on = [k if v is True else f"{k}={v}" for k, v in c.items()
+              if k.isupper() and not k.startswith("BLOCK") and k not in ("UPCAST", "RTNE")
+              and v is not False and not (isinstance(v, int) and v == 0)]
+        return f"{tiles} w{self.options['num_warps']}s{self.options['num_stages']} " + ",".join(on)
+
+
+class _Recorder:
+    def __init__(self, jit_fn, sink, role_of):
+        self.fn, self.sink, self.role_of = jit_fn, sink, role_of
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append((self.fn, args, kwargs, self.role_of()))
+        return launch
+
+
+def _to_launch(fn, args, kwargs, role) -> Launch:
+    names = fn.arg_names
+    signature, constexprs, attrs = {}, {}, {}
+    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    is_constexpr = {p.name: p.is_constexpr for p in fn.params}
+    for i, name in enumerate(names):
+        v = values[name]
+        if is_constexpr[name]:
+            signature[name] = "constexpr"
+            constexprs[name] = v
+        elif isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TL_TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # allocations are 256-byte aligned
+        elif isinstance(v, int):
+            if v == 1:  # the runtime specialises 1 into a constant
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            else:
+                signature[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
+    key = repr((fn.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs), options))
+    return Launch(fn, fn.__name__, role, signature, constexprs, attrs, options, key)
+
+
+def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
+    """Run the forward and backward launchers of routed_ffn and routed_linear (QKV and output-projection
+    forms) on meta tensors and return the distinct kernel launches."""
+    import importlib
+
+    # (the package exports functions named like these modules, so import the modules by path)
+    gg = importlib.import_module("mom_kernels.grouped_gemm")
+    rf = importlib.import_module("mom_kernels.routed_ffn")
+    rl = importlib.import_module("mom_kernels.routed_linear")
+    from .grouped_gemm import interpreting
+    from .routing import make_plan
+
+    if interpreting():
+        raise RuntimeError("record_launches needs TRITON_INTERPRET unset (kernels must be JITFunctions)")
+    names = ["_ln_stats_kernel", "_grouped_gemm_kernel", "_grouped_dw_kernel", "_combine_kernel",
+             "_ln_affine_bwd_kernel"]
+    sink, role = [], ["?"]
+    saved = {n: getattr(gg, n) for n in names}
+    try:
+        for n in names:
+            setattr(gg, n, _Recorder(saved[n], sink, lambda: role[0]))
+        dev = "meta"
+        r = lambda *s: torch.empty(*s, device=dev, dtype=dtype)
+        ids = torch.empty(T, K, device=dev, dtype=torch.int64)
+        plan = make_plan(ids, E, block_m=128)  # the CUDA default (routing.default_block_m)
+        g = r(T, K)
+        x, lw, lb = r(T, D), r(E, D), r(E, D)
+        w1, b1, w2, b2 = r(E, D, F), r(E, F), r(E, F, D), r(E, D)
+        for k_ in (K, 1):  # K > 1 (per-pick slots + combine) and K == 1 (token store)
+            ids_k = torch.empty(T, k_, device=dev, dtype=torch.int64)
+            plan_k = make_plan(ids_k, E, block_m=128)
+            gk = r(T, k_)
+            role[0] = f"ffn fwd K={k_}"
+            y, mean, rstd, pre = rf.ffn_fwd_impl(x, lw, lb, w1, b1, w2, b2, ids_k, gk, 1e-5, plan_k, True)
+            if k_ == K:
+                role[0] = "ffn bwd"
+                rf.ffn_bwd_impl(y, x, lw, lb, w1, b1, w2, b2, ids_k, gk, mean, rstd, pre, plan_k)
+        wq, bq, wo, bo = r(E, D, 3 * D), r(E, 3 * D), r(E, D, D), r(E, D)
+        role[0] = "qkv fwd"
+        qkv, mean, rstd = rl.linear_fwd_impl(x, wq, bq, ids, None, lw, lb, 1e-5, plan)
+        role[0] = "qkv bwd"
+        rl.linear_bwd_impl(qkv, x, wq, bq, ids, None, lw, lb, mean, rstd, plan)
+        role[0] = "proj fwd"
+        o, m0, r0 = rl.linear_fwd_impl(x, wo, bo, ids, g, None, None, 1e-5, plan)
+        role[0] = "proj bwd"
+        rl.linear_bwd_impl(o, x, wo, bo, ids, g, None, None, m0, r0, plan)
+    finally:
+        for n in names:
+            setattr(gg, n, saved[n])
+    launches, seen = [], {}
+    for fn, args, kwargs, rl_ in sink:
+        launch = _to_launch(fn, args, dict(kwargs), rl_)
+        if launch.key in seen:
+            seen[launch.key].role += f"; {rl_}" if rl_ not in seen[launch.key].role else ""
+            continue
+        seen[launch.key] = launch
+        launches.append(launch)
+    return launches
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cuobjdump not found at {path}")
+    return path
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG / SHARED / LOCAL of the (single) kernel in a cubin, via cuobjdump --dump-resource-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(path)
+    res = {}
+    for key in ("REG", "SHARED", "LOCAL", "STACK"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        res[key.lower()] = int(m.group(1)) if m else None
+    return res
+
+
+def compile_launch(launch: Launch, arch: int) -> dict:
+    """Compile one launch for sm_<arch>; returns registers, shared, local (spills), wgmma, seconds."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    t0 = time.time()
+    target = GPUTarget("cuda", arch, 32)
+    src = ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=launch.constexprs,
+                    attrs=launch.attrs)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options(dict(launch.options))
+    compiled = triton.compile(src, target=target, options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    res = resource_usage(compiled.asm["cubin"])
+    res.update(wgmma="wgmma" in ptx, mma="mma.sync" in ptx or "wgmma" in ptx,
+               triton_shared=getattr(compiled.metadata, "shared", None), seconds=time.time() - t0)
+    return res
+
+
+def run(dtypes=("bf16", "fp16", "fp32"), archs=(90, 80), shape=(4096, 2, 8, 768, 3072), out=sys.stdout):
+    """Compile every launch; print and return the table rows."""
+    import triton
+
+    rows = []
+    print(f"triton {triton.__version__}, torch {torch.__version__}; launches recorded at "
+          f"T,K,E,D,F = {','.join(map(str, shape))}", file=out)
+    hdr = f"{'kernel':<22} {'dtype':<5} {'sm':<3} {'regs':>4} {'smem':>7} {'spill':>5} {'wgmma':>5}  {'config':<44} role"
+    print(hdr, file=out)
+    print("-" * len(hdr), file=out)
+    for dt in dtypes:
+        for launch in record_launches(_DTYPES[dt], *shape):
+            for arch in archs:
+                res = compile_launch(launch, arch)
+                row = dict(kernel=launch.name, dtype=dt, arch=arch, config=launch.config(), role=launch.role,
+                           gemm=launch.name in GEMM_KERNELS, **res)
+                rows.append(row)
+                print(f"{launch.name.strip('_'):<22} {dt:<5} {arch:<3} {res['reg']:>4} {res['triton_shared']:>7} "
+                      f"{res['local']:>5} {'yes' if res['wgmma'] else '-':>5}  {launch.config():<44} "
+                      f"{launch.role}", file=out, flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtypes", default="bf16,fp16,fp32")
+    p.add_argument("--archs", default="90,80")
+    p.add_argument("--shape", default="4096,2,8,768,3072", help="T,K,E,D,F the launches are recorded at")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # kernels were (or would be) interpreted
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET")
+        return subprocess.call([sys.executable, "-m", "mom_kernels.aot"] + (argv if argv is not None else sys.argv[1:]),
+                               env=env)
+    rows = run(tuple(a.dtypes.split(",")), tuple(int(x) for x in a.archs.split(",")),
+               tuple(int(x) for x in a.shape.split(",")))
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if r["local"]]
+    gemm_no_wgmma = [r for r in rows if r["gemm"] and r["arch"] == 90 and r["dtype"] != "fp32" and not r["wgmma"]]
+    print(f"\n{len(rows)} compiles; spills in {len(bad)}; sm_90 16-bit GEMMs without wgmma: {len(gemm_no_wgmma)}")
+    return 1 if bad or gemm_no_wgmma else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
