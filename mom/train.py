@@ -432,7 +432,7 @@ def _train(tc: TrainConfig, d: Dist, device) -> dict:
     optimizer = make_optimizer(model, tc)
     if resuming:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        blob = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=False)
+        blob = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=True)
         set_optimizer_state_dict(model, optimizer, blob["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         torch.set_rng_state(blob["rng"]["torch"])
