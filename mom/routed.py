@@ -33,6 +33,12 @@ def gelu(x):
 # ----------------------------------------------------------------------------------------------------------
 # "reference": per-module loop
 # ----------------------------------------------------------------------------------------------------------
+def _modules(*stacked):
+    """Per-module views of stacked [E, ...] parameters. unbind (not weight[m] in a loop): its backward
+    stacks the E gradients once, where E selects would each add into a fresh zero [E, ...] tensor."""
+    return [None if t is None else t.unbind(0) for t in stacked]
+
+
 def _module_rows(ids, weights, m):
     """Tokens that picked module m (each picks it at most once) and their weight for it."""
     sel = ids == m                                    # [N, K]
@@ -45,17 +51,18 @@ def reference_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, 
                             plan=None):
     N, D = x.shape
     E, _, O = weight.shape
+    W, b, g, beta = _modules(weight, bias, ln_weight, ln_bias)
     y = x.new_zeros(N, O)
     for m in range(E):
         tok, w = _module_rows(ids, weights, m)
         if tok.numel() == 0:
             continue
         u = x[tok]
-        if ln_weight is not None:
-            u = F.layer_norm(u, (D,), ln_weight[m], ln_bias[m], eps)
-        out = u @ weight[m]
-        if bias is not None:
-            out = out + bias[m]
+        if g is not None:
+            u = F.layer_norm(u, (D,), g[m], beta[m], eps)
+        out = u @ W[m]
+        if b is not None:
+            out = out + b[m]
         if w is not None:
             out = out * w[:, None]
         y = y.index_add(0, tok, out)
@@ -64,13 +71,14 @@ def reference_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, 
 
 def reference_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5, plan=None):
     N, D = x.shape
+    g, beta, W1, B1, W2, B2 = _modules(ln_weight, ln_bias, w1, b1, w2, b2)
     y = x.new_zeros(N, D)
-    for m in range(w1.shape[0]):
+    for m in range(len(W1)):
         tok, w = _module_rows(ids, weights, m)
         if tok.numel() == 0:
             continue
-        u = F.layer_norm(x[tok], (D,), ln_weight[m], ln_bias[m], eps)
-        out = gelu(u @ w1[m] + b1[m]) @ w2[m] + b2[m]
+        u = F.layer_norm(x[tok], (D,), g[m], beta[m], eps)
+        out = gelu(u @ W1[m] + B1[m]) @ W2[m] + B2[m]
         y = y.index_add(0, tok, out * w[:, None])
     return y
 
@@ -119,16 +127,15 @@ def torch_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_b
     E = weight.shape[0]
     plan = plan if plan is not None else make_plan(ids, E)
     rows = _normalized_rows(x, plan, ln_weight, eps)  # [R, D]
+    W, b, g, beta = _modules(weight, bias, ln_weight, ln_bias)
     outs = []
     for m in range(E):
-        lo, hi = plan.bounds[m], plan.bounds[m + 1]
-        if hi == lo:
-            continue
+        lo, hi = plan.bounds[m], plan.bounds[m + 1]  # empty modules give [0, O] products
         u = rows[lo:hi]
-        if ln_weight is not None:
-            u = torch.addcmul(ln_bias[m], u, ln_weight[m])  # each module's gamma, beta
-        outs.append(u @ weight[m] if bias is None else torch.addmm(bias[m], u, weight[m]))
-    out_rows = torch.cat(outs) if outs else x.new_zeros(0, weight.shape[2])
+        if g is not None:
+            u = torch.addcmul(beta[m], u, g[m])  # each module's gamma, beta
+        outs.append(u @ W[m] if b is None else torch.addmm(b[m], u, W[m]))
+    out_rows = torch.cat(outs)
     return _combine(out_rows, plan, weights)
 
 
@@ -137,14 +144,13 @@ def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e
     E = w1.shape[0]
     plan = plan if plan is not None else make_plan(ids, E)
     rows = _normalized_rows(x, plan, ln_weight, eps)  # [R, D]
+    g, beta, W1, B1, W2, B2 = _modules(ln_weight, ln_bias, w1, b1, w2, b2)
     outs = []
     for m in range(E):
-        lo, hi = plan.bounds[m], plan.bounds[m + 1]
-        if hi == lo:
-            continue
-        u = torch.addcmul(ln_bias[m], rows[lo:hi], ln_weight[m])
-        outs.append(torch.addmm(b2[m], gelu(torch.addmm(b1[m], u, w1[m])), w2[m]))
-    out_rows = torch.cat(outs) if outs else x.new_zeros(0, w2.shape[2])
+        lo, hi = plan.bounds[m], plan.bounds[m + 1]  # empty modules give [0, O] products
+        u = torch.addcmul(beta[m], rows[lo:hi], g[m])
+        outs.append(torch.addmm(B2[m], gelu(torch.addmm(B1[m], u, W1[m])), W2[m]))
+    out_rows = torch.cat(outs)
     return _combine(out_rows, plan, weights)
 
 
@@ -172,6 +178,9 @@ def get_ops(backend: str, device: torch.device) -> Ops:
     """The ops for a config backend ("auto": Triton on CUDA when mom_kernels imports, else torch)."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend in ("reference", "torch") and torch.compiler.is_compiling():
+        from .opaque import compiled_ops  # data-dependent shapes: hide them from the compiler
+        return compiled_ops(backend)
     if backend == "reference":
         return REFERENCE
     if backend == "torch":

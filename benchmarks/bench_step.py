@@ -1,0 +1,129 @@
+"""One routed step against a dense GPT-2 block doing the same FLOPs, and against the per-module loop.
+
+    python -m benchmarks.bench_step                 # CPU: D 768, E 8, K 2, T 2048 (GPT-2-small width)
+    python -m benchmarks.bench_step --quick         # T 512, fewer repeats
+    python -m benchmarks.bench_step --device cuda --dtype bfloat16 --tokens 16384
+
+The routed step is an `MoMLayer` with one step (depth 1, no anchor, MLP router, no SKIP) run by the
+"torch" backend and by the "reference" loop (the authors' style: one gather / matmul / index_add per
+module). The dense equivalent does the same matrix FLOPs as a step whose K picks are all real modules: a
+GPT-2 block whose c_attn, c_proj and FFN are K times wider (the K partial QKVs summed, so attention runs once
+on [T, D] like the routed step). Ratios are of medians measured round-robin in one run. Target (issue 2): the
+"torch" step costs <= 1.1x the dense equivalent and no more than the loop.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mom import MoMConfig, MoMLayer
+from mom.blocks import causal_attention, merge_heads, split_heads
+
+from .common import RESULTS, append_csv, stamp, time_interleaved
+
+
+class DenseEquivalent(nn.Module):
+    """A GPT-2 block with K-times-wider projections: the matrix FLOPs of a routed step with K real picks."""
+
+    def __init__(self, D, n_head, F_, K):
+        super().__init__()
+        self.D, self.n_head, self.K = D, n_head, K
+        self.ln_1, self.ln_2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.c_attn = nn.Linear(D, 3 * D * K)       # K QKV projections in one GEMM
+        self.c_proj = nn.Linear(D * K, D)           # K output projections in one GEMM
+        self.c_fc = nn.Linear(D, F_ * K)
+        self.c_fc_proj = nn.Linear(F_ * K, D)
+
+    def forward(self, x):  # [B, T, D]
+        B, T, D = x.shape
+        qkv = self.c_attn(self.ln_1(x)).view(B, T, self.K, 3 * D).sum(2)           # [B, T, 3D]
+        q, k, v = qkv.split(D, dim=-1)
+        o, _ = causal_attention(split_heads(q, self.n_head), split_heads(k, self.n_head),
+                                split_heads(v, self.n_head))
+        o = merge_heads(o)                                                          # [B, T, D]
+        x = x + self.c_proj(o.repeat(1, 1, self.K))
+        return x + self.c_fc_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-embd", type=int, default=768)
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--modules", type=int, default=8, help="E, modules per pool")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=2048, help="T (batch 1)")
+    p.add_argument("--router", default="mlp", choices=["mlp", "gru"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quick", action="store_true", help="T 512, 3 repeats")
+    p.add_argument("--no-loop", action="store_true", help="leave out the reference loop")
+    p.add_argument("--csv", default=os.path.join(RESULTS, "bench_step.csv"))
+    a = p.parse_args(argv)
+    if a.quick:
+        a.tokens, a.repeats = 512, 3
+    torch.manual_seed(0)
+    dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
+    D, K, E, T = a.n_embd, a.top_k, a.modules, a.tokens
+    cfg = MoMConfig(vocab_size=256, n_positions=max(1024, T), n_embd=D, n_head=a.n_head, n_bottom=0, chunks=1,
+                    n_attn=E, n_ffn=E, depth=1, top_k=K, anchor=False, skip=False, router=a.router,
+                    backend="torch")
+    layer = MoMLayer(cfg).to(dev, dtype)
+    dense = DenseEquivalent(D, a.n_head, cfg.ffn_dim, K).to(dev, dtype)
+    x = torch.randn(1, T, D, device=dev, dtype=dtype)
+    g = torch.randn(1, T, D, device=dev, dtype=dtype)
+    loads = torch.bincount(layer(x).routing[0].ffn_ids.flatten(), minlength=E + 1)[:E]
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                fn(x)
+        return run
+
+    def fwd_bwd(fn, params):
+        def run():
+            xx = x.detach().requires_grad_()
+            (fn(xx) * g).sum().backward()
+            for q in params:
+                q.grad = None
+        return run
+
+    step = {b: (lambda xx, b=b: layer.forward(xx, ops=_ops(b, dev)).hidden_states) for b in ("torch", "reference")}
+    cands = {"dense": dense, "torch": step["torch"]}
+    if not a.no_loop:
+        cands["reference"] = step["reference"]
+    params = list(layer.parameters()) + list(dense.parameters())
+    res_f = time_interleaved({k: fwd(f) for k, f in cands.items()}, a.repeats, dev)
+    res_b = time_interleaved({k: fwd_bwd(f, params) for k, f in cands.items()}, a.repeats, dev)
+
+    st = stamp()
+    rows, lines = [], []
+    for mode, res in (("forward", res_f), ("forward+backward", res_b)):
+        base = res["dense"]["median"]
+        for name, r in res.items():
+            rows.append({**st, "bench": "routed_step", "mode": mode, "impl": name, "D": D, "E": E, "K": K, "T": T,
+                         "router": a.router, "dtype": a.dtype, "median_s": f"{r['median']:.5f}",
+                         "p20_s": f"{r['p20']:.5f}", "p80_s": f"{r['p80']:.5f}",
+                         "ratio_to_dense": f"{r['median'] / base:.3f}"})
+            lines.append(f"| {mode} | {name} | {r['median'] * 1e3:.1f} | {r['p20'] * 1e3:.1f}-{r['p80'] * 1e3:.1f} "
+                         f"| {r['median'] / base:.2f}x |")
+    append_csv(a.csv, rows)
+    print(f"routed step, D {D}, E {E}, K {K}, T {T}, router {a.router}, {a.dtype}, {st['hardware']}, "
+          f"commit {st['commit']}, {st['date']}")
+    print(f"FFN rows per module (routing load): {loads.tolist()}")
+    print("| mode | impl | median ms | p20-p80 ms | vs dense |\n|---|---|---|---|---|")
+    print("\n".join(lines))
+    return rows
+
+
+def _ops(backend, device):
+    from mom.routed import get_ops
+    return get_ops(backend, device)
+
+
+if __name__ == "__main__":
+    main()

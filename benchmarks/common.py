@@ -1,0 +1,84 @@
+"""Shared benchmark plumbing: interleaved timing, hardware/commit stamps, CSV rows."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def stamp() -> Dict[str, str]:
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit(), "hardware": hardware(), "torch": torch.__version__}
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device="cpu", warmup: int = 1
+                     ) -> Dict[str, Dict[str, float]]:
+    """Median / p20 / p80 seconds of each fn, run round-robin (A B C A B C ...) so that drifts of a noisy
+    machine hit every candidate alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        ts = sorted(ts)
+        q = lambda p: ts[min(len(ts) - 1, int(p * len(ts)))]  # noqa: E731
+        out[name] = {"median": statistics.median(ts), "p20": q(0.2), "p80": q(0.8)}
+    return out
+
+
+def append_csv(path: str, rows: List[dict]):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    fields = list(rows[0].keys())
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The one script a session with a lent GPU runs (from the repo root, PYTHONPATH=., nothing installed):
+#   1. environment (GPU, torch, triton)                                   -> $OUT/env.txt
+#   2. the kernel tests, compiled on CUDA (TRITON_INTERPRET unset)        -> $OUT/tests.log
+#   3. the routed_ffn throughput sweep "check" (bf16, 12 configurations)  -> $OUT/bench.log, $OUT/routed_ffn.csv
+#   4. a short table, printed last.
+# Budget: < 6 minutes in all (tests <= 200 s, sweep <= 140 s, each under its own timeout; a timed-out
+# sweep still leaves its finished rows in the CSV and the table). Copy $OUT/routed_ffn.csv rows into
+# benchmarks/results/routed_ffn.csv afterwards to keep them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_check}"
+mkdir -p "$OUT"
+export PYTHONPATH="${PYTHONPATH:-.}"
+unset TRITON_INTERPRET
+export TRITON_DEFAULT_FP_FUSION=1   # silences triton 3.9's notice; the default in 3.6 anyway
+T0=$(date +%s)
+
+{
+  date -u
+  git rev-parse --short HEAD 2>/dev/null || true
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+  python - <<'PY'
+import torch, triton
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
+PY
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== kernel tests (CUDA, compiled) =="
+timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_kernels_*.py > "$OUT/tests.log" 2>&1
+TEST_RC=$?
+tail -n 3 "$OUT/tests.log"
+
+echo "== routed_ffn sweep (check) =="
+rm -f "$OUT/routed_ffn.csv"
+timeout 140 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
+BENCH_RC=$?
+tail -n 2 "$OUT/bench.log"
+
+echo
+echo "== summary ($(( $(date +%s) - T0 )) s; tests rc=$TEST_RC, bench rc=$BENCH_RC; logs in $OUT) =="
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1
+if [ -f "$OUT/routed_ffn.csv" ]; then
+  python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT/routed_ffn.csv'))"
+  echo "targets: fwd >= 85% of dense, fwd+bwd >= 75%, >= 3x the loop (xloop)"
+else
+  echo "(no benchmark rows)"
+fi
+[ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
