@@ -47,3 +47,21 @@ def assert_close(name, actual, expected, rtol, atol):
         raise AssertionError(f"{name}: {int(bad.sum())}/{err.numel()} elements off; worst at {idx}: "
                              f"{float(actual[idx]):.6g} vs {float(expected[idx]):.6g} (max abs err "
                              f"{float(err.max()):.3g}, rtol {rtol}, atol {atol})")
+
+
+# Routed configs every backend is checked on (overrides of small_config).
+ROUTED_CASES = [
+    dict(),                                                        # GRU, top-2, SKIP, n_attn != n_ffn
+    dict(router="mlp"),
+    dict(top_k=1, renormalize=False),
+    dict(top_k=3, n_attn=4, n_ffn=3, skip=False),
+    dict(top_k=3, n_attn=2, n_ffn=3),                              # K = every slot of the attention pool
+    dict(shared_slots=True, n_attn=2, n_ffn=4, top_k=2),           # authors' slot layout: several SKIP slots
+    dict(weighted_qkv=True, straight_through=True),
+    dict(dense_routing=True, balance_loss="pooled", balance_skip=True),
+    dict(n_embd=24, n_head=3, n_inner=41, depth=3, anchor=False, n_bottom=0, n_top=0),  # odd sizes
+]
+
+
+def case_id(case: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in case.items()) or "default"

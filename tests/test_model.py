@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import assert_close, make_model, randomize_, small_config
+from helpers import ROUTED_CASES as CASES, assert_close, case_id, make_model, randomize_, small_config
 from mom import MoMConfig, MoMForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -117,20 +117,9 @@ def _run(model, ids, backend):
     return out, _grads(model)
 
 
-CASES = [
-    dict(),                                                        # GRU, top-2, SKIP, n_attn != n_ffn
-    dict(router="mlp"),
-    dict(top_k=1, renormalize=False),
-    dict(top_k=3, n_attn=4, n_ffn=3, skip=False),
-    dict(top_k=3, n_attn=2, n_ffn=3),                              # K = every slot of the attention pool
-    dict(shared_slots=True, n_attn=2, n_ffn=4, top_k=2),           # authors' slot layout: several SKIP slots
-    dict(weighted_qkv=True, straight_through=True),
-    dict(dense_routing=True, balance_loss="pooled", balance_skip=True),
-    dict(n_embd=24, n_head=3, n_inner=41, depth=3, anchor=False, n_bottom=0, n_top=0),  # odd sizes
-]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_torch_backend_matches_reference_fp64(case):
     cfg = small_config(**case)
     model = make_model(cfg, torch.float64)
