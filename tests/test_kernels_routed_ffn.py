@@ -43,7 +43,7 @@ def _run(fn, inputs, dy, grad=True):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_routed_ffn_matches_reference(case, dtype):
     T, K, E, D, F, skip, empty = CASES[case]
     hi = ffn_inputs(T, K, E, D, F, torch.float64, DEVICE, skip, seed=hash(case) % 1000, empty=empty)
@@ -62,7 +62,7 @@ def test_routed_ffn_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("case", ["E3_K2", "E8_K3_empty"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_routed_ffn_low_precision_2x_rule(case, dtype):
     T, K, E, D, F, skip, empty = CASES[case]
     hi = ffn_inputs(T, K, E, D, F, torch.float64, DEVICE, skip, seed=7, empty=empty)

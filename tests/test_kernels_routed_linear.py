@@ -62,7 +62,7 @@ def _names(variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_routed_linear_matches_reference(case, variant, dtype):
     if variant == "bare" and case not in ("E3_K2", "E8_K3_empty"):
         pytest.skip("the bare variant is covered by two cases")
@@ -81,7 +81,7 @@ def test_routed_linear_matches_reference(case, variant, dtype):
 
 
 @pytest.mark.parametrize("variant", ["qkv", "proj"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_routed_linear_low_precision_2x_rule(variant, dtype):
     T, K, E, N_in, N_out, skip, empty = CASES["E8_K3_empty"]
     hi = linear_inputs(T, K, E, N_in, N_out, torch.float64, DEVICE, skip, seed=3, empty=empty)
