@@ -4,8 +4,8 @@
     python -m benchmarks.bench_step --quick         # T 512, fewer repeats
     python -m benchmarks.bench_step --device cuda --dtype bfloat16 --tokens 16384
 
-The routed step is an `MoMLayer` with one step (depth 1, no anchor, MLP router, no SKIP) run by the
-"torch" backend and by the "reference" loop (the authors' style: one gather / matmul / index_add per
+The routed step is an `MoMLayer` with one step (depth 1, no anchor, no SKIP; by default uniform routing
+from fixed random logits) run by the "torch" backend (and "triton" on CUDA) and by the "reference" loop (the authors' style: one gather / matmul / index_add per
 module). The dense equivalent does the same matrix FLOPs as a step whose K picks are all real modules: a
 GPT-2 block whose c_attn, c_proj and FFN are K times wider (the K partial QKVs summed, so attention runs once
 on [T, D] like the routed step). Ratios are of medians measured round-robin in one run. Target (issue 2): the
@@ -24,6 +24,17 @@ from mom import MoMConfig, MoMLayer
 from mom.blocks import causal_attention, merge_heads, split_heads
 
 from .common import RESULTS, append_csv, stamp, time_interleaved
+
+
+class UniformRouter(nn.Module):
+    """Fixed random logits per token: picks spread uniformly over the slots, whatever x is."""
+
+    def __init__(self, n_tokens, n_slots, device, dtype):
+        super().__init__()
+        self.register_buffer("logits", 4.0 * torch.randn(n_tokens, n_slots, device=device, dtype=dtype))
+
+    def forward(self, x, state=None):
+        return self.logits, None
 
 
 class DenseEquivalent(nn.Module):
@@ -56,7 +67,8 @@ def main(argv=None):
     p.add_argument("--modules", type=int, default=8, help="E, modules per pool")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--tokens", type=int, default=2048, help="T (batch 1)")
-    p.add_argument("--router", default="mlp", choices=["mlp", "gru"])
+    p.add_argument("--router", default="uniform", choices=["uniform", "mlp", "gru"],
+                   help="uniform: fixed random logits (uniform load); mlp / gru: the real routers at init")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -70,9 +82,12 @@ def main(argv=None):
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
     D, K, E, T = a.n_embd, a.top_k, a.modules, a.tokens
     cfg = MoMConfig(vocab_size=256, n_positions=max(1024, T), n_embd=D, n_head=a.n_head, n_bottom=0, chunks=1,
-                    n_attn=E, n_ffn=E, depth=1, top_k=K, anchor=False, skip=False, router=a.router,
-                    backend="torch")
+                    n_attn=E, n_ffn=E, depth=1, top_k=K, anchor=False, skip=False,
+                    router="mlp" if a.router == "uniform" else a.router, backend="torch")
     layer = MoMLayer(cfg).to(dev, dtype)
+    if a.router == "uniform":
+        layer.attn_router = UniformRouter(T, cfg.attn_slots, dev, dtype)
+        layer.ffn_router = UniformRouter(T, cfg.ffn_slots, dev, dtype)
     dense = DenseEquivalent(D, a.n_head, cfg.ffn_dim, K).to(dev, dtype)
     x = torch.randn(1, T, D, device=dev, dtype=dtype)
     g = torch.randn(1, T, D, device=dev, dtype=dtype)
@@ -92,8 +107,11 @@ def main(argv=None):
                 q.grad = None
         return run
 
-    step = {b: (lambda xx, b=b: layer.forward(xx, ops=_ops(b, dev)).hidden_states) for b in ("torch", "reference")}
+    backends = ["torch", "reference"] + (["triton"] if dev.type == "cuda" else [])
+    step = {b: (lambda xx, b=b: layer.forward(xx, ops=_ops(b, dev)).hidden_states) for b in backends}
     cands = {"dense": dense, "torch": step["torch"]}
+    if "triton" in step:
+        cands["triton"] = step["triton"]
     if not a.no_loop:
         cands["reference"] = step["reference"]
     params = list(layer.parameters()) + list(dense.parameters())

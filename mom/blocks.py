@@ -20,6 +20,11 @@ from .config import MoMConfig
 
 KVCache = Tuple[torch.Tensor, torch.Tensor]  # (k, v), each [B, n_head, T_past, head_dim]
 
+try:  # flash-attn's causal kernel when installed (pip install "mom[flash]"); SDPA otherwise
+    from flash_attn import flash_attn_func
+except Exception:  # ImportError, or a build that does not match this torch
+    flash_attn_func = None
+
 
 class Conv1D(nn.Module):
     """y = x @ weight + bias with weight [in, out] (GPT-2's layout)."""
@@ -43,6 +48,10 @@ def causal_attention(q, k, v, past: Optional[KVCache] = None):
         k = torch.cat([past[0], k], dim=2)
         v = torch.cat([past[1], v], dim=2)
     T, S = q.shape[2], k.shape[2]
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # flash-attn >= 2.1 aligns the causal mask bottom-right: query i sees keys 0 .. S - T + i, as below
+        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return o.transpose(1, 2), (k, v)
     if T == S:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif T == 1:  # one new token sees everything cached

@@ -202,3 +202,37 @@ def test_save_load_round_trip(tmp_path):
 def test_state_dict_keys_do_not_depend_on_backend():
     keys = [set(MoMForCausalLM(small_config(backend=b)).state_dict()) for b in ("reference", "torch", "auto")]
     assert keys[0] == keys[1] == keys[2]
+
+
+def test_checkpointed_chunks_give_the_same_gradients():
+    cfg = small_config(backend="torch")
+    model = make_model(cfg, torch.float64).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    plain, g_plain = _run(model, ids, "torch")
+    model.config = model.config.replace(checkpoint_chunks=True)
+    ckpt, g_ckpt = _run(model, ids, "torch")
+    assert_close("loss", ckpt.loss, plain.loss, 1e-12, 1e-12)
+    for n in g_plain:
+        assert_close(f"grad {n}", g_ckpt[n], g_plain[n], 1e-10, 1e-12)
+
+
+def test_mom_layer_drops_into_another_model():
+    """MoMLayer as the middle of someone else's network: [B, T, D] in and out, trains with its aux loss."""
+    from mom import MoMLayer
+
+    cfg = MoMConfig(n_embd=16, n_head=2, n_bottom=0, chunks=1, n_attn=3, n_ffn=3, depth=2, top_k=2,
+                    router_dim=8, backend="torch")
+    net = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 16), "mom": MoMLayer(cfg),
+                               "head": torch.nn.Linear(16, 10)})
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    ids = torch.randint(0, 10, (4, 12))
+    losses = []
+    for _ in range(15):
+        out = net["mom"](net["emb"](ids))
+        assert out.hidden_states.shape == (4, 12, 16) and len(out.routing) == 2
+        loss = torch.nn.functional.cross_entropy(net["head"](out.hidden_states).flatten(0, 1), ids.flatten())
+        opt.zero_grad()
+        (loss + cfg.aux_loss_coef * out.aux_loss).backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
