@@ -81,6 +81,20 @@ def check_x(x):
         raise ValueError(f"x must be a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1), got {x.device}")
 
 
+def autocast_inputs(x, *tensors):
+    """Under torch.autocast for x's device, cast x and the layer's floating tensors (None passes) to the
+    autocast dtype, as autocast does for a matmul; the casts are differentiable, so fp32 parameters get
+    fp32 gradients. Outside autocast the tensors come back unchanged."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cuda", "cpu"):
+        return (x, *tensors)
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dt = torch.get_autocast_dtype(dev)
+    cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return tuple(cast(t) for t in (x, *tensors))
+
+
 def check_plan(plan, ids, E):
     if plan is None:
         return

@@ -161,7 +161,9 @@ def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
     """Routed FFN (see the module docstring). x [T, D]; ln_weight, ln_bias [E, D]; w1 [E, D, F];
     b1 [E, F]; w2 [E, F, D]; b2 [E, D]; ids [T, K] int32/int64 with E = SKIP; weights [T, K];
     plan: a `make_plan(ids, E)` to reuse (built here if None). Returns [T, D] in x's dtype.
-    Differentiable in x, every parameter and weights."""
+    Differentiable in x, every parameter and weights. Under torch.autocast x and the parameters are cast
+    to the autocast dtype (the routing weights keep theirs) and y comes back in it."""
+    x, ln_weight, ln_bias, w1, b1, w2, b2 = checks.autocast_inputs(x, ln_weight, ln_bias, w1, b1, w2, b2)
     checks.check_x(x)
     T, D = x.shape
     dev, dt = x.device, x.dtype
@@ -181,7 +183,8 @@ def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
         plan = make_plan(ids, E)
     save_pre = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, ln_weight, ln_bias, w1, b1, w2, b2, weights))
-    y = torch.ops.mom_kernels.routed_ffn_fwd(
-        x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, float(eps), *plan.tensors(),
-        plan.block_m, save_pre)[0]
+    with torch.autocast(x.device.type, enabled=False):  # inputs are already in their compute dtype
+        y = torch.ops.mom_kernels.routed_ffn_fwd(
+            x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, float(eps), *plan.tensors(),
+            plan.block_m, save_pre)[0]
     return y

@@ -205,7 +205,10 @@ def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=No
     bias [E, N_out] or None; ids [T, K] int32/int64 with E = SKIP; weights [T, K] or None;
     ln_weight, ln_bias [E, N_in] or None (LayerNorm on x per module when ln_weight is given);
     plan: a `make_plan(ids, E)` to share between calls with the same ids (built here if None).
-    Returns [T, N_out] in x's dtype. Differentiable in x, weight, bias, weights, ln_weight, ln_bias."""
+    Returns [T, N_out] in x's dtype (the autocast dtype under torch.autocast: x and the layer's tensors are
+    cast to it; the routing weights keep theirs). Differentiable in x, weight, bias, weights, ln_weight,
+    ln_bias."""
+    x, weight, bias, ln_weight, ln_bias = checks.autocast_inputs(x, weight, bias, ln_weight, ln_bias)
     checks.check_x(x)
     T, n_in = x.shape
     dev, dt = x.device, x.dtype
@@ -224,6 +227,7 @@ def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=No
     checks.check_plan(plan, ids, E)
     if plan is None:
         plan = make_plan(ids, E)
-    y, _, _ = torch.ops.mom_kernels.routed_linear_fwd(
-        x, weight, bias, ids, weights, ln_weight, ln_bias, float(eps), *plan.tensors(), plan.block_m)
+    with torch.autocast(x.device.type, enabled=False):  # inputs are already in their compute dtype
+        y, _, _ = torch.ops.mom_kernels.routed_linear_fwd(
+            x, weight, bias, ids, weights, ln_weight, ln_bias, float(eps), *plan.tensors(), plan.block_m)
     return y

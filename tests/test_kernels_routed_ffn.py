@@ -114,6 +114,25 @@ def test_routed_ffn_no_grad_path():
     assert_close_verbose("y", y, reference.routed_ffn(*inputs), 1e-10, 1e-10)
 
 
+def test_routed_ffn_under_autocast():
+    """torch.autocast: fp32 x and parameters are cast to the autocast dtype (bf16), y comes back in it,
+    the fp32 leaves get fp32 gradients close to the fp64 reference's."""
+    T, K, E, D, F = 15, 2, 3, 24, 40
+    hi = ffn_inputs(T, K, E, D, F, torch.float64, DEVICE, 0.2, seed=21)
+    f32 = [t.float() if t.is_floating_point() else t for t in hi]
+    dy = torch.randn(T, D, dtype=torch.float64, device=DEVICE)
+    y_hi, g_hi = _run(reference.routed_ffn, hi, dy)
+    leaves = [t.clone().requires_grad_(True) if t.is_floating_point() else t for t in f32]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = mom_kernels.routed_ffn(*leaves)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.to(y.dtype))
+    assert_close_verbose("y", y.float(), y_hi, 0.05, 0.05)
+    for name, t, b in zip(NAMES, [t for t in leaves if t.is_floating_point()], g_hi):
+        assert t.grad.dtype == torch.float32, name
+        assert_close_verbose(f"d{name}", t.grad, b, 0.1 * max(1.0, b.abs().max().item()), 0.05)
+
+
 def test_routed_ffn_errors():
     x, lw, lb, w1, b1, w2, b2, ids, g = ffn_inputs(6, 2, 3, 16, 32, torch.float32, DEVICE, 0.2, seed=1)
     f = mom_kernels.routed_ffn
