@@ -530,7 +530,10 @@ def _train(tc: TrainConfig, d: Dist, device) -> dict:
 def main(argv=None):
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(prog="python -m mom.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every config key is also an option, --KEY VALUE (JSON value): "
+                                       + ", ".join(f for f in fields if f != "resume")
+                                       + ". See docs/training.md for what each means.")
     p.add_argument("--config", help="a .json or .toml training config (configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key (JSON value; a.b reaches into model_overrides), repeatable")
