@@ -29,7 +29,7 @@ PY
 cat "$OUT/env.txt"
 
 echo "== kernel tests (CUDA, compiled) =="
-# Six pytest processes in parallel: the time goes into compiling each kernel specialisation
+# Eight pytest processes in parallel: the time goes into compiling each kernel specialisation
 # (single-threaded per process), and the files share the triton cache.
 pids=()
 run_tests() {  # name, pytest args...
@@ -39,10 +39,11 @@ run_tests() {  # name, pytest args...
 }
 run_tests routing tests/test_kernels_routing.py
 run_tests compile tests/test_kernels_compile.py
-run_tests ffn_fp64 tests/test_kernels_routed_ffn.py -k fp64
-run_tests ffn_rest tests/test_kernels_routed_ffn.py -k "not fp64"
-run_tests linear_fp64 tests/test_kernels_routed_linear.py -k fp64
-run_tests linear_rest tests/test_kernels_routed_linear.py -k "not fp64"
+for op in ffn linear; do  # ~50-110 kernel specialisations per group (counted under the interpreter)
+  run_tests ${op}_fp64 tests/test_kernels_routed_$op.py -k fp64
+  run_tests ${op}_fp32 tests/test_kernels_routed_$op.py -k fp32
+  run_tests ${op}_other tests/test_kernels_routed_$op.py -k "not fp64 and not fp32"
+done
 TEST_RC=0
 for pid in "${pids[@]}"; do wait "$pid" || TEST_RC=1; done
 for f in "$OUT"/tests_*.log; do
