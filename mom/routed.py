@@ -93,6 +93,7 @@ class Plan:
     top_k: int
     pick: torch.Tensor      # [R] flat pick index t * K + k, sorted by module (stable: by t, then k)
     token: torch.Tensor     # [R] token of each sorted pick
+    slot: torch.Tensor      # [N*K] sorted row of each flat pick; R (a zero row) for SKIP picks
     bounds: List[int]       # [E + 1] host ints: module m owns sorted rows bounds[m] : bounds[m + 1]
 
 
@@ -102,17 +103,22 @@ def make_plan(ids: torch.Tensor, n_modules: int) -> Plan:
     order = torch.sort(flat, stable=True).indices                       # [N*K], SKIP (= E) last
     counts = torch.bincount(flat, minlength=n_modules + 1)[: n_modules]  # [E]
     bounds = [0] + torch.cumsum(counts, 0).tolist()                     # the one host sync per plan
-    pick = order[: bounds[-1]]
-    return Plan(n_tokens=N, top_k=K, pick=pick, token=pick // K, bounds=bounds)
+    R = bounds[-1]
+    slot = torch.empty_like(order).index_copy_(0, order, torch.arange(N * K, device=ids.device)).clamp_(max=R)
+    pick = order[:R]
+    return Plan(n_tokens=N, top_k=K, pick=pick, token=pick // K, slot=slot, bounds=bounds)
 
 
-def _combine(rows, plan: Plan, weights):
-    """rows [R, O] in sorted order -> [N, O], sum over each token's K picks (weighted), deterministic."""
+def _combine(outs, plan: Plan, weights):
+    """Per-module outputs (sorted order, R rows in all) -> [N, O]: each token gathers its K rows (a zero row
+    for SKIP) and sums them, weighted by a [1, K] x [K, O] product. A gather and a sum, no scatter: two
+    passes over [N*K, O] where zero-fill + index_copy + sum take three (and 2.6x the time on a CPU)."""
     N, K = plan.n_tokens, plan.top_k
-    if weights is not None:
-        rows = rows * weights.reshape(-1)[plan.pick].unsqueeze(1)
-    out = rows.new_zeros(N * K, rows.shape[1]).index_copy(0, plan.pick, rows)  # each slot written once
-    return out.view(N, K, -1).sum(dim=1)
+    rows = torch.cat(outs + [outs[0].new_zeros(1, outs[0].shape[1])])  # [R + 1, O]
+    per_pick = rows[plan.slot].view(N, K, -1)                           # [N, K, O]
+    if weights is None:
+        return per_pick.sum(dim=1) if K > 1 else per_pick[:, 0]
+    return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)
 
 
 def _normalized_rows(x, plan: Plan, ln_weight, eps):
@@ -135,8 +141,7 @@ def torch_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_b
         if g is not None:
             u = torch.addcmul(beta[m], u, g[m])  # each module's gamma, beta
         outs.append(u @ W[m] if b is None else torch.addmm(b[m], u, W[m]))
-    out_rows = torch.cat(outs)
-    return _combine(out_rows, plan, weights)
+    return _combine(outs, plan, weights)
 
 
 def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
@@ -150,8 +155,7 @@ def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e
         lo, hi = plan.bounds[m], plan.bounds[m + 1]  # empty modules give [0, O] products
         u = torch.addcmul(beta[m], rows[lo:hi], g[m])
         outs.append(torch.addmm(B2[m], gelu(torch.addmm(B1[m], u, W1[m])), W2[m]))
-    out_rows = torch.cat(outs)
-    return _combine(out_rows, plan, weights)
+    return _combine(outs, plan, weights)
 
 
 # ----------------------------------------------------------------------------------------------------------
