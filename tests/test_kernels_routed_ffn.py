@@ -96,6 +96,22 @@ def test_routed_ffn_noncontiguous_x_int32_ids_and_plan():
     assert_close_verbose("y (strided w1)", y3, y_ref, 1e-10, 1e-10)
 
 
+def test_routed_ffn_expanded_grad_and_noncontiguous_ids():
+    """y.sum().backward() hands the kernels a stride-0 dy; ids may be a non-contiguous view."""
+    inputs = ffn_inputs(11, 2, 3, 20, 36, torch.float64, DEVICE, 0.2, seed=2)
+
+    def grads(fn, ids):
+        leaves = [t.clone().requires_grad_(True) if t.is_floating_point() else t for t in inputs]
+        leaves[7] = ids
+        fn(*leaves).sum().backward()
+        return [t.grad for t in leaves if t.is_floating_point()]
+
+    ids_nc = inputs[7].t().contiguous().t()
+    assert not ids_nc.is_contiguous()
+    for name, a, b in zip(NAMES, grads(mom_kernels.routed_ffn, ids_nc), grads(reference.routed_ffn, inputs[7])):
+        assert_close_verbose(f"d{name}", a, b, 1e-10, 1e-10)
+
+
 def test_routed_ffn_bit_identical_runs():
     T, K, E, D, F = 33, 3, 4, 20, 36
     inputs = ffn_inputs(T, K, E, D, F, torch.float32, DEVICE, 0.2, seed=11)
