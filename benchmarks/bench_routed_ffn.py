@@ -128,7 +128,7 @@ def implementations(device, include_loop=True):
     return impls
 
 
-def run_config(cfg, device, dtype, impls, quick=False):
+def run_config(cfg, device, dtype, impls, quick=False, modes=("fwd", "fwd+bwd")):
     """Time every implementation on one configuration; returns CSV rows."""
     T, D, E, K, routing, skip = cfg["T"], cfg["D"], cfg["E"], cfg["K"], cfg["routing"], cfg["skip"]
     F = 4 * D
@@ -141,10 +141,10 @@ def run_config(cfg, device, dtype, impls, quick=False):
     flops_fwd = 4.0 * S * D * F
     rows = []
     for name, fn in impls.items():
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in modes:
             if name == "dense":
                 xd = torch.randn(max(S, 1), D, generator=gen).to(device=device, dtype=dtype)
-                leaves = [xd] + [p[0].clone() for p in params]
+                leaves = [xd] + [p[0].detach().clone() for p in params]
                 call = lambda: dense_ffn(*leaves)  # noqa: E731
             else:
                 leaves = [x, *params, g]
@@ -194,6 +194,44 @@ def sweep(name):
         return [dict(T=t, D=d, E=e, K=k, routing=r, skip=s) for d, e, k, t, r, s in itertools.product(
             (768, 1024, 1280), (4, 8, 16), (1, 2, 3), (4096, 8192, 16384, 32768), ("uniform", "skewed"), (0.0, 0.25))]
     raise ValueError(name)
+
+
+# tile configurations tried by --tiles (bf16 GEMM kernel; env overrides read by mom_kernels at launch)
+TILE_CONFIGS = [
+    ("128x128x64 w8 s3 (default)", {}),
+    ("128x128x64 w8 s4", {"MOM_KERNELS_GEMM_CONFIG": "num_stages=4"}),
+    ("128x256x64 w8 s3", {"MOM_KERNELS_GEMM_CONFIG": "BLOCK_N=256"}),
+    ("64x128x64 w4 s4", {"MOM_KERNELS_BLOCK_M": "64", "MOM_KERNELS_GEMM_CONFIG": "num_warps=4,num_stages=4"}),
+]
+
+
+def tile_sweep(device, dtype, cfg=None):
+    """Forward TFLOP/s (forward only, to keep compile time short) of the Triton routed FFN under each of TILE_CONFIGS at one configuration, against
+    the dense FFN: a quick way to tune the GEMM tiles from one GPU session."""
+    import mom_kernels
+
+    cfg = cfg or sweep("check")[0]
+    lines = []
+    dense = run_config(cfg, device, dtype, {"dense": None}, quick=True, modes=("fwd",))
+    d_fwd = next(r for r in dense if r["mode"] == "fwd")
+    lines.append(f"tile sweep at {cfg}: dense fwd {d_fwd['tflops']:.1f} TFLOP/s")
+    for label, env in TILE_CONFIGS:
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            r = run_config(cfg, device, dtype, {"triton": mom_kernels.routed_ffn}, quick=True, modes=("fwd",))[0]
+            lines.append(f"  {label:<28} fwd {r['tflops']:7.1f} TFLOP/s ({100 * r['tflops'] / d_fwd['tflops']:.0f}% "
+                         f"of dense)")
+        except Exception as e:  # a config that does not fit is a result too
+            lines.append(f"  {label:<28} failed: {type(e).__name__}: {str(e)[:100]}")
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 def append_csv(rows, path=CSV_PATH):
@@ -260,6 +298,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
     p.add_argument("--no-loop", action="store_true", help="skip the per-module loop (slow on big sweeps)")
     p.add_argument("--csv", default=CSV_PATH)
+    p.add_argument("--tiles", action="store_true", help="GPU: try the GEMM tile configurations (TILE_CONFIGS) "
+                   "at the base point instead of a sweep")
     a = p.parse_args(argv)
     name = "quick" if a.quick else (a.sweep or ("check" if a.device == "cuda" else "quick"))
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device == "cuda" else torch.float32)
@@ -276,6 +316,9 @@ def main(argv=None):
         stamp["triton"] = ""
     print(f"{stamp['device']} | torch {stamp['torch']} triton {stamp['triton']} | commit {stamp['commit']} | "
           f"sweep {name} | {dtype} | impls {list(impls)}", flush=True)
+    if a.tiles:
+        print(tile_sweep(a.device, dtype))
+        return 0
     all_rows = []
     for cfg in sweep(name):
         t0 = time.time()

@@ -3,8 +3,9 @@
 #   1. environment (GPU, torch, triton)                                   -> $OUT/env.txt
 #   2. the kernel tests, compiled on CUDA (TRITON_INTERPRET unset)        -> $OUT/tests_*.log
 #   3. the routed_ffn throughput sweep "check" (bf16, 12 configurations)  -> $OUT/bench.log, $OUT/routed_ffn.csv
-#   4. a short table, printed last.
-# Budget: < 6 minutes in all (tests <= 210 s, sweep <= 120 s, each under its own timeout; a timed-out
+#   4. forward TFLOP/s of 4 GEMM tile configurations at the base point     -> $OUT/tiles.log
+#   5. a short table, printed last.
+# Budget: < 6 minutes in all (tests <= 190 s, sweep <= 110 s, tiles <= 45 s, each under its own timeout; a timed-out
 # sweep still leaves its finished rows in the CSV and the table). Copy $OUT/routed_ffn.csv rows into
 # benchmarks/results/routed_ffn.csv afterwards to keep them.
 set -uo pipefail
@@ -34,7 +35,7 @@ echo "== kernel tests (CUDA, compiled) =="
 pids=()
 run_tests() {  # name, pytest args...
   local name=$1; shift
-  timeout 210 python -m pytest -q -p no:cacheprovider "$@" > "$OUT/tests_$name.log" 2>&1 &
+  timeout 190 python -m pytest -q -p no:cacheprovider "$@" > "$OUT/tests_$name.log" 2>&1 &
   pids+=($!)
 }
 run_tests routing tests/test_kernels_routing.py
@@ -52,9 +53,13 @@ done | tee "$OUT/tests.log"
 
 echo "== routed_ffn sweep (check) =="
 rm -f "$OUT/routed_ffn.csv"
-timeout 120 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
+timeout 110 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 tail -n 2 "$OUT/bench.log"
+
+echo "== GEMM tile configurations (forward, base point) =="
+timeout 45 python -m benchmarks.bench_routed_ffn --tiles > "$OUT/tiles.log" 2>&1
+grep -E "tile sweep|TFLOP/s|failed" "$OUT/tiles.log" > "$OUT/tiles.txt" || true
 
 echo
 echo "== summary ($(( $(date +%s) - T0 )) s; tests rc=$TEST_RC, bench rc=$BENCH_RC; logs in $OUT) =="
@@ -62,6 +67,7 @@ cat "$OUT/tests.log"
 if [ -f "$OUT/routed_ffn.csv" ]; then
   python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT/routed_ffn.csv'))"
   echo "targets: fwd >= 85% of dense, fwd+bwd >= 75%, >= 3x the loop (xloop)"
+  cat "$OUT/tiles.txt" 2>/dev/null
 else
   echo "(no benchmark rows)"
 fi

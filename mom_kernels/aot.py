@@ -109,7 +109,7 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
     rf = importlib.import_module("mom_kernels.routed_ffn")
     rl = importlib.import_module("mom_kernels.routed_linear")
     from .grouped_gemm import interpreting
-    from .routing import make_plan
+    from .routing import default_block_m, make_plan
 
     if interpreting():
         raise RuntimeError("record_launches needs TRITON_INTERPRET unset (kernels must be JITFunctions)")
@@ -123,13 +123,13 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
         dev = "meta"
         r = lambda *s: torch.empty(*s, device=dev, dtype=dtype)
         ids = torch.empty(T, K, device=dev, dtype=torch.int64)
-        plan = make_plan(ids, E, block_m=128)  # the CUDA default (routing.default_block_m)
+        plan = make_plan(ids, E, block_m=default_block_m(torch.device("cuda")))  # what a GPU would use
         g = r(T, K)
         x, lw, lb = r(T, D), r(E, D), r(E, D)
         w1, b1, w2, b2 = r(E, D, F), r(E, F), r(E, F, D), r(E, D)
         for k_ in (K, 1):  # K > 1 (per-pick slots + combine) and K == 1 (token store)
             ids_k = torch.empty(T, k_, device=dev, dtype=torch.int64)
-            plan_k = make_plan(ids_k, E, block_m=128)
+            plan_k = make_plan(ids_k, E, block_m=default_block_m(torch.device("cuda")))
             gk = r(T, k_)
             role[0] = f"ffn fwd K={k_}"
             y, mean, rstd, pre = rf.ffn_fwd_impl(x, lw, lb, w1, b1, w2, b2, ids_k, gk, 1e-5, plan_k, True)

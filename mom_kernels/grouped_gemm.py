@@ -402,6 +402,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _env_override(name: str) -> dict:
+    """Tile overrides for tuning on a GPU, e.g. MOM_KERNELS_GEMM_CONFIG="BLOCK_N=256,num_stages=4"
+    (16-bit dtypes only; BLOCK_N / BLOCK_K are still clamped to the problem). Empty when unset."""
+    spec = os.environ.get(name, "").strip()
+    if not spec:
+        return {}
+    try:
+        return {k.strip(): int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+    except ValueError:
+        raise ValueError(f"{name} must look like 'BLOCK_N=128,num_warps=8', got {spec!r}") from None
+
+
 def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> dict:
     """Tile sizes of `_grouped_gemm_kernel` (BLOCK_M comes from the plan).
     GPU: 128x128x64 tiles, 8 warps, 3 stages for 16-bit inputs (the usual Hopper/Ampere
@@ -409,7 +421,10 @@ def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> d
     if interpret:
         return dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=min(32, _p2(n_in)), num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
-        return dict(BLOCK_N=min(128, _p2(n_out)), BLOCK_K=64, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        cfg.update(_env_override("MOM_KERNELS_GEMM_CONFIG"))
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _p2(n_out))
+        return cfg
     if dtype == torch.float64:
         return dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=16, num_warps=4, num_stages=2)
     return dict(BLOCK_N=min(64, _p2(n_out)), BLOCK_K=32, num_warps=8, num_stages=3)
@@ -422,8 +437,10 @@ def dw_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> dic
         return dict(BLOCK_R=16, BLOCK_K=min(32, _p2(n_in)), BLOCK_N=min(32, _p2(n_out)),
                     num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
-        return dict(BLOCK_R=64, BLOCK_K=min(128, _p2(n_in)), BLOCK_N=min(128, _p2(n_out)),
-                    num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_R=64, BLOCK_K=128, BLOCK_N=128, num_warps=8, num_stages=3)
+        cfg.update(_env_override("MOM_KERNELS_DW_CONFIG"))
+        cfg["BLOCK_K"], cfg["BLOCK_N"] = min(cfg["BLOCK_K"], _p2(n_in)), min(cfg["BLOCK_N"], _p2(n_out))
+        return cfg
     if dtype == torch.float64:
         return dict(BLOCK_R=16, BLOCK_K=min(32, _p2(n_in)), BLOCK_N=min(32, _p2(n_out)),
                     num_warps=4, num_stages=2)

@@ -23,6 +23,7 @@ searchsorted, cumsum) and made of plain torch ops, so `torch.compile(fullgraph=T
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +32,12 @@ __all__ = ["RoutingPlan", "make_plan", "default_block_m"]
 
 
 def default_block_m(device: torch.device) -> int:
-    """Tile height the grouped GEMMs use: 128 on a GPU (a tensor-core tile; one module per tile),
-    16 under the CPU interpreter (smallest tl.dot tile, keeps the interpreter fast)."""
-    return 128 if torch.device(device).type == "cuda" else 16
+    """Tile height the grouped GEMMs use: 128 on a GPU (a tensor-core tile; one module per tile;
+    MOM_KERNELS_BLOCK_M overrides it for tuning), 16 under the CPU interpreter (smallest tl.dot tile,
+    keeps the interpreter fast)."""
+    if torch.device(device).type == "cuda":
+        return int(os.environ.get("MOM_KERNELS_BLOCK_M", "128"))
+    return 16
 
 
 @dataclass(frozen=True)
