@@ -218,6 +218,24 @@ def chart(rows, modes, path, title):
     plt.close(fig)
 
 
+def append_csv(path, rows):
+    """Append rows to a CSV kept across runs; a new column rewrites the file with the union of columns."""
+    old, fields = [], []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old, fields = list(reader), list(reader.fieldnames or [])
+    new_fields = list(dict.fromkeys(fields + [k for r in rows for k in r]))
+    if new_fields == fields:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerows(rows)
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=new_fields)
+        w.writeheader()
+        w.writerows(old + rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -269,23 +287,13 @@ def main(argv=None):
     rows = measure(args)
     cols = measured_cols(args.modes)
     print("Measured forwards: " + settings + "\n" + text_table(rows, cols))
-    tag = f"{args.device.split(':')[0]}" + ("_full" if args.scale == 1.0 else f"_scale{args.scale:g}")
+    tag = f"{args.device.split(':')[0]}_" + ("full" if args.scale == 1.0 else f"scale{args.scale:g}") + \
+        f"_b{args.batch}x{args.seq_len}"
     with open(os.path.join(args.out, f"efficiency_{tag}.md"), "w") as f:
         f.write(f"# Measured forwards ({tag})\n\n{settings}\n\n{markdown(rows, cols)}\n")
-    csv_path = os.path.join(args.out, f"efficiency_{tag}.csv")
-    fields = list(dict.fromkeys([k for r in rows for k in r])) + ["batch", "seq_len", "scale", "dtype",
-                                                                   "routing", "device"] + list(stamp)
-    new = not os.path.exists(csv_path)
-    if not new:
-        with open(csv_path) as f:
-            new = next(csv.reader(f), None) != fields
-    with open(csv_path, "w" if new else "a", newline="") as f:  # rows are appended run after run
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**r, "batch": args.batch, "seq_len": args.seq_len, "scale": args.scale,
-                        "dtype": args.dtype, "routing": args.routing, "device": args.device, **stamp})
+    append_csv(os.path.join(args.out, f"efficiency_{tag}.csv"),
+               [{**r, "batch": args.batch, "seq_len": args.seq_len, "scale": args.scale, "dtype": args.dtype,
+                 "routing": args.routing, "device": args.device, **stamp} for r in rows])
     chart(rows, args.modes, os.path.join(args.out, f"efficiency_{tag}.png"),
           f"MoM / GPT-2: {args.device} {args.dtype}, batch {args.batch} x {args.seq_len}, scale {args.scale:g}, "
           f"routing {args.routing}\n{stamp['hardware']}, {stamp['date']}, {stamp['commit']}")
