@@ -13,7 +13,8 @@ Removal (the paper's "removing 50% of the attention modules and 25% of the FFN m
 least-picked round(fraction * pool) modules (`least_used`), i.e. a config with smaller n_attn / n_ffn whose
 pools keep the other modules' weights and whose routers keep the logits rows of the kept modules and of SKIP
 (`remove_modules`): the router's softmax then runs over the slots that are left. Validation loss before and
-after, and optionally after a short re-training of the smaller model (mom.train, same data).
+after, and optionally after a short re-training of the smaller model, against the full model re-trained
+alike (mom.train, same data).
 """
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ def removal_experiment(ckpt: str, data_dir: str, out: str, frac_attn: float, fra
                        n_windows: Optional[int] = None, retrain_steps: int = 0, retrain_lr: float = 3e-4,
                        freqs: Optional[dict] = None) -> dict:
     """Val loss of the model, of the model without its least-used modules, and (retrain_steps > 0) of the
-    smaller model re-trained briefly on the training split (warmup 10% of the steps, cosine)."""
+    smaller model and of the full model (the control) re-trained briefly on the training split with the same
+batches and schedule (warmup 10% of the steps, cosine to 0.1 x retrain_lr)."""
     from .convert import save_pretrained
 
     model = _model(ckpt)
@@ -179,15 +181,18 @@ def removal_experiment(ckpt: str, data_dir: str, out: str, frac_attn: float, fra
            "val_loss_before": evaluate(model, val, n_windows), "val_loss_after": evaluate(small, val, n_windows)}
     pruned = os.path.join(out, "pruned")
     save_pretrained(small, pruned)
-    if retrain_steps > 0:
+    if retrain_steps > 0:  # the smaller model and, as the control, the full one: same steps, data and schedule
         from .train import TrainConfig, train
-        tc = TrainConfig(model=os.path.join(pruned, "config.json"), init_from=pruned, data=data_dir,
-                         out_dir=os.path.join(out, "retrain"), max_steps=retrain_steps, lr=retrain_lr,
-                         warmup_steps=max(1, retrain_steps // 10), eval_interval=retrain_steps,
-                         eval_windows=n_windows, ckpt_interval=0, log_interval=10, batch_size=16, seed=3,
-                         threads=torch.get_num_threads(), progress=False)
+        full = os.path.join(out, "full")
+        save_pretrained(model, full)
+        for name, src in (("retrain", pruned), ("retrain_full", full)):
+            tc = TrainConfig(model=os.path.join(src, "config.json"), init_from=src, data=data_dir,
+                             out_dir=os.path.join(out, name), max_steps=retrain_steps, lr=retrain_lr,
+                             warmup_steps=max(1, retrain_steps // 10), eval_interval=retrain_steps,
+                             eval_windows=n_windows, ckpt_interval=0, log_interval=10, batch_size=16, seed=3,
+                             threads=torch.get_num_threads(), progress=False)
+            res[f"val_loss_{'after' if name == 'retrain' else 'full'}_retrain"] = train(tc)["val_loss"]
         res["retrain_steps"] = retrain_steps
-        res["val_loss_after_retrain"] = train(tc)["val_loss"]
     with open(os.path.join(out, "removal.json"), "w") as f:
         json.dump(res, f, indent=2)
     return res

@@ -99,7 +99,7 @@ def test_cli_routing_removal_and_retrain(sample_data, tmp_path):
         torch.set_num_threads(n)
     res = json.load(open(tmp_path / "a" / "removal.json"))
     assert res["n_attn"] == [3, 2] and res["n_ffn"] == [4, 3] and res["params"][1] < res["params"][0]
-    for k in ("val_loss_before", "val_loss_after", "val_loss_after_retrain"):
+    for k in ("val_loss_before", "val_loss_after", "val_loss_after_retrain", "val_loss_full_retrain"):
         assert np.isfinite(res[k])
     f = json.load(open(tmp_path / "a" / "routing.json"))
     assert len(f["attn"]) == 2 and os.path.exists(tmp_path / "a" / "routing_chunk1.png")
