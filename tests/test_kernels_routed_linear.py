@@ -168,3 +168,30 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         mom_kernels.routed_linear(x, w, b, ids)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU: x has more than 2^31 elements")
+def test_int64_addressing_past_2_31_elements():
+    """Row * stride past 2^31 elements (the overflow two MoE libraries hit past ~65K tokens): the last
+    rows of a [2^21 + 64, 1024] x go to module 1; forward, dx and dW on those rows are checked."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 30e9:
+        pytest.skip("needs ~30 GB of free GPU memory")
+    T, D, N, E, tail = 2 ** 21 + 64, 1024, 16, 2, 64
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+    w = (torch.randn(E, D, N, device=DEVICE, generator=gen) * D ** -0.5).to(torch.bfloat16).requires_grad_(True)
+    b = torch.randn(E, N, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    ids = torch.zeros(T, 1, device=DEVICE, dtype=torch.long)
+    ids[-tail:] = 1
+    g = torch.rand(T, 1, device=DEVICE, generator=gen).to(torch.bfloat16)
+    y = mom_kernels.routed_linear(x, w, b, ids, g)
+    dy = torch.randn(T, N, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    y.backward(dy)
+    xt, gt, dyt = x.detach()[-tail:].float(), g[-tail:].float(), dy[-tail:].float()
+    want_y = gt * (xt @ w.detach()[1].float() + b[1].float())
+    assert_close_verbose("y tail", y.detach()[-tail:].float(), want_y, 3e-2, 3e-2)
+    want_dx = (gt * dyt) @ w.detach()[1].float().t()
+    assert_close_verbose("dx tail", x.grad[-tail:].float(), want_dx, 3e-2, 3e-2)
+    want_dw1 = xt.t() @ (gt * dyt)
+    assert_close_verbose("dW[1]", w.grad[1].float(), want_dw1, 5e-2, 3e-2)
