@@ -118,6 +118,17 @@ def main(argv=None):
     res_f = time_interleaved({k: fwd(f) for k, f in cands.items()}, a.repeats, dev)
     res_b = time_interleaved({k: fwd_bwd(f, params) for k, f in cands.items()}, a.repeats, dev)
 
+    peak = {}  # CUDA: bytes the forward+backward allocates beyond what is already there (activations, grads)
+    if dev.type == "cuda":
+        for name, f in cands.items():
+            run = fwd_bwd(f, params)
+            torch.cuda.synchronize()
+            base_mem = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            torch.cuda.synchronize()
+            peak[name] = torch.cuda.max_memory_allocated() - base_mem
+
     st = stamp()
     rows, lines = [], []
     for mode, res in (("forward", res_f), ("forward+backward", res_b)):
@@ -126,14 +137,15 @@ def main(argv=None):
             rows.append({**st, "bench": "routed_step", "mode": mode, "impl": name, "D": D, "E": E, "K": K, "T": T,
                          "router": a.router, "dtype": a.dtype, "median_s": f"{r['median']:.5f}",
                          "p20_s": f"{r['p20']:.5f}", "p80_s": f"{r['p80']:.5f}",
-                         "ratio_to_dense": f"{r['median'] / base:.3f}"})
+                         "ratio_to_dense": f"{r['median'] / base:.3f}",
+                         "peak_mb": f"{peak[name] / 2**20:.0f}" if name in peak and mode != "forward" else ""})
             lines.append(f"| {mode} | {name} | {r['median'] * 1e3:.1f} | {r['p20'] * 1e3:.1f}-{r['p80'] * 1e3:.1f} "
-                         f"| {r['median'] / base:.2f}x |")
+                         f"| {r['median'] / base:.2f}x | {rows[-1]['peak_mb'] or '-'} |")
     append_csv(a.csv, rows)
     print(f"routed step, D {D}, E {E}, K {K}, T {T}, router {a.router}, {a.dtype}, {st['hardware']}, "
           f"commit {st['commit']}, {st['date']}")
     print(f"FFN rows per module (routing load): {loads.tolist()}")
-    print("| mode | impl | median ms | p20-p80 ms | vs dense |\n|---|---|---|---|---|")
+    print("| mode | impl | median ms | p20-p80 ms | vs dense | peak MiB |\n|---|---|---|---|---|---|")
     print("\n".join(lines))
     return rows
 

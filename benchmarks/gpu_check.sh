@@ -61,6 +61,13 @@ echo "== GEMM tile configurations (forward, base point) =="
 timeout 45 python -m benchmarks.bench_routed_ffn --tiles > "$OUT/tiles.log" 2>&1
 grep -E "tile sweep|TFLOP/s|failed" "$OUT/tiles.log" > "$OUT/tiles.txt" || true
 
+echo "== routed step and whole model (issue 4: bf16, GPT-2-large width) =="
+timeout 60 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
+  --tokens 8192 --csv "$OUT/bench_step.csv" > "$OUT/step.log" 2>&1 || echo "bench_step failed or timed out"
+timeout 100 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
+  --pairs mom-large-efficient:gpt2-large --csv "$OUT/bench_model.csv" > "$OUT/model.log" 2>&1 \
+  || echo "bench_model failed or timed out"
+
 echo
 echo "== summary ($(( $(date +%s) - T0 )) s; tests rc=$TEST_RC, bench rc=$BENCH_RC; logs in $OUT) =="
 cat "$OUT/tests.log"
@@ -71,4 +78,6 @@ if [ -f "$OUT/routed_ffn.csv" ]; then
 else
   echo "(no benchmark rows)"
 fi
+grep -E "^\|" "$OUT/step.log" 2>/dev/null && echo "targets: triton step fwd+bwd >= 5x reference; peak memory <= dense"
+grep -E "^\|" "$OUT/model.log" 2>/dev/null && echo "targets: per FLOP vs GPT-2 >= 0.85"
 [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
