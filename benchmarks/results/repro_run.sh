@@ -22,7 +22,8 @@ date -u
 # 3. curves + table
 python -m mom.analysis --curves runs/repro/phase1_vanilla runs/repro/phase2_vanilla_continued runs/repro/phase2_mom \
   --out $R/repro_loss_curves.png --table $R/repro_table.md
-# 4. routing heatmaps and removal: drop the least-used 50% of attention and 25% of FFN modules, then re-train 100 steps
+# 4. routing heatmaps and removal: drop the least-used 50% of attention and 25% of FFN modules, then re-train
+#    100 steps (and the full model alike, the control)
 python -m mom.analysis --ckpt runs/repro/phase2_mom/ckpt --data data/shakespeare-bpe1024 --out runs/repro/analysis \
   --windows 320 --remove_attn 0.5 --remove_ffn 0.25 --retrain_steps 100 --retrain_lr 3e-4 --threads 1
 cp runs/repro/analysis/removal.json $R/repro_removal.json
