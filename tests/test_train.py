@@ -68,6 +68,12 @@ def test_phase1_lowers_the_loss(phase1):
     assert os.path.exists(os.path.join(phase1, "ckpt", "model.safetensors"))
 
 
+def test_tiny_mom_from_scratch_lowers_the_loss(sample_data, tmp_path):
+    train(tiny(sample_data, tmp_path / "scratch", max_steps=30, eval_interval=30))
+    loss = [v for _, v in rows(tmp_path / "scratch", "lm_loss")]
+    assert loss[0] > math.log(512) - 0.5 and sum(loss[-5:]) / 5 < loss[0] - 0.8, loss
+
+
 def test_phase2_mom_from_phase1_lowers_the_loss(phase1, sample_data, tmp_path):
     out = tmp_path / "mom"
     res = train(tiny(sample_data, out, init_from=phase1, max_steps=20))
