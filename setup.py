@@ -9,11 +9,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mom", "mom.*", "mom_kernels", "mom_kernels.*"]),
-    # torch: on a CPU-only machine install torch==2.13.0 first (README) so that pip does not pull a CUDA build.
-    install_requires=["torch>=2.4", "triton>=3.0", "einops", "numpy", "safetensors", "tqdm"],
+    # torch: the README's commands pin torch==2.13.0, a CPU build on these machines, so pip pulls no CUDA build.
+    install_requires=["torch>=2.4", "triton>=3.0", "einops", "numpy", "safetensors", "tqdm", "regex",
+                      "matplotlib"],
+    package_data={"mom": ["assets/*.txt"]},
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
         "flash": ["flash-attn"],
-        "plot": ["matplotlib"],
     },
 )

@@ -94,7 +94,7 @@ class Plan:
     pick: torch.Tensor      # [R] flat pick index t * K + k, sorted by module (stable: by t, then k)
     token: torch.Tensor     # [R] token of each sorted pick
     slot: torch.Tensor      # [N*K] sorted row of each flat pick; R (a zero row) for SKIP picks
-    bounds: List[int]       # [E + 1] host ints: module m owns sorted rows bounds[m] : bounds[m + 1]
+    sizes: List[int]        # [E] host ints: rows of each module, consecutive in sorted order
 
 
 def make_plan(ids: torch.Tensor, n_modules: int) -> Plan:
@@ -102,11 +102,11 @@ def make_plan(ids: torch.Tensor, n_modules: int) -> Plan:
     flat = ids.reshape(-1)
     order = torch.sort(flat, stable=True).indices                       # [N*K], SKIP (= E) last
     counts = torch.bincount(flat, minlength=n_modules + 1)[: n_modules]  # [E]
-    bounds = [0] + torch.cumsum(counts, 0).tolist()                     # the one host sync per plan
-    R = bounds[-1]
+    sizes = counts.tolist()                                             # the one host sync per plan
+    R = sum(sizes)
     slot = torch.empty_like(order).index_copy_(0, order, torch.arange(N * K, device=ids.device)).clamp_(max=R)
     pick = order[:R]
-    return Plan(n_tokens=N, top_k=K, pick=pick, token=pick // K, slot=slot, bounds=bounds)
+    return Plan(n_tokens=N, top_k=K, pick=pick, token=pick // K, slot=slot, sizes=sizes)
 
 
 def _combine(outs, plan: Plan, weights):
@@ -121,23 +121,23 @@ def _combine(outs, plan: Plan, weights):
     return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)
 
 
-def _normalized_rows(x, plan: Plan, ln_weight, eps):
-    """Gathered input rows [R, D]: x_hat (LayerNorm statistics once per token) when LN is on, else x."""
+def _module_inputs(x, plan: Plan, ln_weight, eps):
+    """Each module's gathered input rows [R_m, D]: x_hat (LayerNorm statistics once per token) when LN is
+    on, else x. One split, not E slices: a slice's backward writes into a zero tensor of the full [R, D]."""
     if ln_weight is not None:
         x = F.layer_norm(x, (x.shape[1],), None, None, eps)
-    return x[plan.token]
+    return x[plan.token].split(plan.sizes)  # empty modules get [0, D] (and give [0, O] products)
 
 
 def torch_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
                         plan: Optional[Plan] = None):
     E = weight.shape[0]
     plan = plan if plan is not None else make_plan(ids, E)
-    rows = _normalized_rows(x, plan, ln_weight, eps)  # [R, D]
+    rows = _module_inputs(x, plan, ln_weight, eps)  # E x [R_m, D]
     W, b, g, beta = _modules(weight, bias, ln_weight, ln_bias)
     outs = []
     for m in range(E):
-        lo, hi = plan.bounds[m], plan.bounds[m + 1]  # empty modules give [0, O] products
-        u = rows[lo:hi]
+        u = rows[m]
         if g is not None:
             u = torch.addcmul(beta[m], u, g[m])  # each module's gamma, beta
         outs.append(u @ W[m] if b is None else torch.addmm(b[m], u, W[m]))
@@ -148,12 +148,11 @@ def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e
                      plan: Optional[Plan] = None):
     E = w1.shape[0]
     plan = plan if plan is not None else make_plan(ids, E)
-    rows = _normalized_rows(x, plan, ln_weight, eps)  # [R, D]
+    rows = _module_inputs(x, plan, ln_weight, eps)  # E x [R_m, D]
     g, beta, W1, B1, W2, B2 = _modules(ln_weight, ln_bias, w1, b1, w2, b2)
     outs = []
     for m in range(E):
-        lo, hi = plan.bounds[m], plan.bounds[m + 1]  # empty modules give [0, O] products
-        u = torch.addcmul(beta[m], rows[lo:hi], g[m])
+        u = torch.addcmul(beta[m], rows[m], g[m])
         outs.append(torch.addmm(B2[m], gelu(torch.addmm(B1[m], u, W1[m])), W2[m]))
     return _combine(outs, plan, weights)
 
