@@ -41,7 +41,7 @@ import torch
 
 from .config import MoMConfig
 
-PARTS = ("projections", "attention", "ffn", "routers", "lm_head")
+PARTS = ("projections", "attention", "ffn", "routers", "lm_head", "combine")
 
 
 class FlopCount(int):
@@ -52,14 +52,17 @@ class FlopCount(int):
     ffn                FFN up + down projections (fixed blocks and routed picks)
     routers            GRU / MLP routers and their slot heads
     lm_head            the tied output projection
+    combine            the weighted sum of each token's K pick outputs, when done as a [1, K] x [K, O]
+                       product (the "torch" backend: 2 K O per token per weighted combine; "reference"
+                       multiplies elementwise, which no FLOP counter counts: 0); < 0.1% of a forward
     attention_causal   the attention core counting only the keys a causal mask lets each query see
     attention_all_skip the part of `attention` spent on query rows whose attention picks were all SKIP
     """
 
     def __new__(cls, projections: int, attention: int, ffn: int, routers: int, lm_head: int,
-                attention_causal: int, attention_all_skip: int = 0):
+                attention_causal: int, attention_all_skip: int = 0, combine: int = 0):
         parts = dict(projections=int(projections), attention=int(attention), ffn=int(ffn),
-                     routers=int(routers), lm_head=int(lm_head))
+                     routers=int(routers), lm_head=int(lm_head), combine=int(combine))
         self = super().__new__(cls, sum(parts.values()))
         for k, v in parts.items():
             setattr(self, k, v)
@@ -88,7 +91,7 @@ class FlopCount(int):
 
     def __reduce__(self):
         return (FlopCount, (self.projections, self.attention, self.ffn, self.routers, self.lm_head,
-                            self.attention_causal, self.attention_all_skip))
+                            self.attention_causal, self.attention_all_skip, self.combine))
 
 
 # --- per-token pieces (2 FLOPs per multiply-add) ----------------------------------------------------------------
@@ -104,6 +107,12 @@ def _router(cfg: MoMConfig, slots: int) -> int:
     D, r = cfg.n_embd, cfg.router_dim
     body = 2 * (3 * r * D + 3 * r * r) if cfg.router == "gru" else 2 * r * D
     return body + 2 * r * slots
+
+
+def _combine(cfg: MoMConfig, k_attn: int, k_ffn: int) -> int:
+    """Per token and step: the weighted [1, K] x [K, O] combines of the attention output (O = D), the FFN
+    (O = D) and, with weighted_qkv, the QKV projection (O = 3 D); K counts SKIP picks too (zero rows)."""
+    return 2 * cfg.n_embd * (k_attn * (1 + 3 * int(cfg.weighted_qkv)) + k_ffn)
 
 
 def _core_full(B: int, T: int, S: int, D: int) -> int:
@@ -124,13 +133,20 @@ def _fixed(cfg: MoMConfig, B: int, T: int, P: int):
             n * _core_causal(B, T, P, D))
 
 
-def count(model, input_ids: torch.Tensor, past_key_values=None, output=None) -> FlopCount:
+def count(model, input_ids: torch.Tensor, past_key_values=None, output=None,
+          combine: Optional[bool] = None) -> FlopCount:
     """FLOPs of `model(input_ids, past_key_values=...)` with the picks its routers made (SKIP is free).
 
     Runs that forward under no_grad unless `output` (its MoMOutput) is given. The count is what
-    FlopCounterMode counts for the same forward on the "torch" backend (module docstring: conventions).
+    FlopCounterMode counts for the same forward on the "torch" and "reference" backends (module docstring:
+    conventions). combine: count the weighted combine as a product (None: as the model's backend does it,
+    i.e. all but "reference").
     """
+    from .routed import get_ops
+
     cfg = model.config
+    if combine is None:
+        combine = get_ops(cfg.backend, input_ids.device).name != "reference"
     B, T = input_ids.shape
     P = 0 if past_key_values is None else int(past_key_values[0][0].shape[2])
     if output is None:
@@ -138,7 +154,7 @@ def count(model, input_ids: torch.Tensor, past_key_values=None, output=None) -> 
             output = model(input_ids, past_key_values=past_key_values, use_cache=past_key_values is not None)
     D, N, S = cfg.n_embd, B * T, P + T
     proj, core, ffn, core_causal = _fixed(cfg, B, T, P)
-    routers = all_skip = 0
+    routers = all_skip = comb = 0
     core_row = 4 * S * D  # full-square core of one query row (all heads)
     for chunk in output.routing or []:
         for step in chunk:
@@ -150,11 +166,12 @@ def count(model, input_ids: torch.Tensor, past_key_values=None, output=None) -> 
             core_causal += _core_causal(B, T, P, D)
             all_skip += int((~a_live.any(dim=-1)).sum()) * core_row
             routers += N * (_router(cfg, cfg.attn_slots) + _router(cfg, cfg.ffn_slots))
-    return FlopCount(proj, core, ffn, routers, N * 2 * D * cfg.vocab_size, core_causal, all_skip)
+            comb += N * _combine(cfg, step.attn_ids.shape[-1], step.ffn_ids.shape[-1]) if combine else 0
+    return FlopCount(proj, core, ffn, routers, N * 2 * D * cfg.vocab_size, core_causal, all_skip, comb)
 
 
 def expected(config: MoMConfig, batch: int, seq_len: int, skip_rate: float = 0.0,
-             past_length: int = 0) -> FlopCount:
+             past_length: int = 0, combine: bool = True) -> FlopCount:
     """Expected FLOPs of a forward of `batch` x `seq_len` new tokens after `past_length` cached ones,
     without building the model.
 
@@ -162,7 +179,8 @@ def expected(config: MoMConfig, batch: int, seq_len: int, skip_rate: float = 0.0
     module; the same rate for both routers). Each token's routed step then runs K * (1 - skip_rate)
     attention and FFN modules on average. With dense_routing every module runs (top_k and skip_rate unused).
     `attention_all_skip` is estimated only for K = 1 (where a SKIP pick is an all-SKIP token); with K > 1 and
-    one SKIP slot a token cannot pick SKIP twice, so it is 0.
+    one SKIP slot a token cannot pick SKIP twice, so it is 0. combine: include the "torch" backend's
+    weighted-combine products (FlopCount.combine; False for the "reference" backend and the paper's model).
     """
     cfg = config
     if not 0.0 <= skip_rate <= 1.0:
@@ -187,7 +205,9 @@ def expected(config: MoMConfig, batch: int, seq_len: int, skip_rate: float = 0.0
     core_causal += steps * _core_causal(B, T, P, D)
     routers = steps * N * (_router(cfg, cfg.attn_slots) + _router(cfg, cfg.ffn_slots))
     all_skip = round(steps * N * all_skip_share * 4 * S * D)
-    return FlopCount(proj, core, ffn, routers, N * 2 * D * cfg.vocab_size, core_causal, all_skip)
+    ka, kf = (cfg.attn_slots, cfg.ffn_slots) if cfg.dense_routing else (cfg.top_k, cfg.top_k)  # dense: all slots
+    comb = steps * N * _combine(cfg, ka, kf) if combine else 0
+    return FlopCount(proj, core, ffn, routers, N * 2 * D * cfg.vocab_size, core_causal, all_skip, comb)
 
 
 def flop_counter(**kwargs):

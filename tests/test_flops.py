@@ -62,17 +62,20 @@ def test_count_matches_flop_counter(name):
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("name", ["vanilla-small", "routed-gru-k2-skip", "mlp-k1-skip"])
+@pytest.mark.parametrize("name", ["routed-gru-k2-skip", "mlp-k1-skip"])
 def test_count_matches_default_flop_counter_math_sdpa(name, backend):
     """torch's FlopCounterMode as shipped (math SDPA path, so its bmm calls are counted); both backends."""
     cfg = CONFIGS[name]().replace(backend=backend)
     model = make_model(cfg, dtype=torch.float32, seed=1)
     ids = torch.randint(0, cfg.vocab_size, (2, 13))
     want, out = _flop_counter_total(model, ids, math_sdpa=True)
-    assert flops.count(model, ids, output=out) == pytest.approx(want, rel=RTOL)
+    got = flops.count(model, ids, output=out)
+    assert got == pytest.approx(want, rel=RTOL)
+    # "torch" combines the K picks with a [1, K] x [K, D] product (counted), "reference" elementwise (not)
+    assert (got.combine > 0) == (backend == "torch")
 
 
-@pytest.mark.parametrize("name", ["vanilla-tiny-gpt2", "routed-gru-k2-skip", "mlp-k1-skip"])
+@pytest.mark.parametrize("name", ["vanilla-tiny-gpt2", "mlp-k1-skip"])
 def test_count_with_kv_cache(name):
     """Decoding: T new tokens attend over P cached + T keys."""
     cfg = CONFIGS[name]().replace(backend="torch")
