@@ -6,7 +6,7 @@
 For GPT-2 small / medium / large and the MoM presets (plus one labelled extra row: mom-large-efficient
 with the paper's module removal, -50% attention and -25% FFN modules) it prints, writes as CSV + Markdown
 and draws as a PNG: parameters, graph depth, K, forward FLOPs (analytic from the config and counted from
-the routers' picks, mom.flops), the median forward time and the peak memory of a training forward, an
+the routers' picks, mom.flops), the best-of-N forward time and the peak memory of a training forward, an
 inference prefill (KV cache on) and a one-token decode step (mom.memory), each as a ratio to the GPT-2 of
 the same width. It always writes the analytic full-size table too (batch 1 x 1024 tokens, no SKIP).
 
@@ -16,7 +16,7 @@ T D, T V, T^2 H), except the few GRU-router terms in r D and the attention core 
 GPT-2 at scale 1/4, batch B, length T/4 track those at full size, batch B, length T.
 
 Each (model, forward) is measured in a fresh interpreter (mom.memory.measure_isolated): a warm-up forward,
-the measured forward, then --repeats timed forwards (median reported).
+the measured forward, then --repeats timed forwards (the best reported: the machine may be shared).
 """
 from __future__ import annotations
 
@@ -281,7 +281,7 @@ def main(argv=None):
     # 2. measured
     settings = (f"device {args.device} ({stamp['hardware']}), dtype {args.dtype}, batch {args.batch}, "
                 f"seq_len {args.seq_len}, scale {args.scale} (n_embd, vocab, router_dim x scale), routing "
-                f"{args.routing}, median of {args.repeats} timed forwards; memory = peak of all tensors of the "
+                f"{args.routing}, time = best of {args.repeats} timed forwards; memory = peak of all tensors of the "
                 f"forward incl. weights ({'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of a fresh process, VmHWM'}); "
                 f"decode = 1 token after {args.seq_len - 1} cached; {stamp['date']}, commit {stamp['commit']}")
     rows = measure(args)
