@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -104,6 +105,13 @@ class MoMConfig:
         if self.chunks > 0:
             for name in ("n_attn", "n_ffn", "depth", "top_k", "router_dim"):
                 need(getattr(self, name) >= 1, name, "must be >= 1 when chunks > 0")
+            need(not (self.shared_slots and not self.skip and self.n_attn != self.n_ffn), "shared_slots",
+                 f"with skip=False needs n_attn == n_ffn (got {self.n_attn} and {self.n_ffn}): the smaller "
+                 f"pool's extra slots would act as SKIP")
+            if self.top_k == 1 and self.renormalize and not (self.straight_through or self.dense_routing):
+                warnings.warn("MoMConfig: top_k=1 with renormalize=True gives every pick the weight 1, so the "
+                              "LM loss gives the routers no gradient (only the balancing loss trains them); "
+                              "set renormalize=False or straight_through=True to train them", stacklevel=3)
             for pool, slots in (("n_attn", self.attn_slots), ("n_ffn", self.ffn_slots)):
                 need(self.top_k <= slots, "top_k",
                      f"must be <= the {slots} router slots of the {pool} pool ({pool}={getattr(self, pool)}, "
@@ -201,9 +209,10 @@ PRESETS: dict[str, dict] = {
     "mom-medium": dict(**_GPT2_MEDIUM, n_bottom=1, chunks=2, n_attn=10, n_ffn=10, depth=8, top_k=2,
                        anchor=True, n_top=1),
     # Same parameters as GPT-2-large, deeper graph: 2 + 4 x (7 modules + anchor) + 2 = 36 layers;
-    # depth 2 + 4 x (11 + 1) + 2 = 52 >= 50 (paper: over 38% deeper than 36), K 1.
+    # depth 2 + 4 x (11 + 1) + 2 = 52 >= 50 (paper: over 38% deeper than 36), K 1. With K = 1 the weight
+    # is the pick's probability (renormalize=False), or the LM loss would give the routers no gradient.
     "mom-large-deep": dict(**_GPT2_LARGE, n_bottom=2, chunks=4, n_attn=7, n_ffn=7, depth=11, top_k=1,
-                           anchor=True, n_top=2),
+                           anchor=True, n_top=2, renormalize=False),
     # Fewer steps, more modules per step: 1 + 2 x (16 modules + anchor) + 1 = 36 layers;
     # depth 1 + 2 x (5 + 1) + 1 = 14 <= 14 (paper: over 60% less depth), K 2.
     "mom-large-efficient": dict(**_GPT2_LARGE, n_bottom=1, chunks=2, n_attn=16, n_ffn=16, depth=5, top_k=2,

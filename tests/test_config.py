@@ -46,7 +46,19 @@ BAD = [
     (dict(anchor="yes"), "anchor", "bool"),
     (dict(depth=2.0), "depth", "int"),
     (dict(n_bottom=0, chunks=0, n_top=0), "n_bottom", "at least one block"),
+    (dict(shared_slots=True, skip=False, n_attn=2, n_ffn=3, top_k=1), "shared_slots", "n_attn == n_ffn"),
 ]
+
+
+def test_top1_renormalized_routing_warns():
+    with pytest.warns(UserWarning, match="no gradient"):
+        small_config(top_k=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small_config(top_k=1, renormalize=False)
+        MoMConfig.from_name("mom-large-deep")
 
 
 @pytest.mark.parametrize("change,field,rule", BAD, ids=[f"{b[1]}-{i}" for i, b in enumerate(BAD)])
