@@ -288,7 +288,7 @@ def main(argv=None):
     cols = measured_cols(args.modes)
     print("Measured forwards: " + settings + "\n" + text_table(rows, cols))
     tag = f"{args.device.split(':')[0]}_" + ("full" if args.scale == 1.0 else f"scale{args.scale:g}") + \
-        f"_b{args.batch}x{args.seq_len}"
+        f"_b{args.batch}x{args.seq_len}" + ("" if args.routing == "no-skip" else f"_{args.routing}")
     with open(os.path.join(args.out, f"efficiency_{tag}.md"), "w") as f:
         f.write(f"# Measured forwards ({tag})\n\n{settings}\n\n{markdown(rows, cols)}\n")
     append_csv(os.path.join(args.out, f"efficiency_{tag}.csv"),
