@@ -113,7 +113,7 @@ def analytic_rows(batch: int = 1, seq_len: int = 1024):
 
 def fmt(v, nd=3):
     if isinstance(v, float):
-        return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return f"{v:.{nd}g}" if abs(v) < 10 ** nd else f"{v:.0f}"
     return str(v)
 
 
