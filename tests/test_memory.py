@@ -11,6 +11,8 @@ from mom.memory import PeakRSS, Spec, cpu_peak_supported, measure_isolated
 pytestmark = pytest.mark.skipif(not cpu_peak_supported(), reason="needs /proc/self/clear_refs (Linux)")
 
 # Large enough that every activation is a >= 64 KiB block (mmapped, so it shows in RSS): N = 4 x 128 tokens.
+# RSS is exact to about 1 MiB: the kernel folds each thread's RSS count into the process's every 64 page faults.
+SLACK = 2 ** 20
 CFG = MoMConfig.from_name("tiny", n_embd=64, vocab_size=2048, n_positions=128, router_dim=16)
 
 
@@ -32,17 +34,17 @@ def test_prefill_peak_bounds():
     assert m["cache_bytes"] == CFG.n_cache_layers * 2 * B * T * D * 4
     assert m["weights_bytes"] == r["parameters"] * 4
     alive_at_end = m["weights_bytes"] + B * T * V * 4 + m["cache_bytes"]
-    assert 0.97 * alive_at_end <= m["peak_bytes"] <= 2.0 * alive_at_end, (m, alive_at_end)
+    assert alive_at_end - SLACK <= m["peak_bytes"] <= 2.0 * alive_at_end, (m, alive_at_end)
 
 
 def test_decode_and_train_baselines():
     """Decode: the cache passed in is part of the baseline; train: activations kept >> the prefill's."""
-    B, T = 4, 128
+    B, T = 8, 128
     dec = measure_isolated(Spec(CFG.to_dict(), B, T, "decode", repeats=0))["memory"]
     cache_in = CFG.n_cache_layers * 2 * B * (T - 1) * CFG.n_embd * 4
     assert dec["baseline_bytes"] >= dec["weights_bytes"] + cache_in
     assert dec["cache_bytes"] == cache_in * T // (T - 1)
-    assert dec["peak_bytes"] - dec["baseline_bytes"] >= 0.9 * dec["cache_bytes"]  # the new caches (torch.cat)
+    assert dec["peak_bytes"] - dec["baseline_bytes"] >= dec["cache_bytes"] - SLACK  # the new caches (torch.cat)
     train = measure_isolated(Spec(CFG.to_dict(), B, T, "train", repeats=0))["memory"]
     assert train["cache_bytes"] == 0
     assert train["peak_bytes"] - train["weights_bytes"] > 3 * B * T * CFG.vocab_size * 4  # logits, log-softmax, ...
