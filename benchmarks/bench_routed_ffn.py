@@ -22,38 +22,17 @@ import csv
 import datetime
 import itertools
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F_
 
+from .common import commit, hardware
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSV_PATH = os.path.join(HERE, "results", "routed_ffn.csv")
-
-
-# --------------------------------------------------------------------------------------------- stamps
-def device_name(device) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -307,7 +286,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False
     impls = implementations(a.device, include_loop=not a.no_loop)
     stamp = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 commit=git_commit(), device=device_name(a.device), torch=torch.__version__)
+                 commit=commit(), device=hardware(), torch=torch.__version__)
     try:
         import triton
 

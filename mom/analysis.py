@@ -27,7 +27,6 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .config import MoMConfig
 from .data import TokenData
 
 

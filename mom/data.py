@@ -48,7 +48,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .tokenizer import EOT, ByteBPE, load_gpt2, load_local, train_bpe
+from .tokenizer import ByteBPE, load_gpt2, load_local, train_bpe
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SAMPLE_TEXT = os.path.join(ASSETS, "sample.txt")

@@ -27,7 +27,7 @@ import torch.nn as nn
 from .blocks import AttentionPool, Block, FFNPool, KVCache, causal_attention, init_weights, merge_heads, split_heads
 from .config import MoMConfig
 from .routed import Ops, get_ops
-from .routers import Routing, balance_loss, balance_terms, make_router, route
+from .routers import balance_loss, balance_terms, make_router, route
 
 
 @dataclass

@@ -19,7 +19,6 @@ Unicode numerals differently from GPT-2.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from typing import Dict, Iterable, List, Optional, Tuple
 

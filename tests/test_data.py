@@ -1,7 +1,6 @@
 """mom.tokenizer and mom.data: BPE round trips, determinism, prepare (shipped sample, no network), checksums."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
