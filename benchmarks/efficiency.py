@@ -1,7 +1,7 @@
 """The paper's efficiency claim, measured: forward TFLOPs, time and memory of MoM presets against GPT-2.
 
-    python -m benchmarks.efficiency                      # CPU, every width / vocab / length x 1/4 (minutes)
-    python -m benchmarks.efficiency --device cuda --full # GPU, full sizes (batch 8 x 1024 tokens, bf16)
+    python -m benchmarks.efficiency                      # CPU, width / vocab / length x 1/4, batch 4 (minutes)
+    python -m benchmarks.efficiency --device cuda --full # GPU, full sizes (batch 16 x 1024 tokens, bf16)
 
 For GPT-2 small / medium / large and the MoM presets (plus one labelled extra row: mom-large-efficient
 with the paper's module removal, -50% attention and -25% FFN modules) it prints, writes as CSV + Markdown
@@ -241,7 +241,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--full", action="store_true", help="full sizes (scale 1, 1024 tokens)")
     ap.add_argument("--scale", type=float, default=None, help="width/vocab/length factor (default 0.25; 1 with --full)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="default 4 on cpu, 16 on cuda")
     ap.add_argument("--seq-len", type=int, default=None, help="default 1024 x scale")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)")
     ap.add_argument("--routing", default="no-skip", choices=ROUTINGS,
@@ -258,6 +258,7 @@ def main(argv=None):
     args.scale = args.scale if args.scale is not None else (1.0 if args.full else 0.25)
     args.seq_len = args.seq_len or max(8, round(1024 * args.scale))
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.batch = args.batch or (16 if cuda else 4)
     args.repeats = args.repeats if args.repeats is not None else (10 if cuda else 2)
     os.makedirs(args.out, exist_ok=True)
     stamp = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=git_commit(),
