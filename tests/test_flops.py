@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mom import MoMConfig, MoMForCausalLM
 from mom import flops
-from tests.helpers import make_model, small_config
+from helpers import make_model, small_config
 
 RTOL = 0.01  # the bound; on these configs the two counts agree exactly
 
