@@ -15,8 +15,10 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def hardware() -> str:
-    if torch.cuda.is_available():
+def hardware(device=None) -> str:
+    """The GPU's name for a CUDA device (or, with no device given, when CUDA is there), else the CPU's."""
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if cuda:
         return torch.cuda.get_device_name()
     model = platform.processor() or platform.machine()
     try:

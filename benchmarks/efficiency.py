@@ -24,16 +24,15 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
-import subprocess
 import sys
-from dataclasses import asdict
 
 import torch
 
 from mom import flops
 from mom.config import MoMConfig
 from mom.memory import MODES, ROUTINGS, Spec, measure_isolated
+
+from .common import commit, hardware
 
 # (row name, MoMConfig.from_name preset, overrides, note)
 ROWS = [
@@ -67,27 +66,6 @@ def scaled(cfg: MoMConfig, s: float, seq_len: int) -> MoMConfig:
     return cfg.replace(n_embd=head * cfg.n_head, vocab_size=max(16, round(cfg.vocab_size * s)),
                        router_dim=max(4, round(cfg.router_dim * s)), n_positions=max(seq_len, 16),
                        n_inner=None if cfg.n_inner is None else round(cfg.n_inner * s))
-
-
-def hardware(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    cpu = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
-def git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --- tables ------------------------------------------------------------------------------------------------------
@@ -261,8 +239,9 @@ def main(argv=None):
     args.batch = args.batch or (16 if cuda else 4)
     args.repeats = args.repeats if args.repeats is not None else (10 if cuda else 2)
     os.makedirs(args.out, exist_ok=True)
-    stamp = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=git_commit(),
-                 hardware=hardware(args.device))
+    stamp = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit(),
+                 hardware=f"{hardware(args.device)} (torch {torch.__version__}"
+                          f"{', CUDA ' + torch.version.cuda if args.device.startswith('cuda') else ''})")
 
     # 1. the analytic full-size table (always)
     arows = analytic_rows()
