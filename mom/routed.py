@@ -109,52 +109,173 @@ def make_plan(ids: torch.Tensor, n_modules: int) -> Plan:
     return Plan(n_tokens=N, top_k=K, pick=pick, token=pick // K, slot=slot, sizes=sizes)
 
 
-def _combine(outs, plan: Plan, weights):
-    """Per-module outputs (sorted order, R rows in all) -> [N, O]: each token gathers its K rows (a zero row
-    for SKIP) and sums them, weighted by a [1, K] x [K, O] product. A gather and a sum, no scatter: two
-    passes over [N*K, O] where zero-fill + index_copy + sum take three (and 2.6x the time on a CPU)."""
-    N, K = plan.n_tokens, plan.top_k
-    rows = torch.cat(outs + [outs[0].new_zeros(1, outs[0].shape[1])])  # [R + 1, O]
-    per_pick = rows[plan.slot].view(N, K, -1)                           # [N, K, O]
+def _rows_buffer(like, plan: Plan, width):
+    """[R + 1, width] for rows in sorted order; the last row stays 0 and stands for every SKIP pick."""
+    R = sum(plan.sizes)
+    buf = like.new_empty(R + 1, width)
+    buf[R].zero_()
+    return buf
+
+
+def _per_pick(rows, plan: Plan):
+    """Rows in sorted order plus the zero row [R + 1, O] -> [N, K, O] (a gather, no scatter)."""
+    return rows[plan.slot].view(plan.n_tokens, plan.top_k, -1)
+
+
+def _combine(rows, plan: Plan, weights):
+    """Rows in sorted order plus the zero row [R + 1, O] -> [N, O]: each token sums its K rows, weighted by a [1, K] x [K, O]
+    product. Deterministic (a gather and a sum; no atomics, no index_add)."""
+    per_pick = _per_pick(rows, plan)                                    # [N, K, O]
     if weights is None:
-        return per_pick.sum(dim=1) if K > 1 else per_pick[:, 0]
+        return per_pick.sum(dim=1)
     return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)
 
 
-def _module_inputs(x, plan: Plan, ln_weight, eps):
-    """Each module's gathered input rows [R_m, D]: x_hat (LayerNorm statistics once per token) when LN is
-    on, else x. One split, not E slices: a slice's backward writes into a zero tensor of the full [R, D]."""
-    if ln_weight is not None:
-        x = F.layer_norm(x, (x.shape[1],), None, None, eps)
-    return x[plan.token].split(plan.sizes)  # empty modules get [0, D] (and give [0, O] products)
+def _input_norm(x, ln_weight, eps):
+    """x_hat = (x - mean) / std per token and rstd [N, 1] when LN is on (statistics once per token), else x."""
+    if ln_weight is None:
+        return x, None
+    x_hat, _, rstd = torch.native_layer_norm(x, [x.shape[1]], None, None, eps)  # one fused pass
+    return x_hat, rstd
+
+
+def _layer_norm_backward(dxh, xh, rstd):
+    """dx from d x_hat for x_hat = (x - mean) * rstd."""
+    return rstd * (dxh - dxh.mean(dim=1, keepdim=True) - xh * (dxh * xh).mean(dim=1, keepdim=True))
+
+
+def _module_input(xin, plan: Plan, m, lo, hi, gamma, beta):
+    """Module m's input rows [R_m, D]: gathered x (or x_hat, with the module's gamma and beta)."""
+    u = xin[plan.token[lo:hi]]
+    return u if gamma is None else torch.addcmul(beta[m], u, gamma[m])
+
+
+def _input_grads(du_rows, plan: Plan, xin, rstd):
+    """Sum the per-pick input gradients [R + 1, D] over each token's picks (deterministic gather + sum), then
+    through the LayerNorm (shared statistics) when there is one."""
+    d = _per_pick(du_rows, plan).sum(dim=1)                            # [N, D] d(x or x_hat)
+    return d if rstd is None else _layer_norm_backward(d, xin, rstd)
+
+
+def _bounds(plan: Plan):
+    lo = 0
+    for m, n in enumerate(plan.sizes):
+        yield m, lo, lo + n
+        lo += n
+
+
+class _TorchRoutedLinear(torch.autograd.Function):
+    """routed_linear with a hand-written backward: saves x (or x_hat), rstd and, when the routing weights
+    need a gradient, the per-pick outputs; the gathered, LayerNormed rows are recomputed in the backward.
+    Weight gradients are written straight into [E, ...] tensors (no per-module grads stacked afterwards)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weights, ln_weight, ln_bias, eps, plan):
+        xin, rstd = _input_norm(x, ln_weight, eps)                      # [N, D], [N, 1]
+        y_rows = _rows_buffer(x, plan, weight.shape[2])                 # [R + 1, O] sorted by module
+        for m, lo, hi in _bounds(plan):
+            u = _module_input(xin, plan, m, lo, hi, ln_weight, ln_bias)
+            if bias is None:
+                torch.mm(u, weight[m], out=y_rows[lo:hi])
+            else:
+                torch.addmm(bias[m], u, weight[m], out=y_rows[lo:hi])
+        ctx.plan = plan
+        ctx.save_for_backward(xin, rstd, weight, bias, weights, ln_weight, ln_bias,
+                              y_rows if weights is not None and weights.requires_grad else None)
+        return _combine(y_rows, plan, weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):                                            # grad [N, O]
+        xin, rstd, weight, bias, weights, ln_weight, ln_bias, y_rows = ctx.saved_tensors
+        plan = ctx.plan
+        grad = grad.contiguous()
+        go = grad[plan.token]                                           # [R, O]
+        if weights is not None:
+            go = go * weights.reshape(-1)[plan.pick].unsqueeze(1).to(go.dtype)
+        # every module's slice of these is written below (an empty module's products and sums are 0)
+        dweight = torch.empty_like(weight)
+        dbias = torch.empty_like(bias) if bias is not None else None
+        dgamma = torch.empty_like(ln_weight) if ln_weight is not None else None
+        dbeta = torch.empty_like(ln_bias) if ln_bias is not None else None
+        du_rows = _rows_buffer(go, plan, weight.shape[1])               # [R + 1, D]
+        for m, lo, hi in _bounds(plan):
+            u = _module_input(xin, plan, m, lo, hi, ln_weight, ln_bias)
+            torch.mm(u.t(), go[lo:hi], out=dweight[m])
+            if dbias is not None:
+                torch.sum(go[lo:hi], dim=0, out=dbias[m])
+            torch.mm(go[lo:hi], weight[m].t(), out=du_rows[lo:hi])
+            if ln_weight is not None:
+                xh = xin[plan.token[lo:hi]]
+                torch.sum(du_rows[lo:hi] * xh, dim=0, out=dgamma[m])
+                torch.sum(du_rows[lo:hi], dim=0, out=dbeta[m])
+                du_rows[lo:hi] *= ln_weight[m]
+        dx = _input_grads(du_rows, plan, xin, rstd)
+        dweights = None
+        if y_rows is not None:                                          # d w[t, k] = grad[t] . y(t, k)
+            dweights = torch.bmm(_per_pick(y_rows, plan), grad.unsqueeze(2)).squeeze(2).to(weights.dtype)
+        return dx, dweight, dbias, dweights, dgamma, dbeta, None, None
+
+
+class _TorchRoutedFFN(torch.autograd.Function):
+    """routed_ffn with a hand-written backward: saves x_hat, rstd, the pre-activations [R, F] (GELU is
+    recomputed from them) and, when the routing weights need a gradient, the per-pick outputs [R, D]."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan):
+        xh, rstd = _input_norm(x, ln_weight, eps)                       # [N, D], [N, 1]
+        pre = x.new_empty(sum(plan.sizes), w1.shape[2])                 # [R, F]
+        y_rows = _rows_buffer(x, plan, w2.shape[2])                     # [R + 1, D]
+        for m, lo, hi in _bounds(plan):
+            u = _module_input(xh, plan, m, lo, hi, ln_weight, ln_bias)
+            torch.addmm(b1[m], u, w1[m], out=pre[lo:hi])
+            torch.addmm(b2[m], gelu(pre[lo:hi]), w2[m], out=y_rows[lo:hi])
+        ctx.plan = plan
+        ctx.save_for_backward(xh, rstd, ln_weight, ln_bias, w1, w2, weights, pre,
+                              y_rows if weights.requires_grad else None)
+        return _combine(y_rows, plan, weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):                                            # grad [N, D]
+        xh, rstd, ln_weight, ln_bias, w1, w2, weights, pre, y_rows = ctx.saved_tensors
+        plan = ctx.plan
+        grad = grad.contiguous()
+        go = grad[plan.token] * weights.reshape(-1)[plan.pick].unsqueeze(1).to(grad.dtype)  # [R, D]
+        dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)           # every module's slice is written
+        db1 = w1.new_empty(w1.shape[0], w1.shape[2])
+        db2 = w2.new_empty(w2.shape[0], w2.shape[2])
+        dgamma, dbeta = torch.empty_like(ln_weight), torch.empty_like(ln_bias)
+        du_rows = _rows_buffer(go, plan, w1.shape[1])                   # [R + 1, D]
+        for m, lo, hi in _bounds(plan):
+            p = pre[lo:hi]
+            torch.mm(gelu(p).t(), go[lo:hi], out=dw2[m])
+            torch.sum(go[lo:hi], dim=0, out=db2[m])
+            dpre = torch.ops.aten.gelu_backward(go[lo:hi] @ w2[m].t(), p, approximate="tanh")  # [R_m, F]
+            u = _module_input(xh, plan, m, lo, hi, ln_weight, ln_bias)
+            torch.mm(u.t(), dpre, out=dw1[m])
+            torch.sum(dpre, dim=0, out=db1[m])
+            torch.mm(dpre, w1[m].t(), out=du_rows[lo:hi])
+            torch.sum(du_rows[lo:hi] * xh[plan.token[lo:hi]], dim=0, out=dgamma[m])
+            torch.sum(du_rows[lo:hi], dim=0, out=dbeta[m])
+            du_rows[lo:hi] *= ln_weight[m]
+        dx = _input_grads(du_rows, plan, xh, rstd)
+        dweights = None
+        if y_rows is not None:
+            dweights = torch.bmm(_per_pick(y_rows, plan), grad.unsqueeze(2)).squeeze(2).to(weights.dtype)
+        return dx, dgamma, dbeta, dw1, db1, dw2, db2, dweights, None, None
 
 
 def torch_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
                         plan: Optional[Plan] = None):
-    E = weight.shape[0]
-    plan = plan if plan is not None else make_plan(ids, E)
-    rows = _module_inputs(x, plan, ln_weight, eps)  # E x [R_m, D]
-    W, b, g, beta = _modules(weight, bias, ln_weight, ln_bias)
-    outs = []
-    for m in range(E):
-        u = rows[m]
-        if g is not None:
-            u = torch.addcmul(beta[m], u, g[m])  # each module's gamma, beta
-        outs.append(u @ W[m] if b is None else torch.addmm(b[m], u, W[m]))
-    return _combine(outs, plan, weights)
+    plan = plan if plan is not None else make_plan(ids, weight.shape[0])
+    return _TorchRoutedLinear.apply(x, weight, bias, weights, ln_weight, ln_bias, eps, plan)
 
 
 def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
                      plan: Optional[Plan] = None):
-    E = w1.shape[0]
-    plan = plan if plan is not None else make_plan(ids, E)
-    rows = _module_inputs(x, plan, ln_weight, eps)  # E x [R_m, D]
-    g, beta, W1, B1, W2, B2 = _modules(ln_weight, ln_bias, w1, b1, w2, b2)
-    outs = []
-    for m in range(E):
-        u = torch.addcmul(beta[m], rows[m], g[m])
-        outs.append(torch.addmm(B2[m], gelu(torch.addmm(B1[m], u, W1[m])), W2[m]))
-    return _combine(outs, plan, weights)
+    plan = plan if plan is not None else make_plan(ids, w1.shape[0])
+    return _TorchRoutedFFN.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan)
 
 
 # ----------------------------------------------------------------------------------------------------------

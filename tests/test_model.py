@@ -236,3 +236,38 @@ def test_mom_layer_drops_into_another_model():
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("pattern", ["module_1_empty", "all_skip", "one_token"])
+def test_torch_routed_ops_edge_cases_match_reference(pattern, weighted):
+    """The torch ops' hand-written backward on empty modules, all-SKIP picks and T = 1 (fp64, every grad)."""
+    from mom import routed
+
+    E, D, F, K = 3, 7, 11, 2
+    T = 1 if pattern == "one_token" else 9
+    ids = torch.stack([torch.randperm(E + 1)[:K] for _ in range(T)])      # distinct picks per token
+    if pattern == "module_1_empty":
+        ids[ids == 1] = E
+    if pattern == "all_skip":
+        ids[:] = E
+    mk = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x, w, b, g, beta = mk(T, D), mk(E, D, 5), mk(E, 5), mk(E, D), mk(E, D)
+    w1, b1, w2, b2, gw = mk(E, D, F), mk(E, F), mk(E, F, D), mk(E, D), mk(T, K)
+    weights = gw if weighted else None
+    for name, args in [("routed_linear", (x, w, b, ids, weights, g, beta)),
+                       ("routed_ffn", (x, g, beta, w1, b1, w2, b2, ids, gw))]:
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        outs = {}
+        for impl in ("reference", "torch"):
+            y = getattr(routed, f"{impl}_{name}")(*args)
+            if not y.requires_grad:  # the loop touches no module when every pick is SKIP: a constant 0
+                outs[impl] = (y, [None] * len(leaves))
+                continue
+            outs[impl] = (y, torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype)
+                                                  .view_as(y)).sum(), leaves, allow_unused=True))
+        assert_close(f"{name} output", outs["torch"][0], outs["reference"][0], 1e-12, 1e-12)
+        for i, (a, e) in enumerate(zip(outs["torch"][1], outs["reference"][1])):
+            e = torch.zeros_like(leaves[i]) if e is None else e
+            a = torch.zeros_like(leaves[i]) if a is None else a
+            assert_close(f"{name} grad {i}", a, e, 1e-12, 1e-12)
