@@ -146,8 +146,8 @@ def _layer_norm_backward(dxh, xh, rstd):
 
 def _module_input(xin, plan: Plan, m, lo, hi, gamma, beta):
     """Module m's input rows [R_m, D]: gathered x (or x_hat, with the module's gamma and beta)."""
-    u = xin[plan.token[lo:hi]]
-    return u if gamma is None else torch.addcmul(beta[m], u, gamma[m])
+    u = xin[plan.token[lo:hi]]                                         # a fresh copy: safe to overwrite
+    return u if gamma is None else torch.addcmul(beta[m], u, gamma[m], out=u)
 
 
 def _input_grads(du_rows, plan: Plan, xin, rstd):
