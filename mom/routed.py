@@ -13,9 +13,11 @@ Backends (same signatures; `mom_kernels` has the Triton one):
                run module m, index_add back). The test oracle.
   "torch":     vectorised: one stable sort of the N*K picks per routing plan (shared by a step's QKV and
                output projections), LayerNorm statistics once per token, one matmul per module over its
-               contiguous slice of the sorted rows, weighted combine by an index_copy into an [N*K, O]
-               buffer and a sum over K (deterministic, no atomics). It reads the E+1 per-module counts
-               back to the host once per plan (to slice); the Triton backend has no host sync.
+               contiguous rows of the sorted order, and a deterministic combine (each token gathers its K
+               rows and sums them; no atomics). Autograd Functions with a hand-written backward save only
+               x_hat, rstd, the FFN pre-activations (GELU recomputed) and, when the routing weights need a
+               gradient, the per-pick outputs. It reads the E per-module counts back to the host once per
+               plan (to slice); the Triton backend has no host sync.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def reference_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, 
             out = out + b[m]
         if w is not None:
             out = out * w[:, None]
-        y = y.index_add(0, tok, out)
+        y = y.index_add(0, tok, out.to(y.dtype))  # (autocast may compute out in another dtype)
     return y
 
 
@@ -79,7 +81,7 @@ def reference_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, ep
             continue
         u = F.layer_norm(x[tok], (D,), g[m], beta[m], eps)
         out = gelu(u @ W1[m] + B1[m]) @ W2[m] + B2[m]
-        y = y.index_add(0, tok, out * w[:, None])
+        y = y.index_add(0, tok, (out * w[:, None]).to(y.dtype))
     return y
 
 
@@ -123,8 +125,8 @@ def _per_pick(rows, plan: Plan):
 
 
 def _combine(rows, plan: Plan, weights):
-    """Rows in sorted order plus the zero row [R + 1, O] -> [N, O]: each token sums its K rows, weighted by a [1, K] x [K, O]
-    product. Deterministic (a gather and a sum; no atomics, no index_add)."""
+    """Rows in sorted order plus the zero row [R + 1, O] -> [N, O]: each token sums its K rows, weighted by
+    a [1, K] x [K, O] product. Deterministic (a gather and a sum; no atomics, no index_add)."""
     per_pick = _per_pick(rows, plan)                                    # [N, K, O]
     if weights is None:
         return per_pick.sum(dim=1)
@@ -136,7 +138,7 @@ def _input_norm(x, ln_weight, eps):
     if ln_weight is None:
         return x, None
     x_hat, _, rstd = torch.native_layer_norm(x, [x.shape[1]], None, None, eps)  # one fused pass
-    return x_hat, rstd
+    return x_hat, rstd.to(x.dtype)  # (fp32 statistics for 16-bit x)
 
 
 def _layer_norm_backward(dxh, xh, rstd):
@@ -266,15 +268,27 @@ class _TorchRoutedFFN(torch.autograd.Function):
         return dx, dgamma, dbeta, dw1, db1, dw2, db2, dweights, None, None
 
 
+def _autocast(*tensors):
+    """Under torch.autocast, the activations and layer tensors in the autocast dtype (as autocast would cast
+    a matmul's operands; differentiable, so fp32 parameters get fp32 gradients)."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def torch_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
                         plan: Optional[Plan] = None):
     plan = plan if plan is not None else make_plan(ids, weight.shape[0])
+    x, weight, bias, ln_weight, ln_bias = _autocast(x, weight, bias, ln_weight, ln_bias)
     return _TorchRoutedLinear.apply(x, weight, bias, weights, ln_weight, ln_bias, eps, plan)
 
 
 def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
                      plan: Optional[Plan] = None):
     plan = plan if plan is not None else make_plan(ids, w1.shape[0])
+    x, ln_weight, ln_bias, w1, b1, w2, b2 = _autocast(x, ln_weight, ln_bias, w1, b1, w2, b2)
     return _TorchRoutedFFN.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan)
 
 

@@ -271,3 +271,20 @@ def test_torch_routed_ops_edge_cases_match_reference(pattern, weighted):
             e = torch.zeros_like(leaves[i]) if e is None else e
             a = torch.zeros_like(leaves[i]) if a is None else a
             assert_close(f"{name} grad {i}", a, e, 1e-12, 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_autocast_bf16_trains_fp32_parameters(backend):
+    """Under torch.autocast(bf16) the routed ops run in bf16, the fp32 parameters get fp32 gradients, and
+    the loss stays near the fp32 loss."""
+    cfg = MoMConfig.from_name("tiny", backend=backend)
+    model = MoMForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    expected = model(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    assert model.chunks[0].ffn_pool.c_fc_weight.grad.abs().sum() > 0
+    assert abs(float(out.loss) - float(expected)) < 0.05
