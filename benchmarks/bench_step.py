@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from mom import MoMConfig, MoMLayer
 from mom.blocks import causal_attention, merge_heads, split_heads
+from mom.routers import make_router, route
 
 from .common import RESULTS, append_csv, stamp, time_interleaved
 
@@ -114,7 +115,19 @@ def main(argv=None):
         cands["triton"] = step["triton"]
     if not a.no_loop:
         cands["reference"] = step["reference"]
-    params = list(layer.parameters()) + list(dense.parameters())
+    # The routing of a step alone: the paper's GRU routers (attention + FFN) and top-K (issue 4: <= 5% of a
+    # step). Its output is x plus the picks' weights, so forward+backward runs through the routers.
+    gru_cfg = cfg.replace(router="gru")
+    routers = nn.ModuleList([make_router(gru_cfg, gru_cfg.attn_slots), make_router(gru_cfg, gru_cfg.ffn_slots)])
+    routers.to(dev, dtype)
+
+    def routing_only(xx):
+        xf = xx.reshape(T, D)
+        wsum = sum(route(r(xf, None)[0], E, gru_cfg).weights.sum(-1) for r in routers)   # [T]
+        return xx + wsum.view(1, T, 1)
+
+    cands["routers"] = routing_only
+    params = list(layer.parameters()) + list(dense.parameters()) + list(routers.parameters())
     res_f = time_interleaved({k: fwd(f) for k, f in cands.items()}, a.repeats, dev)
     res_b = time_interleaved({k: fwd_bwd(f, params) for k, f in cands.items()}, a.repeats, dev)
 
@@ -147,6 +160,10 @@ def main(argv=None):
     print(f"FFN rows per module (routing load): {loads.tolist()}")
     print("| mode | impl | median ms | p20-p80 ms | vs dense | peak MiB |\n|---|---|---|---|---|---|")
     print("\n".join(lines))
+    for mode, res in (("forward", res_f), ("forward+backward", res_b)):
+        fast = "triton" if "triton" in res else "torch"
+        print(f"GRU routing share of a {fast} step, {mode}: "
+              f"{res['routers']['median'] / res[fast]['median']:.1%}")
     return rows
 
 
