@@ -65,3 +65,27 @@ ROUTED_CASES = [
 
 def case_id(case: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in case.items()) or "default"
+
+
+def run_backend(model, ids, backend):
+    """Forward + backward of the LM loss with one backend: (output, every parameter's gradient; zeros where
+    autograd left None, i.e. a module nobody picked)."""
+    model.set_backend(backend)
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    return out, grads
+
+
+def assert_same_run(got, expected, rtol, atol):
+    """Two run_backend results agree: the same picks, then logits, losses and every gradient."""
+    (out, grads), (ref, ref_grads) = got, expected
+    for c, (rc, gc) in enumerate(zip(ref.routing, out.routing)):
+        for h, (r, g) in enumerate(zip(rc, gc)):
+            assert torch.equal(r.attn_ids, g.attn_ids) and torch.equal(r.ffn_ids, g.ffn_ids), (c, h)
+    assert_close("logits", out.logits, ref.logits, rtol, atol)
+    assert_close("loss", out.loss, ref.loss, rtol, atol)
+    assert_close("aux_loss", out.aux_loss, ref.aux_loss, rtol, atol)
+    for n in ref_grads:
+        assert_close(f"grad {n}", grads[n], ref_grads[n], rtol, atol)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from helpers import ROUTED_CASES as CASES, assert_close, case_id, make_model, randomize_, small_config
+from helpers import (ROUTED_CASES as CASES, assert_close, assert_same_run, case_id, make_model, randomize_,
+                     run_backend, small_config)
 from mom import MoMConfig, MoMForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -104,36 +105,12 @@ def test_deep_and_efficient_presets_meet_the_papers_bounds():
     assert eff.graph_depth <= 14 and eff.top_k > 1 and eff.source_layers == 36
 
 
-def _grads(model):
-    """Every parameter's gradient (zeros where autograd left None: a module nobody picked)."""
-    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
-
-
-def _run(model, ids, backend):
-    model.set_backend(backend)
-    model.zero_grad(set_to_none=True)
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    return out, _grads(model)
-
-
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_torch_backend_matches_reference_fp64(case):
     cfg = small_config(**case)
     model = make_model(cfg, torch.float64)
     ids = torch.randint(0, cfg.vocab_size, (2, 11))
-    ref, ref_g = _run(model, ids, "reference")
-    got, got_g = _run(model, ids, "torch")
-    for c, (rc, gc) in enumerate(zip(ref.routing, got.routing)):
-        for h, (r, g) in enumerate(zip(rc, gc)):
-            assert torch.equal(r.attn_ids, g.attn_ids) and torch.equal(r.ffn_ids, g.ffn_ids), (c, h)
-    assert_close("logits", got.logits, ref.logits, 1e-10, 1e-10)
-    assert_close("loss", got.loss, ref.loss, 1e-10, 1e-10)
-    assert_close("aux_loss", got.aux_loss, ref.aux_loss, 1e-10, 1e-10)
-    for n in ref_g:
-        assert_close(f"grad {n}", got_g[n], ref_g[n], 1e-10, 1e-10)
+    assert_same_run(run_backend(model, ids, "torch"), run_backend(model, ids, "reference"), 1e-10, 1e-10)
 
 
 @pytest.mark.parametrize("router", ["gru", "mlp"])
@@ -141,11 +118,7 @@ def test_torch_backend_matches_reference_fp32(router):
     cfg = small_config(router=router, top_k=3, n_attn=4, n_ffn=3)
     model = make_model(cfg, torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
-    ref, ref_g = _run(model, ids, "reference")
-    got, got_g = _run(model, ids, "torch")
-    assert_close("logits", got.logits, ref.logits, 1e-5, 1e-5)
-    for n in ref_g:
-        assert_close(f"grad {n}", got_g[n], ref_g[n], 1e-5, 1e-5)
+    assert_same_run(run_backend(model, ids, "torch"), run_backend(model, ids, "reference"), 1e-5, 1e-5)
 
 
 def test_router_gets_gradient_from_lm_loss_only_when_weights_carry_it():
@@ -182,8 +155,8 @@ def test_deterministic_runs():
     cfg = small_config()
     model = make_model(cfg, torch.float32).set_backend("torch")
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
-    a, ga = _run(model, ids, "torch")
-    b, gb = _run(model, ids, "torch")
+    a, ga = run_backend(model, ids, "torch")
+    b, gb = run_backend(model, ids, "torch")
     assert torch.equal(a.logits, b.logits) and all(torch.equal(ga[n], gb[n]) for n in ga)
 
 
@@ -208,9 +181,9 @@ def test_checkpointed_chunks_give_the_same_gradients():
     cfg = small_config(backend="torch")
     model = make_model(cfg, torch.float64).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
-    plain, g_plain = _run(model, ids, "torch")
+    plain, g_plain = run_backend(model, ids, "torch")
     model.config = model.config.replace(checkpoint_chunks=True)
-    ckpt, g_ckpt = _run(model, ids, "torch")
+    ckpt, g_ckpt = run_backend(model, ids, "torch")
     assert_close("loss", ckpt.loss, plain.loss, 1e-12, 1e-12)
     for n in g_plain:
         assert_close(f"grad {n}", g_ckpt[n], g_plain[n], 1e-10, 1e-12)
