@@ -25,6 +25,15 @@ ROUTERS = ("gru", "mlp")
 BALANCE_MODES = ("per_step", "pooled")
 
 
+def dataclass_from_dict(cls, d: dict):
+    """cls(**d), refusing keys that are not fields of the dataclass (a typo must not pass silently)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class MoMConfig:
     # --- GPT-2 fields (same names and defaults as Hugging Face's GPT2Config) -------------------------
@@ -177,11 +186,7 @@ class MoMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"MoMConfig: unknown field(s) {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "MoMConfig":

@@ -27,6 +27,13 @@ from .config import MoMConfig
 _LAYER_KEY = re.compile(r"^(?:h|bottom)\.(\d+)\.(.+)$")  # HF's "h.i." or a vanilla MoM's "bottom.i."
 _IGNORED = ("attn.bias", "attn.masked_bias")  # causal-mask buffers of old HF checkpoints
 
+# pool parameter -> the GPT-2 layer tensor each module's slice comes from
+_ATTN_POOL = {"ln_weight": "ln_1.weight", "ln_bias": "ln_1.bias", "c_attn_weight": "attn.c_attn.weight",
+              "c_attn_bias": "attn.c_attn.bias", "c_proj_weight": "attn.c_proj.weight",
+              "c_proj_bias": "attn.c_proj.bias"}
+_FFN_POOL = {"ln_weight": "ln_2.weight", "ln_bias": "ln_2.bias", "c_fc_weight": "mlp.c_fc.weight",
+             "c_fc_bias": "mlp.c_fc.bias", "c_proj_weight": "mlp.c_proj.weight", "c_proj_bias": "mlp.c_proj.bias"}
+
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """A state dict from a .safetensors or .bin/.pt file (or a folder holding model.safetensors)."""
@@ -95,18 +102,9 @@ def gpt2_to_mom_state_dict(sd: Dict[str, torch.Tensor], config: MoMConfig) -> Di
         cut = [next(it) for _ in range(config.n_modules)]
         p = f"chunks.{c}"
         attn, ffn = cut[: config.n_attn], cut[: config.n_ffn]
-        out[f"{p}.attn_pool.ln_weight"] = torch.stack([l["ln_1.weight"] for l in attn])
-        out[f"{p}.attn_pool.ln_bias"] = torch.stack([l["ln_1.bias"] for l in attn])
-        out[f"{p}.attn_pool.c_attn_weight"] = torch.stack([l["attn.c_attn.weight"] for l in attn])
-        out[f"{p}.attn_pool.c_attn_bias"] = torch.stack([l["attn.c_attn.bias"] for l in attn])
-        out[f"{p}.attn_pool.c_proj_weight"] = torch.stack([l["attn.c_proj.weight"] for l in attn])
-        out[f"{p}.attn_pool.c_proj_bias"] = torch.stack([l["attn.c_proj.bias"] for l in attn])
-        out[f"{p}.ffn_pool.ln_weight"] = torch.stack([l["ln_2.weight"] for l in ffn])
-        out[f"{p}.ffn_pool.ln_bias"] = torch.stack([l["ln_2.bias"] for l in ffn])
-        out[f"{p}.ffn_pool.c_fc_weight"] = torch.stack([l["mlp.c_fc.weight"] for l in ffn])
-        out[f"{p}.ffn_pool.c_fc_bias"] = torch.stack([l["mlp.c_fc.bias"] for l in ffn])
-        out[f"{p}.ffn_pool.c_proj_weight"] = torch.stack([l["mlp.c_proj.weight"] for l in ffn])
-        out[f"{p}.ffn_pool.c_proj_bias"] = torch.stack([l["mlp.c_proj.bias"] for l in ffn])
+        for pool, layers_, names in (("attn_pool", attn, _ATTN_POOL), ("ffn_pool", ffn, _FFN_POOL)):
+            for ours, theirs in names.items():  # stacked [E, ...] from each module's GPT-2 tensor
+                out[f"{p}.{pool}.{ours}"] = torch.stack([layer[theirs] for layer in layers_])
         if config.anchor:
             block(f"{p}.anchor", next(it))
     for i in range(config.n_top):

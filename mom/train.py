@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import PRESETS, MoMConfig
+from .config import PRESETS, MoMConfig, dataclass_from_dict
 from .data import TokenData, read_meta
 
 
@@ -90,11 +90,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 # Keys that define a run's results; resuming (or reusing out_dir) with other values is refused.

@@ -176,7 +176,7 @@ def test_cli_config_file_and_overrides(sample_data, tmp_path, capsys):
     toml = tmp_path / "c.toml"
     toml.write_text('model = "tiny"\nmax_steps = 7\n[model_overrides]\ntop_k = 1\n')
     assert load_config(str(toml), {}).model_overrides == {"top_k": 1}
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown field"):
         load_config(None, {"learning_rate": 1})
     with pytest.raises(SystemExit) as e:  # a clear one-line error and exit code 2 from the CLI
         main(["--config", str(cfg), "--set", "model_overrides.vocab_size=64", "--out_dir", str(tmp_path / "o"),
