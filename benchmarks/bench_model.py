@@ -22,6 +22,7 @@ import torch
 
 from mom import MoMConfig, MoMForCausalLM
 from mom.flops import count
+from mom.routed import get_ops
 
 from .common import RESULTS, append_csv, stamp, time_interleaved
 
@@ -52,14 +53,16 @@ def bench_pair(mom_name, base_name, a, overrides):
     torch.manual_seed(0)
     mom_cfg = MoMConfig.from_name(mom_name, backend=a.backend, **overrides)
     base_cfg = MoMConfig.from_name(base_name, **overrides)
-    mom = MoMForCausalLM(mom_cfg).to(dev, dtype)
-    base = MoMForCausalLM(base_cfg).to(dev, dtype)
+    with dev:  # built on the device: no CPU init of GPT-2-large-sized models
+        mom = MoMForCausalLM(mom_cfg).to(dtype)
+        base = MoMForCausalLM(base_cfg).to(dtype)
     ids = torch.randint(0, mom_cfg.vocab_size, (a.batch, a.seq_len), device=dev)
     flops = {"mom": int(count(mom, ids)), "gpt2": int(count(base, ids))}
     flops["loop"] = flops["mom"]
     loop = None
     if not a.no_loop:
-        loop = MoMForCausalLM(mom_cfg.replace(backend="reference")).to(dev, dtype)
+        with dev:
+            loop = MoMForCausalLM(mom_cfg.replace(backend="reference")).to(dtype)
         loop.load_state_dict(mom.state_dict())
     rows = []
     for backward in (False, True):
@@ -72,7 +75,7 @@ def bench_pair(mom_name, base_name, a, overrides):
         tflops = {k: mult * flops[k] / r["median"] / 1e12 for k, r in res.items()}
         for k, r in res.items():
             rows.append({"bench": "model", "mode": mode, "model": mom_name if k != "gpt2" else base_name,
-                         "impl": {"mom": mom_cfg.backend, "loop": "reference", "gpt2": "dense"}[k],
+                         "impl": {"mom": get_ops(mom_cfg.backend, dev).name, "loop": "reference", "gpt2": "dense"}[k],
                          "batch": a.batch, "seq_len": a.seq_len, "dtype": a.dtype,
                          "fwd_gflop": f"{flops[k] / 1e9:.2f}", "median_s": f"{r['median']:.4f}",
                          "tokens_per_s": f"{a.batch * a.seq_len / r['median']:.1f}",

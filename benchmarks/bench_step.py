@@ -67,7 +67,8 @@ def main(argv=None):
     p.add_argument("--n-head", type=int, default=12)
     p.add_argument("--modules", type=int, default=8, help="E, modules per pool")
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=2048, help="T (batch 1)")
+    p.add_argument("--tokens", type=int, default=2048, help="T, tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="B, sequences (N = B * T tokens are routed)")
     p.add_argument("--router", default="uniform", choices=["uniform", "mlp", "gru"],
                    help="uniform: fixed random logits (uniform load); mlp / gru: the real routers at init")
     p.add_argument("--repeats", type=int, default=5)
@@ -81,17 +82,19 @@ def main(argv=None):
         a.tokens, a.repeats = 512, 3
     torch.manual_seed(0)
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
-    D, K, E, T = a.n_embd, a.top_k, a.modules, a.tokens
+    D, K, E, T, B = a.n_embd, a.top_k, a.modules, a.tokens, a.batch
+    N = B * T
     cfg = MoMConfig(vocab_size=256, n_positions=max(1024, T), n_embd=D, n_head=a.n_head, n_bottom=0, chunks=1,
                     n_attn=E, n_ffn=E, depth=1, top_k=K, anchor=False, skip=False,
                     router="mlp" if a.router == "uniform" else a.router, backend="torch")
-    layer = MoMLayer(cfg).to(dev, dtype)
+    with dev:  # built on the device: no CPU init of GPT-2-large-sized pools
+        layer = MoMLayer(cfg).to(dtype)
+        dense = DenseEquivalent(D, a.n_head, cfg.ffn_dim, K).to(dtype)
     if a.router == "uniform":
-        layer.attn_router = UniformRouter(T, cfg.attn_slots, dev, dtype)
-        layer.ffn_router = UniformRouter(T, cfg.ffn_slots, dev, dtype)
-    dense = DenseEquivalent(D, a.n_head, cfg.ffn_dim, K).to(dev, dtype)
-    x = torch.randn(1, T, D, device=dev, dtype=dtype)
-    g = torch.randn(1, T, D, device=dev, dtype=dtype)
+        layer.attn_router = UniformRouter(N, cfg.attn_slots, dev, dtype)
+        layer.ffn_router = UniformRouter(N, cfg.ffn_slots, dev, dtype)
+    x = torch.randn(B, T, D, device=dev, dtype=dtype)
+    g = torch.randn(B, T, D, device=dev, dtype=dtype)
     loads = torch.bincount(layer(x).routing[0].ffn_ids.flatten(), minlength=E + 1)[:E]
 
     def fwd(fn):
@@ -122,43 +125,60 @@ def main(argv=None):
     routers.to(dev, dtype)
 
     def routing_only(xx):
-        xf = xx.reshape(T, D)
-        wsum = sum(route(r(xf, None)[0], E, gru_cfg).weights.sum(-1) for r in routers)   # [T]
-        return xx + wsum.view(1, T, 1)
+        xf = xx.reshape(N, D)
+        wsum = sum(route(r(xf, None)[0], E, gru_cfg).weights.sum(-1) for r in routers)   # [N]
+        return xx + wsum.view(B, T, 1)
 
     cands["routers"] = routing_only
     params = list(layer.parameters()) + list(dense.parameters()) + list(routers.parameters())
     res_f = time_interleaved({k: fwd(f) for k, f in cands.items()}, a.repeats, dev)
     res_b = time_interleaved({k: fwd_bwd(f, params) for k, f in cands.items()}, a.repeats, dev)
 
-    peak = {}  # CUDA: bytes the forward+backward allocates beyond what is already there (activations, grads)
+    # CUDA memory beyond what is already allocated (parameters, x, g):
+    #   act:  what the forward leaves allocated for the backward (saved activations + the output) - issue 4's
+    #         "activation memory per step"
+    #   peak: the peak of forward+backward (activations, temporaries, parameter gradients)
+    peak, act = {}, {}
     if dev.type == "cuda":
         for name, f in cands.items():
-            run = fwd_bwd(f, params)
+            for q in params:
+                q.grad = None
+            xx = x.detach().requires_grad_()
             torch.cuda.synchronize()
             base_mem = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            run()
+            y = f(xx)
+            torch.cuda.synchronize()
+            act[name] = torch.cuda.memory_allocated() - base_mem
+            (y * g).sum().backward()
+            del y
             torch.cuda.synchronize()
             peak[name] = torch.cuda.max_memory_allocated() - base_mem
+            for q in params:
+                q.grad = None
 
     st = stamp()
     rows, lines = [], []
     for mode, res in (("forward", res_f), ("forward+backward", res_b)):
         base = res["dense"]["median"]
         for name, r in res.items():
-            rows.append({**st, "bench": "routed_step", "mode": mode, "impl": name, "D": D, "E": E, "K": K, "T": T,
+            rows.append({**st, "bench": "routed_step", "mode": mode, "impl": name, "D": D, "E": E, "K": K, "B": B, "T": T,
                          "router": a.router, "dtype": a.dtype, "median_s": f"{r['median']:.5f}",
                          "p20_s": f"{r['p20']:.5f}", "p80_s": f"{r['p80']:.5f}",
                          "ratio_to_dense": f"{r['median'] / base:.3f}",
+                         "vs_reference": (f"{res['reference']['median'] / r['median']:.2f}" if "reference" in res
+                                          else ""),
+                         "act_mb": f"{act[name] / 2**20:.0f}" if name in act and mode != "forward" else "",
                          "peak_mb": f"{peak[name] / 2**20:.0f}" if name in peak and mode != "forward" else ""})
-            lines.append(f"| {mode} | {name} | {r['median'] * 1e3:.1f} | {r['p20'] * 1e3:.1f}-{r['p80'] * 1e3:.1f} "
-                         f"| {r['median'] / base:.2f}x | {rows[-1]['peak_mb'] or '-'} |")
+            lines.append(f"| {mode} | {name} | {r['median'] * 1e3:.2f} | {r['p20'] * 1e3:.2f}-{r['p80'] * 1e3:.2f} "
+                         f"| {r['median'] / base:.2f}x | {rows[-1]['vs_reference'] or '-'} | {rows[-1]['act_mb'] or '-'} "
+                         f"| {rows[-1]['peak_mb'] or '-'} |")
     append_csv(a.csv, rows)
-    print(f"routed step, D {D}, E {E}, K {K}, T {T}, router {a.router}, {a.dtype}, {st['hardware']}, "
+    print(f"routed step, D {D}, E {E}, K {K}, B {B} x T {T}, router {a.router}, {a.dtype}, {st['hardware']}, "
           f"commit {st['commit']}, {st['date']}")
     print(f"FFN rows per module (routing load): {loads.tolist()}")
-    print("| mode | impl | median ms | p20-p80 ms | vs dense | peak MiB |\n|---|---|---|---|---|---|")
+    print("| mode | impl | median ms | p20-p80 ms | vs dense | loop / impl | saved act. MiB | peak MiB |\n"
+          "|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
     for mode, res in (("forward", res_f), ("forward+backward", res_b)):
         fast = "triton" if "triton" in res else "torch"

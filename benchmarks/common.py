@@ -76,11 +76,23 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device="c
 
 
 def append_csv(path: str, rows: List[dict]):
+    """Append rows; when they bring new columns, the file is rewritten with the union of the columns (old rows
+    get empty cells), so a CSV never holds rows under the wrong header."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
+    old_rows: List[dict] = []
     fields = list(rows[0].keys())
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            old_rows = list(reader)
+        fields = old_fields + [k for r in rows for k in r if k not in old_fields]
+        fields = list(dict.fromkeys(fields))
+        if fields == old_fields:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields).writerows(rows)
+            return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(old_rows + rows)
