@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -61,25 +62,9 @@ class DenseEquivalent(nn.Module):
         return x + self.c_fc_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-embd", type=int, default=768)
-    p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--modules", type=int, default=8, help="E, modules per pool")
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=2048, help="T, tokens per sequence")
-    p.add_argument("--batch", type=int, default=1, help="B, sequences (N = B * T tokens are routed)")
-    p.add_argument("--router", default="uniform", choices=["uniform", "mlp", "gru"],
-                   help="uniform: fixed random logits (uniform load); mlp / gru: the real routers at init")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--quick", action="store_true", help="T 512, 3 repeats")
-    p.add_argument("--no-loop", action="store_true", help="leave out the reference loop")
-    p.add_argument("--csv", default=os.path.join(RESULTS, "bench_step.csv"))
-    a = p.parse_args(argv)
-    if a.quick:
-        a.tokens, a.repeats = 512, 3
+def build(a) -> SimpleNamespace:
+    """The step's candidates from parsed arguments: {"dense", "torch", ["triton"], ["reference"], "routers"}
+    callables [B, T, D] -> [B, T, D], with the input, the cotangent and every parameter."""
     torch.manual_seed(0)
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
     D, K, E, T, B = a.n_embd, a.top_k, a.modules, a.tokens, a.batch
@@ -96,20 +81,6 @@ def main(argv=None):
     x = torch.randn(B, T, D, device=dev, dtype=dtype)
     g = torch.randn(B, T, D, device=dev, dtype=dtype)
     loads = torch.bincount(layer(x).routing[0].ffn_ids.flatten(), minlength=E + 1)[:E]
-
-    def fwd(fn):
-        def run():
-            with torch.no_grad():
-                fn(x)
-        return run
-
-    def fwd_bwd(fn, params):
-        def run():
-            xx = x.detach().requires_grad_()
-            (fn(xx) * g).sum().backward()
-            for q in params:
-                q.grad = None
-        return run
 
     backends = ["torch", "reference"] + (["triton"] if dev.type == "cuda" else [])
     step = {b: (lambda xx, b=b: layer.forward(xx, ops=_ops(b, dev)).hidden_states) for b in backends}
@@ -131,8 +102,56 @@ def main(argv=None):
 
     cands["routers"] = routing_only
     params = list(layer.parameters()) + list(dense.parameters()) + list(routers.parameters())
-    res_f = time_interleaved({k: fwd(f) for k, f in cands.items()}, a.repeats, dev)
-    res_b = time_interleaved({k: fwd_bwd(f, params) for k, f in cands.items()}, a.repeats, dev)
+    return SimpleNamespace(cfg=cfg, dev=dev, dtype=dtype, D=D, K=K, E=E, T=T, B=B, N=N, x=x, g=g, loads=loads,
+                           cands=cands, params=params)
+
+
+def fwd(s, fn):
+    """A no_grad forward of candidate fn on the step's input."""
+    def run():
+        with torch.no_grad():
+            fn(s.x)
+    return run
+
+
+def fwd_bwd(s, fn):
+    """Forward + backward of candidate fn (a random cotangent), parameter gradients dropped after."""
+    def run():
+        xx = s.x.detach().requires_grad_()
+        (fn(xx) * s.g).sum().backward()
+        for q in s.params:
+            q.grad = None
+    return run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-embd", type=int, default=768)
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--modules", type=int, default=8, help="E, modules per pool")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=2048, help="T, tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="B, sequences (N = B * T tokens are routed)")
+    p.add_argument("--router", default="uniform", choices=["uniform", "mlp", "gru"],
+                   help="uniform: fixed random logits (uniform load); mlp / gru: the real routers at init")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quick", action="store_true", help="T 512, 3 repeats")
+    p.add_argument("--no-loop", action="store_true", help="leave out the reference loop")
+    p.add_argument("--csv", default=os.path.join(RESULTS, "bench_step.csv"))
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    if a.quick:
+        a.tokens, a.repeats = 512, 3
+    s = build(a)
+    cfg, dev, dtype, x, g, cands, params = s.cfg, s.dev, s.dtype, s.x, s.g, s.cands, s.params
+    D, K, E, T, B, N, loads = s.D, s.K, s.E, s.T, s.B, s.N, s.loads
+    res_f = time_interleaved({k: fwd(s, f) for k, f in cands.items()}, a.repeats, dev)
+    res_b = time_interleaved({k: fwd_bwd(s, f) for k, f in cands.items()}, a.repeats, dev)
 
     # CUDA memory beyond what is already allocated (parameters, x, g):
     #   act:  what the forward leaves allocated for the backward (saved activations + the output) - issue 4's

@@ -182,9 +182,9 @@ def _grouped_gemm_kernel(
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
             if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
+                acc = tl.dot(a, w, acc, input_precision="ieee", out_dtype=acc.dtype)
             else:
-                acc = tl.dot(a, w, acc)
+                acc = tl.dot(a, w, acc, out_dtype=acc.dtype)
         # ---- epilogue ----
         mask_mn = mask_m[:, None] & mask_n[None, :]
         if HAS_BIAS:
@@ -294,9 +294,9 @@ def _grouped_dw_kernel(
             aT = aT.to(tl.float32)
             dy = dy.to(tl.float32)
         if IEEE:
-            acc = tl.dot(aT, dy, acc, input_precision="ieee")
+            acc = tl.dot(aT, dy, acc, input_precision="ieee", out_dtype=acc.dtype)
         else:
-            acc = tl.dot(aT, dy, acc)
+            acc = tl.dot(aT, dy, acc, out_dtype=acc.dtype)
     tl.store(dw_ptr + m64 * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
              _cast(acc, dw_ptr.dtype.element_ty, RTNE), mask=mask_k[:, None] & mask_n[None, :])
     if HAS_DB:

@@ -139,7 +139,8 @@ def test_routed_linear_ln_weight_only_and_fp32_weights():
     assert gf.grad.dtype == torch.float32 and yh.dtype == torch.float16
 
 
-def test_routed_linear_errors():
+def test_routed_linear_errors(monkeypatch):
+    monkeypatch.setattr(mom_kernels.checks, "_CHECK_IDS", True)  # on CUDA the id range check is opt-in (a sync)
     x, w, b, ids, g, lw, lb = linear_inputs(6, 2, 3, 16, 24, torch.float32, DEVICE, 0.2, seed=1)
     f = mom_kernels.routed_linear
     with pytest.raises(ValueError, match="weight must have shape"):
