@@ -114,7 +114,7 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
     if interpreting():
         raise RuntimeError("record_launches needs TRITON_INTERPRET unset (kernels must be JITFunctions)")
     names = ["_ln_stats_kernel", "_grouped_gemm_kernel", "_grouped_dw_kernel", "_combine_kernel",
-             "_ln_affine_bwd_kernel"]
+             "_ln_affine_bwd_kernel", "_segment_sum_kernel", "_gather_rows_kernel"]
     sink, role = [], ["?"]
     saved = {n: getattr(gg, n) for n in names}
     try:
@@ -145,6 +145,12 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
         o, m0, r0 = rl.linear_fwd_impl(x, wo, bo, ids, g, None, None, 1e-5, plan)
         role[0] = "proj bwd"
         rl.linear_bwd_impl(o, x, wo, bo, ids, g, None, None, m0, r0, plan)
+        # the operand gathers of the grouped_mm weight-gradient path (GPU default in bf16; see dw_backend)
+        role[0] = "dw gather"
+        gp = r(T * K)
+        gg.gather_rows(r(T * K, F), plan, gather=False, mode=2)
+        gg.gather_rows(x, plan, gather=True, mode=1, ln=(mean, rstd, lw, lb))
+        gg.gather_rows(r(T, D), plan, gather=True, weights=gp)
     finally:
         for n in names:
             setattr(gg, n, saved[n])

@@ -71,9 +71,8 @@ def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, 
     part = torch.zeros(rowdot_tiles(F, x.dtype), P, device=x.device, dtype=cdt)
     grouped_gemm(dy, w2, plan, out=dpre, a_gather=True, w_transposed=True, pre=pre, gelu_bwd=True,
                  weights=g, rowdot=1, part=part, store="sorted")
-    dw2 = torch.empty(w2.shape, device=x.device, dtype=w2.dtype)
     db2 = torch.empty(b2.shape, device=x.device, dtype=b2.dtype)
-    grouped_dw(pre, dy, plan, dw=dw2, db=db2, a_gather=False, a_mode=2, dy_gather=True, weights=g)
+    dw2, db2 = grouped_dw(pre, dy, plan, db=db2, a_gather=False, a_mode=2, dy_gather=True, weights=g)
     # GEMM1^T: dU[p] = dpre[s] @ W1^T into per-pick slots, then LayerNorm backward per token
     buf = torch.empty(P, D, device=x.device, dtype=cdt)
     grouped_gemm(dpre, w1, plan, out=buf, a_gather=False, w_transposed=True, store="pick")
@@ -82,9 +81,8 @@ def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, 
     dgamma = torch.empty(ln_weight.shape, device=x.device, dtype=ln_weight.dtype)
     dbeta = torch.empty(ln_bias.shape, device=x.device, dtype=ln_bias.dtype)
     ln_affine_bwd(buf, x, mean, rstd, plan, dgamma, dbeta)
-    dw1 = torch.empty(w1.shape, device=x.device, dtype=w1.dtype)
     db1 = torch.empty(b1.shape, device=x.device, dtype=b1.dtype)
-    grouped_dw(x, dpre, plan, dw=dw1, db=db1, a_gather=True, a_mode=1, ln=ln, dy_gather=False)
+    dw1, db1 = grouped_dw(x, dpre, plan, db=db1, a_gather=True, a_mode=1, ln=ln, dy_gather=False)
     dgp = part.sum(0).view(T, K) + dweights_bias_term(dy, b2, ids, E)
     valid = (ids >= 0) & (ids < E)
     dg = torch.where(valid, dgp, torch.zeros_like(dgp)).to(weights.dtype)

@@ -112,10 +112,9 @@ def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean,
             dbeta = None
     else:
         combine(buf, ids, E, dx)
-    dw = torch.empty(weight.shape, device=x.device, dtype=weight.dtype)
     db = torch.empty(bias.shape, device=x.device, dtype=bias.dtype) if bias is not None else None
-    grouped_dw(x, dy, plan, dw=dw, db=db, a_gather=True, a_mode=1 if has_ln else 0, ln=ln,
-               dy_gather=True, weights=g)
+    dw, db = grouped_dw(x, dy, plan, db=db, a_gather=True, a_mode=1 if has_ln else 0, ln=ln,
+                        dy_gather=True, weights=g)
     dg = None
     if g is not None:
         dgp = part.sum(0).view(T, K)
