@@ -681,6 +681,25 @@ def grouped_dw(a, dy, plan: RoutingPlan, *, dw=None, db=None, a_gather: bool, a_
     return dw, db
 
 
+def ln_prologue() -> str:
+    """Where a routed forward applies the per-module LayerNorm: "gather" (default: `gather_rows` writes
+    LN_m(x[t]) in module-sorted order, a transient [P, N_in] buffer, and a plain grouped GEMM reads it; on the
+    H200 the LayerNorm in the GEMM's prologue halved its rate, 280 against 540 TFLOP/s) or "fused" (in the
+    GEMM's prologue, no buffer). MOM_KERNELS_LN=gather / fused chooses."""
+    choice = os.environ.get("MOM_KERNELS_LN", "gather").strip() or "gather"
+    if choice not in ("gather", "fused"):
+        raise ValueError(f"MOM_KERNELS_LN must be 'gather' or 'fused', got {choice!r}")
+    return choice
+
+
+def ln_operand(x, plan: RoutingPlan, ln):
+    """The A operand of a forward grouped GEMM over x [T, N_in] with an optional per-module LayerNorm
+    ln = (mean, rstd, gamma, beta): (a, a_gather, ln for the GEMM's prologue), per `ln_prologue`."""
+    if ln is None or ln_prologue() == "fused":
+        return x, True, ln
+    return gather_rows(x, plan, gather=True, mode=1, ln=ln), False, None
+
+
 def segment_sum(dy, plan: RoutingPlan, out, *, gather: bool, weights=None):
     """out[m] = sum over module m's rows of (g_p *) dY[row] (`_segment_sum_kernel`); out [E, N]."""
     E, N = out.shape

@@ -25,7 +25,7 @@ import torch
 
 from . import checks
 from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
-                           ln_stats, rowdot_tiles)
+                           ln_operand, ln_stats, rowdot_tiles)
 from .routed_linear import _plan_of, dweights_bias_term
 from .routing import RoutingPlan, make_plan
 
@@ -44,8 +44,10 @@ def ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan,
     # rows 0..S-1 of h / pre are used (S = non-SKIP picks, known only on the device)
     h = x.new_empty(P, F)
     pre = x.new_empty(P if save_pre else 0, F)
-    grouped_gemm(x, w1, plan, out=h, a_gather=True, bias=b1, ln=ln, gelu=True,
+    a, a_gather, a_ln = ln_operand(x, plan, ln)  # LN_m(x) gathered in sorted order, or x and a fused LN
+    grouped_gemm(a, w1, plan, out=h, a_gather=a_gather, bias=b1, ln=a_ln, gelu=True,
                  pre=pre if save_pre else None, save_pre=save_pre, store="sorted")
+    del a
     if K == 1:
         y = x.new_zeros(T, D)
         grouped_gemm(h, w2, plan, out=y, a_gather=False, bias=b2, weights=g, store="token")

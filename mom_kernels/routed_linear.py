@@ -26,7 +26,7 @@ import torch
 
 from . import checks
 from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
-                           ln_stats, rowdot_tiles)
+                           ln_operand, ln_stats, rowdot_tiles)
 from .routing import RoutingPlan, make_plan
 
 Tensor = torch.Tensor
@@ -68,12 +68,13 @@ def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan
         rstd = x.new_empty(0, dtype=acc_dtype(x.dtype))
         ln = None
     g = weights.reshape(-1).contiguous() if weights is not None else None
+    a, a_gather, a_ln = ln_operand(x, plan, ln)  # LN_m(x) gathered in sorted order, or x and a fused LN
     if K == 1:  # each token has one pick: store its row directly, SKIP rows stay zero
         y = x.new_zeros(T, n_out)
-        grouped_gemm(x, weight, plan, out=y, a_gather=True, bias=bias, ln=ln, weights=g, store="token")
+        grouped_gemm(a, weight, plan, out=y, a_gather=a_gather, bias=bias, ln=a_ln, weights=g, store="token")
     else:
         buf = torch.empty(T * K, n_out, device=x.device, dtype=acc_dtype(x.dtype))  # per-pick slots
-        grouped_gemm(x, weight, plan, out=buf, a_gather=True, bias=bias, ln=ln, weights=g, store="pick")
+        grouped_gemm(a, weight, plan, out=buf, a_gather=a_gather, bias=bias, ln=a_ln, weights=g, store="pick")
         y = x.new_empty(T, n_out)
         combine(buf, ids, E, y)
     return y, mean, rstd

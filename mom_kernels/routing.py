@@ -86,11 +86,12 @@ def make_plan(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> 
     block_m = int(block_m or default_block_m(ids.device))
     dev = ids.device
     P = T * K
-    flat = ids.reshape(-1).to(torch.int64)  # [P]
-    # ids outside 0..E-1 (SKIP, or invalid) all get key E so they sort after every module.
-    key = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E))
+    flat = ids.reshape(-1)  # [P]
+    # ids outside 0..E-1 (SKIP, or invalid) all get key E so they sort after every module. int32 keys: a
+    # radix sort makes 4 passes over them (8 for int64).
+    key = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E)).to(torch.int32)
     sorted_key, sorted_pick = torch.sort(key, stable=True)  # [P], [P]
-    bounds = torch.arange(E + 1, device=dev, dtype=torch.int64)
+    bounds = torch.arange(E + 1, device=dev, dtype=torch.int32)
     offsets = torch.searchsorted(sorted_key, bounds)  # [E+1] first position with key >= e
     counts = offsets[1:] - offsets[:-1]  # [E]
     # tile schedule: module e owns ceil(counts[e] / BLOCK_M) consecutive tiles

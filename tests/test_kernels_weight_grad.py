@@ -185,3 +185,29 @@ def test_routed_ops_gradients_with_grouped_mm_path(monkeypatch):
 
         for a, b in zip(run(mom_kernels.routed_linear, dt), run(reference.routed_linear, torch.float64)):
             assert_close_verbose("routed_linear grad", a, b, tol, tol * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.parametrize("prologue", ["gather", "fused"])
+def test_routed_ops_with_each_layernorm_prologue(prologue, monkeypatch):
+    """MOM_KERNELS_LN: LN_m(x) gathered into a sorted buffer (default) or fused into the GEMM's prologue;
+    the same forward and gradients either way (fp64, against the reference)."""
+    monkeypatch.setenv("MOM_KERNELS_LN", prologue)
+    T, K, E, D, F = 11, 2, 3, 20, 36
+    hi = ffn_inputs(T, K, E, D, F, torch.float64, DEVICE, 0.25, seed=41, empty=(2,))
+    dy = torch.randn(T, D, dtype=torch.float64, device=DEVICE)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in hi]
+        y = fn(*leaves)
+        return (y, *torch.autograd.grad(y, [t for t in leaves if t.is_floating_point()], dy,
+                                        allow_unused=True, materialize_grads=True))
+
+    for a, b in zip(run(mom_kernels.routed_ffn), run(reference.routed_ffn)):
+        assert_close_verbose(f"routed_ffn ({prologue})", a, b, 1e-10, 1e-10)
+    x, w, bias, ids, _, lw, lb = linear_inputs(T, 1, E, D, 3 * D, torch.float64, DEVICE, 0.25, seed=42)
+    y = mom_kernels.routed_linear(x, w, bias, ids, None, lw, lb)
+    assert_close_verbose(f"routed_linear K=1 ({prologue})", y, reference.routed_linear(x, w, bias, ids, None, lw, lb),
+                         1e-10, 1e-10)
+    with pytest.raises(ValueError, match="MOM_KERNELS_LN must be"):
+        monkeypatch.setenv("MOM_KERNELS_LN", "fast")
+        mom_kernels.routed_linear(x, w, bias, ids, None, lw, lb)
