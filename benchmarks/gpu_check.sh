@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The one script a session with a lent GPU runs (from the repo root, PYTHONPATH=., nothing installed):
-#   1. environment (GPU, torch, triton)                                         -> $OUT/env.txt
+#   1. environment (GPU, torch, triton), printed
 #   2. issue 4: one routed step against the dense block and the loop
 #      (bf16, GPT-2-large width D 1280, E 16, K 2, batch 8 x 1024)             -> $OUT/step.log, bench_step.csv
 #   3. issue 4: mom-large-efficient against GPT-2-large and the loop, 8 x 1024  -> $OUT/model.log, bench_model.csv
 #   4. the kernel and model tests on CUDA (compiled), CUDA-graph capture        -> $OUT/tests.log
 #   5. issue 3: the routed_ffn sweep "check" (bf16, against cuBLAS and the loop) -> $OUT/bench.log, routed_ffn.csv
-#   6. a short table, printed last.
-# Budget: < 7.5 minutes in all; every stage has its own timeout (80 + 130 + 150 + 70 s), and a stage that
-# times out leaves what it finished. Copy the CSV rows into benchmarks/results/ afterwards.
+#   6. the step's kernel timeline (benchmarks/profile_step.py)                  -> $OUT/profile.log
+#   7. a short table, printed last.
+# Budget: < 6 minutes in all (about 3 when nothing times out); every stage has its own timeout
+# (70 + 90 + 100 + 60 + 40 s), and a stage that times out leaves what it finished. 8 files come back from
+# $OUT, so this writes no more. Copy the CSV rows into benchmarks/results/ afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -28,33 +30,37 @@ import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} 2>&1
 
 stage "routed step (issue 4: bf16, D 1280, E 16, K 2, 8 x 1024)"
-timeout 80 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
+timeout 70 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
   --modules 16 --top-k 2 --batch 8 --tokens 1024 --repeats 10 --csv "$OUT/bench_step.csv" > "$OUT/step.log" 2>&1 \
   || echo "bench_step failed or timed out (rc $?)"
 
 stage "whole model (issue 4: mom-large-efficient vs gpt2-large, bf16, 8 x 1024)"
-timeout 130 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
+timeout 90 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
   --repeats 5 --pairs mom-large-efficient:gpt2-large --csv "$OUT/bench_model.csv" > "$OUT/model.log" 2>&1 \
   || echo "bench_model failed or timed out (rc $?)"
 
 stage "kernel and model tests (CUDA, compiled)"
 TESTS="tests/test_kernels_routing.py tests/test_kernels_routed_ffn.py tests/test_kernels_routed_linear.py
-       tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py tests/test_model_triton.py"
+       tests/test_kernels_weight_grad.py tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py
+       tests/test_model_triton.py"
 if python -c "import xdist" 2>/dev/null; then PAR="-n 14"; else PAR=""; fi  # compiling dominates: spread it
 # shellcheck disable=SC2086
-timeout 150 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
+timeout 100 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
 TEST_RC=$?
 tail -n 1 "$OUT/tests.log"
 
 stage "routed_ffn sweep (issue 3: check)"
 rm -f "$OUT/routed_ffn.csv"
-timeout 70 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
+timeout 60 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 tail -n 2 "$OUT/bench.log"
+
+stage "kernel timeline of the step"
+timeout 40 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
+  --modules 16 --top-k 2 --batch 8 --tokens 1024 > "$OUT/profile.log" 2>&1 || echo "profile_step failed or timed out"
 
 echo
 stage "summary (tests rc=$TEST_RC, sweep rc=$BENCH_RC; logs in $OUT)"
@@ -67,6 +73,8 @@ echo "targets: triton step fwd+bwd >= 5x the loop (loop / impl); saved activatio
 echo "-- whole model"
 grep -E "^batch|^\|" "$OUT/model.log" || tail -n 5 "$OUT/model.log"
 echo "targets: per FLOP vs GPT-2 >= 0.85"
+echo "-- kernel time of one step (fwd+bwd)"
+grep -E "^-- " "$OUT/profile.log"
 echo "-- routed_ffn sweep"
 if [ -f "$OUT/routed_ffn.csv" ]; then
   python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT/routed_ffn.csv'))"
