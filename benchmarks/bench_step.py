@@ -124,6 +124,33 @@ def fwd_bwd(s, fn):
     return run
 
 
+def graphed_time(s, fn, backward: bool, repeats: int) -> dict:
+    """Median / p20 / p80 seconds of fn's forward (and backward) replayed from a CUDA graph captured once on
+    the step's static input: the GPU time without Python and launch overhead. Parameter gradients accumulate
+    into the .grad tensors the capture allocated (do not reset them to None afterwards)."""
+    xx = s.x.detach().clone().requires_grad_(backward)
+
+    def body():
+        if backward:
+            (fn(xx) * s.g).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(xx)
+
+    for q in s.params:
+        q.grad = None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (compiles, allocates)
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return time_interleaved({"g": graph.replay}, repeats, s.dev)["g"]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-embd", type=int, default=768)
@@ -139,6 +166,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quick", action="store_true", help="T 512, 3 repeats")
     p.add_argument("--no-loop", action="store_true", help="leave out the reference loop")
+    p.add_argument("--graph", action="store_true",
+                   help="CUDA: also time dense, triton and the routers replayed from a CUDA graph (no host overhead)")
     p.add_argument("--csv", default=os.path.join(RESULTS, "bench_step.csv"))
     return p
 
@@ -176,6 +205,13 @@ def main(argv=None):
             for q in params:
                 q.grad = None
 
+    if a.graph and dev.type == "cuda":  # last: the captured backward owns the parameters' .grad tensors
+        for name in ("dense", "triton", "routers"):
+            try:
+                res_f[f"{name}+graph"] = graphed_time(s, cands[name], False, a.repeats)
+                res_b[f"{name}+graph"] = graphed_time(s, cands[name], True, a.repeats)
+            except Exception as e:  # a step that cannot be captured is a result too
+                print(f"{name}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}")
     st = stamp()
     rows, lines = [], []
     for mode, res in (("forward", res_f), ("forward+backward", res_b)):
@@ -202,7 +238,9 @@ def main(argv=None):
     for mode, res in (("forward", res_f), ("forward+backward", res_b)):
         fast = "triton" if "triton" in res else "torch"
         print(f"GRU routing share of a {fast} step, {mode}: "
-              f"{res['routers']['median'] / res[fast]['median']:.1%}")
+              f"{res['routers']['median'] / res[fast]['median']:.1%}"
+              + (f" (replayed from CUDA graphs: {res['routers+graph']['median'] / res['triton+graph']['median']:.1%})"
+                 if "routers+graph" in res and "triton+graph" in res else ""))
     return rows
 
 

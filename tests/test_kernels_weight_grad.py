@@ -72,8 +72,9 @@ def _cast(o, dtype):
     out = dict(o)
     for k in ("a_tok", "a_sorted", "dy_tok", "dy_sorted", "g"):
         out[k] = o[k].to(dtype)
-    mean, rstd, gamma, beta = o["ln"]  # statistics in the accumulation dtype, as the routed ops keep them
-    out["ln"] = (mean.float(), rstd.float(), gamma.to(dtype), beta.to(dtype))
+    mean, rstd, gamma, beta = o["ln"]  # statistics in the accumulation dtype (fp32; fp64 for fp64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out["ln"] = (mean.to(acc), rstd.to(acc), gamma.to(dtype), beta.to(dtype))
     return out
 
 
@@ -92,20 +93,21 @@ def test_grouped_dw_matches_definition(case, flavour, path, monkeypatch):
     T, K, E, n_in, n_out, skip, empty = CASES[case]
     a_gather, a_mode, dy_gather, weighted = FLAVOURS[flavour]
     o = _operands(T, K, E, n_in, n_out, skip, empty, seed=hash((case, flavour)) % 1000)
-    want_dw, want_db = _reference(o, a_gather, a_mode, dy_gather, weighted)
     dtype = GMM_DTYPE if path == "grouped_mm" else torch.float32
     monkeypatch.setenv("MOM_KERNELS_DW", path)
     lo = _cast(o, dtype)
+    # the definition in fp64 on the operands as rounded to dtype: what is left is the kernels' own error
+    # (fp32 accumulation, U's transform and the result rounded to dtype)
+    want_dw, want_db = _reference(_cast(lo, torch.float64), a_gather, a_mode, dy_gather, weighted)
     a = lo["a_tok"] if a_gather else lo["a_sorted"]
     dy = lo["dy_tok"] if dy_gather else lo["dy_sorted"]
     db = torch.empty(E, n_out, device=DEVICE, dtype=dtype)
     dw, db = grouped_dw(a, dy, o["plan"], db=db, a_gather=a_gather, a_mode=a_mode, ln=lo["ln"] if a_mode == 1 else None,
                         dy_gather=dy_gather, weights=lo["g"] if weighted else None)
     assert dw.shape == (E, n_in, n_out) and dw.dtype == dtype
-    tol = 2e-5 if dtype == torch.float32 else 3e-2
-    scale = max(1.0, float(want_dw.abs().max()))
-    assert_close_verbose(f"dw ({path})", dw, want_dw, tol, tol * scale)
-    assert_close_verbose(f"db ({path})", db, want_db, tol, tol * max(1.0, float(want_db.abs().max())))
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    assert_close_verbose(f"dw ({path})", dw, want_dw, tol * max(1.0, float(want_dw.abs().max())), tol)
+    assert_close_verbose(f"db ({path})", db, want_db, tol * max(1.0, float(want_db.abs().max())), tol)
     for e in empty:
         assert (dw[e] == 0).all() and (db[e] == 0).all(), f"module {e} got no rows but a gradient"
 
@@ -171,7 +173,7 @@ def test_routed_ops_gradients_with_grouped_mm_path(monkeypatch):
                                    allow_unused=True, materialize_grads=True)
 
     for a, b in zip(grads(mom_kernels.routed_ffn, hi, dt), grads(reference.routed_ffn, hi, torch.float64)):
-        assert_close_verbose("routed_ffn grad", a, b, tol, tol * max(1.0, float(b.abs().max())))
+        assert_close_verbose("routed_ffn grad", a, b, tol * max(1.0, float(b.abs().max())), tol)
     x, w, bias, ids, g, lw, lb = linear_inputs(T, K, E, D, 3 * D, torch.float64, DEVICE, 0.25, seed=32)
     dq = torch.randn(T, 3 * D, dtype=torch.float64, device=DEVICE)
     for weights, ln in ((None, (lw, lb)), (g, (None, None))):
@@ -184,7 +186,7 @@ def test_routed_ops_gradients_with_grouped_mm_path(monkeypatch):
             return torch.autograd.grad(y, used, dq.to(dtype), allow_unused=True, materialize_grads=True)
 
         for a, b in zip(run(mom_kernels.routed_linear, dt), run(reference.routed_linear, torch.float64)):
-            assert_close_verbose("routed_linear grad", a, b, tol, tol * max(1.0, float(b.abs().max())))
+            assert_close_verbose("routed_linear grad", a, b, tol * max(1.0, float(b.abs().max())), tol)
 
 
 @pytest.mark.parametrize("prologue", ["gather", "fused"])
