@@ -5,14 +5,17 @@
 
 Dataflow (s = module-sorted row, p = t*K + k its pick):
     plan -> mean, rstd per token
-    GEMM1: pre[s] = LN_m(x[t]) @ W1[m] + b1[m] (x gathered on load, gamma/beta in the prologue),
+    GEMM1: pre[s] = LN_m(x[t]) @ W1[m] + b1[m] (LN_m(x[t]) written in sorted order first by `gather_rows`,
+           a transient buffer; MOM_KERNELS_LN=fused: x gathered on load, gamma/beta in the prologue),
            h[s] = gelu(pre[s]) (epilogue; pre kept for backward, grouped store)
     GEMM2: slot[p] = g_p * (h[s] @ W2[m] + b2[m])      (per-pick slot; K == 1: token row)
     combine: y[t] = sum_k slot[t*K + k] in fp32
 Backward:
     GEMM2^T: G[s] = dy[t] @ W2[m]^T;  dg_p = G[s] . gelu(pre[s]) + dy[t] . b2[m] (row dots in the
              epilogue, partial per N tile, summed after);  dpre[s] = g_p * G[s] * gelu'(pre[s])
-    dW2[m] = sum gelu(pre)^T (g dy[t]),  db2[m] = sum g dy[t]      (segmented, no atomics)
+    dW2[m] = sum gelu(pre)^T (g dy[t]),  db2[m] = sum g dy[t]      (no atomics; dW by `grouped_dw`: on CUDA
+             bf16 gelu(pre) and g dy[t] gathered in sorted order, then torch._grouped_mm; else a Triton
+             kernel walking each module's rows; db by `segment_sum`)
     GEMM1^T: dU[p] = dpre[s] @ W1[m]^T;  dx = LayerNorm backward of sum_k gamma[m] * dU[p]
     dW1[m] = sum LN_m(x[t])^T dpre[s],  db1[m] = sum dpre[s];  dgamma, dbeta from dU and x_hat
 Saved for backward: x, the parameters, ids, g, the plan, mean / rstd [T] and the pre-activation

@@ -4,9 +4,10 @@
     U_m(x) = LN_m(x) = (x - mean(x)) * rstd(x) * gamma[m] + beta[m]   (or x without LayerNorm)
     g = 1 when `weights` is None (the QKV projection), the routing weights otherwise (output proj.)
 
-Dataflow: plan (sort picks by module) -> LayerNorm statistics once per token -> grouped GEMM that
-gathers x rows on load, applies gamma[m], beta[m] in the prologue, adds b[m], scales by g ->
-per-pick slots -> fp32 sum over the K picks (K == 1: stored straight into the token row).
+Dataflow: plan (sort picks by module) -> LayerNorm statistics once per token -> LN_m(x[t]) written in
+module-sorted order (`gather_rows`, a transient [S, N_in] buffer; MOM_KERNELS_LN=fused applies gamma[m],
+beta[m] in the GEMM's prologue instead) -> grouped GEMM (rows gathered on load when there is no LayerNorm),
++ b[m], * g -> per-pick slots -> fp32 sum over the K picks (K == 1: stored straight into the token row).
 
 Backward (G_p = dy[t] @ W[m]^T, dU_p = g_p * G_p, all deterministic, no atomics):
     dx      = sum_k dU_p (no LayerNorm), or LayerNorm backward of sum_k gamma[m] * dU_p
@@ -14,7 +15,8 @@ Backward (G_p = dy[t] @ W[m]^T, dU_p = g_p * G_p, all deterministic, no atomics)
     dgamma[m] = sum dU_p * x_hat[t],  dbeta[m] = sum dU_p
     dg_p    = G_p . U_m(x[t]) + dy[t] . b[m]
 Saved for backward: x, the weights, ids, g, the plan and the per-token mean / rstd ([T] each);
-U is recomputed from x on load, no gathered [T*K, N_in] copy is kept.
+U is recomputed from x in the backward, no gathered [T*K, N_in] copy is kept. dW goes through `grouped_dw`
+(torch._grouped_mm on gathered operands on CUDA bf16, the segmented Triton kernel otherwise).
 
 Layers, in order: launchers live in `grouped_gemm.py`; here the implementation functions, the
 torch.library custom ops (so torch.compile(fullgraph=True) traces through) with their autograd,
