@@ -37,6 +37,7 @@ precision (no TF32). Under TRITON_INTERPRET=1 bf16 / fp16 dot operands are upcas
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -636,9 +637,13 @@ def dw_backend(dtype: torch.dtype, device: torch.device, n_in: int, n_out: int) 
             raise ValueError(f"MOM_KERNELS_DW=grouped_mm needs torch._grouped_mm, a 16/32-bit dtype and rows of a "
                              f"multiple of 16 bytes; got {dtype}, n_in {n_in}, n_out {n_out}")
         return forced
-    auto = (ok and device.type == "cuda" and dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    auto = ok and device.type == "cuda" and dtype == torch.bfloat16 and _capability(device) >= (9, 0)
     return "grouped_mm" if auto else "triton"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device):
+    return torch.cuda.get_device_capability(device)
 
 
 def grouped_dw(a, dy, plan: RoutingPlan, *, dw=None, db=None, a_gather: bool, a_mode: int = 0, ln=None,
@@ -655,8 +660,14 @@ def grouped_dw(a, dy, plan: RoutingPlan, *, dw=None, db=None, a_gather: bool, a_
         segment_sum(dy, plan, db, gather=dy_gather, weights=weights)
     if dw_backend(a.dtype, a.device, n_in, n_out) == "grouped_mm":
         # U and dY in module-sorted order (rows >= S unused: offs ends at S), then one grouped GEMM
-        u = a if (not a_gather and a_mode == 0) else gather_rows(a, plan, gather=a_gather, mode=a_mode, ln=ln)
-        d = dy if (not dy_gather and weights is None) else gather_rows(dy, plan, gather=dy_gather, weights=weights)
+        if not a_gather and a_mode == 0:
+            u = a.contiguous()
+        else:
+            u = gather_rows(a, plan, gather=a_gather, mode=a_mode, ln=ln)
+        if not dy_gather and weights is None:
+            d = dy.contiguous()
+        else:
+            d = gather_rows(dy, plan, gather=dy_gather, weights=weights)
         offs = plan.offsets[1:].to(torch.int32)
         out = torch._grouped_mm(u.t(), d, offs=offs)                         # [E, N_in, N_out]
         if dw is None:
