@@ -2,14 +2,18 @@
 
     python -m benchmarks.bench_step                 # CPU: D 768, E 8, K 2, T 2048 (GPT-2-small width)
     python -m benchmarks.bench_step --quick         # T 512, fewer repeats
-    python -m benchmarks.bench_step --device cuda --dtype bfloat16 --tokens 16384
+    python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 --modules 16 \
+        --batch 8 --tokens 1024 --graph            # issue 4's point on a GPU, also replayed from CUDA graphs
 
-The routed step is an `MoMLayer` with one step (depth 1, no anchor, no SKIP; by default uniform routing
-from fixed random logits) run by the "torch" backend (and "triton" on CUDA) and by the "reference" loop (the authors' style: one gather / matmul / index_add per
-module). The dense equivalent does the same matrix FLOPs as a step whose K picks are all real modules: a
-GPT-2 block whose c_attn, c_proj and FFN are K times wider (the K partial QKVs summed, so attention runs once
-on [T, D] like the routed step). Ratios are of medians measured round-robin in one run. Target (issue 2): the
-"torch" step costs <= 1.1x the dense equivalent and no more than the loop.
+The routed step is an `MoMLayer` with one step (depth 1, no anchor, no SKIP; by default uniform routing from
+fixed random logits) run by the "torch" backend (and "triton" on CUDA) and by the "reference" loop (the
+authors' style: one gather / matmul / index_add per module). The dense equivalent does the same matrix FLOPs
+as a step whose K picks are all real modules: a GPT-2 block whose c_attn, c_proj and FFN are K times wider
+(the K partial QKVs summed, so attention runs once on [T, D] like the routed step). Ratios are of medians
+measured round-robin in one run. On CUDA it also records the activations each candidate's forward leaves
+for the backward, and the peak of forward+backward. Targets: issue 2, the "torch" step costs <= 1.1x the
+dense equivalent and no more than the loop; issue 4, the "triton" step forward+backward >= 5x faster than
+the loop, saved activations <= the dense block's, GRU routing <= 5% of a step.
 """
 from __future__ import annotations
 
@@ -177,8 +181,8 @@ def main(argv=None):
     if a.quick:
         a.tokens, a.repeats = 512, 3
     s = build(a)
-    cfg, dev, dtype, x, g, cands, params = s.cfg, s.dev, s.dtype, s.x, s.g, s.cands, s.params
-    D, K, E, T, B, N, loads = s.D, s.K, s.E, s.T, s.B, s.N, s.loads
+    dev, x, g, cands, params = s.dev, s.x, s.g, s.cands, s.params
+    D, K, E, T, B, loads = s.D, s.K, s.E, s.T, s.B, s.loads
     res_f = time_interleaved({k: fwd(s, f) for k, f in cands.items()}, a.repeats, dev)
     res_b = time_interleaved({k: fwd_bwd(s, f) for k, f in cands.items()}, a.repeats, dev)
 

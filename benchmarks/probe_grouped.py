@@ -22,7 +22,7 @@ from mom_kernels.grouped_gemm import grouped_dw, grouped_gemm
 from mom_kernels.routing import make_plan
 from mom_kernels.testing import make_ids
 
-CONFIGS = ["", "BLOCK_R=128", "BLOCK_R=32", "num_warps=4", "num_stages=4", "num_stages=2",
+CONFIGS = ["BLOCK_R=128", "BLOCK_R=32", "num_warps=4", "num_stages=4", "num_stages=2",
            "BLOCK_K=64", "BLOCK_N=256", "BLOCK_R=128,num_stages=2"]
 
 
@@ -98,7 +98,7 @@ def main(argv=None):
             kw["a"], kw["dy"], plan, dw=dw, db=dbb, a_gather=kw["a_gather"], a_mode=a_mode,
             ln=(mean, rstd, gamma, beta) if a_mode == 1 else None, dy_gather=kw["dy_gather"],
             weights=kw.get("weights")))
-    for spec in CONFIGS[1:]:
+    for spec in CONFIGS:
         os.environ["MOM_KERNELS_DW_CONFIG"] = spec
         report(f"triton plain, {spec}", lambda: grouped_dw(x_sorted, dy_sorted, plan, dw=dw, db=db,
                                                            a_gather=False, a_mode=0, dy_gather=False))

@@ -1,6 +1,7 @@
 """routed_ffn (mom_kernels/routed_ffn.py) against the per-module reference: output and every
 gradient, fp64 / fp32 tight, fp16 / bf16 by the 2x rule; edge cases; determinism; errors."""
 import os
+import zlib
 
 import torch
 
@@ -46,7 +47,7 @@ def _run(fn, inputs, dy, grad=True):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_routed_ffn_matches_reference(case, dtype):
     T, K, E, D, F, skip, empty = CASES[case]
-    hi = ffn_inputs(T, K, E, D, F, torch.float64, DEVICE, skip, seed=hash(case) % 1000, empty=empty)
+    hi = ffn_inputs(T, K, E, D, F, torch.float64, DEVICE, skip, seed=zlib.crc32(case.encode()) % 1000, empty=empty)
     dy = torch.randn(T, D, dtype=torch.float64, device=DEVICE)
     y_ref, g_ref = _run(reference.routed_ffn, hi, dy)
     lo = [t.to(dtype) if t.is_floating_point() else t for t in hi]
