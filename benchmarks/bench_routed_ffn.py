@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F_
 
-from .common import commit, hardware
+from .common import commit, env_override, hardware
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSV_PATH = os.path.join(HERE, "results", "routed_ffn.csv")
@@ -195,20 +195,13 @@ def tile_sweep(device, dtype, cfg=None):
     d_fwd = next(r for r in dense if r["mode"] == "fwd")
     lines.append(f"tile sweep at {cfg}: dense fwd {d_fwd['tflops']:.1f} TFLOP/s")
     for label, env in TILE_CONFIGS:
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         try:
-            r = run_config(cfg, device, dtype, {"triton": mom_kernels.routed_ffn}, quick=True, modes=("fwd",))[0]
+            with env_override(env):
+                r = run_config(cfg, device, dtype, {"triton": mom_kernels.routed_ffn}, quick=True, modes=("fwd",))[0]
             lines.append(f"  {label:<28} fwd {r['tflops']:7.1f} TFLOP/s ({100 * r['tflops'] / d_fwd['tflops']:.0f}% "
                          f"of dense)")
         except Exception as e:  # a config that does not fit is a result too
             lines.append(f"  {label:<28} failed: {type(e).__name__}: {str(e)[:100]}")
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         print(lines[-1], flush=True)
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: interleaved timing, hardware/commit stamps, CSV rows."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import os
@@ -44,6 +45,22 @@ def commit() -> str:
 def stamp() -> Dict[str, str]:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit(), "hardware": hardware(), "torch": torch.__version__}
+
+
+@contextlib.contextmanager
+def env_override(env: Dict[str, str]):
+    """Set environment variables (e.g. the tile overrides mom_kernels reads at launch) inside the block and
+    restore the previous values after it."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def sync(device):

@@ -20,6 +20,7 @@ import time
 import torch
 
 from .bench_step import build, fwd, fwd_bwd, parser
+from .common import env_override
 
 # (label, environment); one knob changed at a time from the defaults
 TILE_CONFIGS = [
@@ -82,19 +83,12 @@ def tile_sweep(s):
     print(f"{'config':<20} {'fwd':>8} {'fwd+bwd':>8}")
     step = s.cands["triton"]
     for label, env in TILE_CONFIGS:
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         try:
-            f, b = median_ms(fwd(s, step)), median_ms(fwd_bwd(s, step))
+            with env_override(env):
+                f, b = median_ms(fwd(s, step)), median_ms(fwd_bwd(s, step))
             print(f"{label:<20} {f:>8.2f} {b:>8.2f}", flush=True)
         except Exception as e:  # a config that does not fit is a result too
             print(f"{label:<20} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def main(argv=None):
