@@ -88,25 +88,23 @@ def make_plan(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> 
     P = T * K
     flat = ids.reshape(-1)  # [P]
     # ids outside 0..E-1 (SKIP, or invalid) all get key E so they sort after every module. int32 keys: a
-    # radix sort makes 4 passes over them (8 for int64).
-    key = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E)).to(torch.int32)
+    # radix sort makes 4 passes over them (8 for int64). Everything after the sort stays in int32, with no
+    # conversions: each torch op here is a kernel launch on the host's critical path.
+    key = torch.where((flat >= 0) & (flat < E), flat, E).to(torch.int32)
     sorted_key, sorted_pick = torch.sort(key, stable=True)  # [P], [P]
     bounds = torch.arange(E + 1, device=dev, dtype=torch.int32)
-    offsets = torch.searchsorted(sorted_key, bounds)  # [E+1] first position with key >= e
+    offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)  # [E+1] first position with key >= e
     counts = offsets[1:] - offsets[:-1]  # [E]
     # tile schedule: module e owns ceil(counts[e] / BLOCK_M) consecutive tiles
     n_tiles = (P + block_m - 1) // block_m + E  # host-side upper bound, no sync
-    tiles = (counts + block_m - 1) // block_m  # [E]
-    tile_end = torch.cumsum(tiles, 0)  # [E] one past each module's last tile
-    i = torch.arange(n_tiles, device=dev, dtype=torch.int64)  # [n_tiles]
-    tile_module = torch.searchsorted(tile_end, i, right=True)  # [n_tiles] in 0..E (E = spare)
+    tiles = (counts + (block_m - 1)) // block_m  # [E]
+    tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)  # [E] one past each module's last tile
+    i = torch.arange(n_tiles, device=dev, dtype=torch.int32)  # [n_tiles]
+    tile_module = torch.searchsorted(tile_end, i, right=True, out_int32=True)  # [n_tiles] in 0..E (E = spare)
     m = tile_module.clamp(max=E - 1)
-    tile_row_start = offsets[m] + (i - (tile_end[m] - tiles[m])) * block_m
+    tile_row_start = offsets[m] + (i - (tile_end - tiles)[m]) * block_m
     return RoutingPlan(
         n_tokens=T, top_k=K, n_modules=E, block_m=block_m,
-        sorted_pick=sorted_pick.to(torch.int32),
-        offsets=offsets.to(torch.int32),
-        counts=counts.to(torch.int32),
-        tile_module=tile_module.to(torch.int32),
-        tile_row_start=tile_row_start.to(torch.int32),
+        sorted_pick=sorted_pick.to(torch.int32), offsets=offsets, counts=counts,
+        tile_module=tile_module, tile_row_start=tile_row_start,
     )
