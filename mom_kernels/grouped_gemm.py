@@ -89,6 +89,18 @@ def _cast(x, dtype: tl.constexpr, RTNE: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc += a @ b with fp32 operands under the interpreter (UPCAST: its bf16 dot is garbage) and IEEE
+    precision for fp32 / fp64 inputs (no TF32); out_dtype given, which triton 3.6 needs for fp64."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, out_dtype=acc.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -187,13 +199,7 @@ def _grouped_gemm_kernel(
                 a = _cast(u, a_ptr.dtype.element_ty, RTNE)
             w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
-            if UPCAST:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee", out_dtype=acc.dtype)
-            else:
-                acc = tl.dot(a, w, acc, out_dtype=acc.dtype)
+            acc = _mma(a, w, acc, UPCAST, IEEE)
         # ---- epilogue ----
         mask_mn = mask_m[:, None] & mask_n[None, :]
         if HAS_BIAS:
@@ -296,13 +302,7 @@ def _grouped_dw_kernel(
         if WEIGHTED:
             g = tl.load(g_ptr + pick, mask=mask_r, other=0.0).to(cdt)
             dy = _cast(dy.to(cdt) * g[:, None], dy_ptr.dtype.element_ty, RTNE)
-        if UPCAST:
-            aT = aT.to(tl.float32)
-            dy = dy.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(aT, dy, acc, input_precision="ieee", out_dtype=acc.dtype)
-        else:
-            acc = tl.dot(aT, dy, acc, out_dtype=acc.dtype)
+        acc = _mma(aT, dy, acc, UPCAST, IEEE)
     tl.store(dw_ptr + m64 * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
              _cast(acc, dw_ptr.dtype.element_ty, RTNE), mask=mask_k[:, None] & mask_n[None, :])
 
