@@ -259,7 +259,7 @@ def test_balance_loss_by_hand(case):
             P = [sum(Ph[e] for _, Ph in terms[r]) / H for e in range(len(terms[r][0][1]))]
             losses.append(hand_switch(f, P))
     want = sum(losses) / len(losses)
-    assert math.isclose(float(aux), float(want), rel_tol=1e-12, abs_tol=1e-14), (float(aux), float(want))
+    assert math.isclose(aux.item(), want.item(), rel_tol=1e-12, abs_tol=1e-14), (aux.item(), want.item())
     # the gradient reaches the logits through P only (f is a count)
     logits = seen["attn"] + seen["ffn"]
     got = torch.autograd.grad(aux, logits, retain_graph=True)
