@@ -21,6 +21,14 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHECK_IDS = os.environ.get("MOM_KERNELS_CHECK_IDS", "0") == "1"
 
 
+def host_check():
+    """Context for a check that reads tensor values on the host (CPU tensors, or CUDA when asked): not
+    part of a step's launches (`launches.count_launches` skips it)."""
+    from .launches import uncounted
+
+    return uncounted()
+
+
 def set_check_ids(flag: bool) -> None:
     """Turn the host-syncing id range check on or off for CUDA tensors (always on for CPU)."""
     global _CHECK_IDS
@@ -65,7 +73,8 @@ def check_ids(ids, T, E, device):
     if ids.device != device:
         raise ValueError(f"ids is on {ids.device} but x is on {device}; all inputs must share a device")
     if ids.numel() and not _compiling() and (device.type == "cpu" or _CHECK_IDS):
-        lo, hi = int(ids.min()), int(ids.max())
+        with host_check():
+            lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi > E:
             raise ValueError(f"ids must lie in 0..{E} ({E} = SKIP), got values in {lo}..{hi}")
 

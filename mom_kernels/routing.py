@@ -19,7 +19,8 @@ token row p // K when K == 1) and the combine sums the K slots of a token in fp3
 One plan serves every routed GEMM of a step that uses the same ids (the QKV and the output
 projection of a routed attention step): build it once with `make_plan(ids, n_modules)` and pass
 it as `plan=` to `routed_linear` / `routed_ffn`. Everything here is deterministic (stable sort,
-searchsorted, cumsum) and made of plain torch ops, so `torch.compile(fullgraph=True)` traces it.
+counting sort in three Triton launches, see `route.py`; `make_plan_torch` is the same plan in plain torch
+ops, the reference).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RoutingPlan", "make_plan", "default_block_m"]
+__all__ = ["RoutingPlan", "make_plan", "make_plan_torch", "default_block_m"]
 
 
 def default_block_m(device: torch.device) -> int:
@@ -68,21 +69,39 @@ class RoutingPlan:
         return self.sorted_pick, self.offsets, self.tile_module, self.tile_row_start
 
 
-def make_plan(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> RoutingPlan:
-    """Build the routing plan of picks `ids` [T, K] (values 0..n_modules-1, n_modules = SKIP).
-
-    Runs on ids' device with no host synchronisation. Ids outside 0..n_modules are not checked
-    here (that needs a sync; the functionals check on CPU or when asked, see `mom_kernels.checks`):
-    they are dropped like SKIP.
-    """
+def _check_plan_args(ids, n_modules, block_m):
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dim() != 2:
         raise ValueError(f"ids must be [T, K], got shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+    if isinstance(n_modules, bool) or not isinstance(n_modules, int) or n_modules < 1:
+        raise ValueError(f"n_modules must be an int >= 1, got {n_modules!r}")
+    if block_m is not None and (isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 1
+                                or block_m & (block_m - 1)):
+        raise ValueError(f"block_m must be a power of two >= 1 (a tile height), got {block_m!r}")
+
+
+def make_plan(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> RoutingPlan:
+    """Build the routing plan of picks `ids` [T, K] (values 0..n_modules-1, n_modules = SKIP).
+
+    Three Triton launches on ids' device (a stable counting sort, `route.plan_from_ids`), no host
+    synchronisation. Ids outside 0..n_modules are not checked here (that needs a sync; the functionals
+    check on CPU or when asked, see `mom_kernels.checks`): they are dropped like SKIP.
+    """
+    _check_plan_args(ids, n_modules, block_m)
+    from .route import plan_from_ids  # (route.py imports RoutingPlan from here)
+
+    return plan_from_ids(ids, n_modules, int(block_m or default_block_m(ids.device)))
+
+
+def make_plan_torch(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> RoutingPlan:
+    """`make_plan` in plain torch ops (a stable radix sort, searchsorted, cumsum): the reference the
+    Triton plan is tested against; also traceable by torch.compile."""
+    _check_plan_args(ids, n_modules, block_m)
     T, K = ids.shape
     E = int(n_modules)
-    if E < 1:
-        raise ValueError(f"n_modules must be >= 1, got {n_modules}")
     block_m = int(block_m or default_block_m(ids.device))
     dev = ids.device
     P = T * K
