@@ -27,7 +27,7 @@ import torch.nn as nn
 from .blocks import AttentionPool, Block, FFNPool, KVCache, causal_attention, init_weights, merge_heads, split_heads
 from .config import MoMConfig
 from .routed import Ops, get_ops
-from .routers import balance_loss, balance_terms, make_router, route
+from .routers import balance_loss, make_router
 
 
 @dataclass
@@ -84,8 +84,7 @@ class MoMLayer(nn.Module):
         for h in range(cfg.depth):
             # --- assembled attention ---
             logits, state_a = self.attn_router(xf, state_a)         # [N, S_a]
-            ra = route(logits, E_a, cfg)
-            plan = ops.make_plan(ra.ids, E_a)                        # shared by QKV and output projection
+            ra, plan = ops.route(logits, E_a, cfg)                   # plan: shared by QKV and output projection
             qkv = ops.routed_linear(xf, pa.c_attn_weight, pa.c_attn_bias, ra.ids,
                                     ra.weights if cfg.weighted_qkv else None, pa.ln_weight, pa.ln_bias, eps,
                                     plan=plan)                       # [N, 3D]
@@ -97,13 +96,12 @@ class MoMLayer(nn.Module):
             xf = xf + ops.routed_linear(o, pa.c_proj_weight, pa.c_proj_bias, ra.ids, ra.weights, plan=plan)
             # --- assembled FFN ---
             logits, state_f = self.ffn_router(xf, state_f)           # [N, S_f]
-            rf = route(logits, E_f, cfg)
+            rf, plan = ops.route(logits, E_f, cfg)
             xf = xf + ops.routed_ffn(xf, pf.ln_weight, pf.ln_bias, pf.c_fc_weight, pf.c_fc_bias,
-                                     pf.c_proj_weight, pf.c_proj_bias, rf.ids, rf.weights, eps,
-                                     plan=ops.make_plan(rf.ids, E_f))
+                                     pf.c_proj_weight, pf.c_proj_bias, rf.ids, rf.weights, eps, plan=plan)
             routing.append(StepRouting(ra.ids.view(B, T, -1), ra.weights.view(B, T, -1),
                                        rf.ids.view(B, T, -1), rf.weights.view(B, T, -1)))
-            terms.append((balance_terms(ra, E_a, cfg), balance_terms(rf, E_f, cfg)))
+            terms.append((ra, rf))
             if use_cache:
                 presents.append(present)
         x = xf.view(B, T, D)
@@ -116,11 +114,11 @@ class MoMLayer(nn.Module):
     def _aux_loss(self, terms):
         """Mean Switch-style balance loss over routers and steps ("per_step") or over routers ("pooled")."""
         if self.config.balance_loss == "per_step":
-            losses = [balance_loss(f, P) for pair in terms for (f, P) in pair]
+            losses = [r.balance for pair in terms for r in pair]
         else:  # pool f and P over the chunk's steps, one loss per router
             losses = []
-            for r in range(2):
-                f = torch.stack([t[r][0] for t in terms]).mean(0)
-                P = torch.stack([t[r][1] for t in terms]).mean(0)
+            for i in range(2):
+                f = torch.stack([t[i].f for t in terms]).mean(0)
+                P = torch.stack([t[i].P for t in terms]).mean(0)
                 losses.append(balance_loss(f, P))
         return torch.stack(losses).mean()

@@ -294,10 +294,21 @@ def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e
 
 # ----------------------------------------------------------------------------------------------------------
 class Ops:
-    """The routed ops of one backend."""
+    """The routed ops of one backend: route (logits -> Routing and the plan the routed ops share),
+    routed_linear, routed_ffn."""
 
-    def __init__(self, name, make_plan, routed_linear, routed_ffn):
+    def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None):
         self.name, self.make_plan, self.routed_linear, self.routed_ffn = name, make_plan, routed_linear, routed_ffn
+        self._route = route
+
+    def route(self, logits, n_modules: int, config):
+        """(Routing, plan) of router logits [N, S] over a pool of n_modules."""
+        if self._route is not None:
+            return self._route(logits, n_modules, config)
+        from .routers import route
+
+        r = route(logits, n_modules, config)
+        return r, self.make_plan(r.ids, n_modules)
 
 
 REFERENCE = Ops("reference", lambda ids, n_modules: None, reference_routed_linear, reference_routed_ffn)
@@ -337,4 +348,16 @@ def _triton_ops(device) -> Ops:
     import mom_kernels
     from mom_kernels import routing
 
-    return Ops("triton", routing.make_plan, mom_kernels.routed_linear, mom_kernels.routed_ffn)
+    return Ops("triton", routing.make_plan, mom_kernels.routed_linear, mom_kernels.routed_ffn, _triton_route)
+
+
+def _triton_route(logits, n_modules: int, config):
+    """Route + plan + balance terms in three Triton launches (mom_kernels.route)."""
+    from mom_kernels.route import route as kernel_route
+
+    from .routers import Routing
+
+    r = kernel_route(logits, n_modules, top_k=config.top_k, temperature=config.router_temperature,
+                     renormalize=config.renormalize, straight_through=config.straight_through,
+                     dense=config.dense_routing, balance_skip=config.balance_skip)
+    return Routing(r.ids, r.weights, r.probs, r.slots, r.f, r.P, r.balance), r.plan

@@ -4,10 +4,13 @@
 
     GRU router (the paper's): s <- GRUCell(x, s); logits = Linear(s)      s [N, r] starts at 0 each chunk
     MLP router ("naive"):     logits = Linear(ReLU(Linear(x)))           stateless
-    route():  p = softmax(logits / tau) [N, S]; ids, g = top-K of p; g renormalised over the K picks
-              (config.renormalize); slot ids >= E become the SKIP id E (what the routed ops expect).
+    route():  p = softmax(logits / tau) [N, S]; slots = the K largest logits (largest first; on ties the
+              lower slot), g = p at those slots, renormalised over the K picks (config.renormalize);
+              slot ids >= E become the SKIP id E (what the routed ops expect).
     balance:  Switch-style  n * sum_e f_e * P_e  (f_e: share of the N*K top-K assignments to slot e,
-              P_e: mean probability of slot e), over the slots balanced (modules, plus SKIP if balance_skip).
+              P_e: mean probability of slot e), over the n slots balanced (modules, plus SKIP if balance_skip).
+This file is the plain PyTorch spec; the Triton backend does route + plan + balance terms in three launches
+(mom_kernels/route.py), tested against it.
 """
 from __future__ import annotations
 
@@ -48,11 +51,14 @@ def make_router(config: MoMConfig, n_slots: int) -> nn.Module:
 
 @dataclass
 class Routing:
-    """One router's decision at one step, for N tokens."""
+    """One router's decision at one step, for N tokens, and its balance terms."""
     ids: torch.Tensor      # [N, K] int64, module ids; n_modules (= SKIP) where a SKIP slot was picked
     weights: torch.Tensor  # [N, K] g of each pick (differentiable)
     probs: torch.Tensor    # [N, S] softmax(logits / tau) over all slots
     slots: torch.Tensor    # [N, K] int64, picked slot ids before SKIP slots are merged
+    f: torch.Tensor        # [n] share of the N*K picks per balanced slot (no gradient)
+    P: torch.Tensor        # [n] mean probability per balanced slot (differentiable)
+    balance: torch.Tensor  # [] this call's balancing loss n * sum f * P (differentiable)
 
 
 def route(logits: torch.Tensor, n_modules: int, config: MoMConfig) -> Routing:
@@ -62,22 +68,24 @@ def route(logits: torch.Tensor, n_modules: int, config: MoMConfig) -> Routing:
     if config.dense_routing:  # ablation: all slots, weighted by the full softmax
         slots = torch.arange(S, device=probs.device).expand(N, S)
         weights = probs
-    else:
-        weights, slots = probs.topk(config.top_k, dim=-1)  # [N, K]
+    else:  # the K largest logits; a stable descending sort puts the lower slot first on ties
+        slots = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :config.top_k]  # [N, K]
+        weights = probs.gather(1, slots)
         if config.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
     if config.straight_through:  # value 1 per pick forward, the soft weight's gradient backward
         weights = weights - weights.detach() + 1.0
     ids = slots.clamp(max=n_modules)
-    return Routing(ids=ids, weights=weights, probs=probs, slots=slots)
+    f, P = balance_terms(slots, probs, n_modules, config)
+    return Routing(ids=ids, weights=weights, probs=probs, slots=slots, f=f, P=P, balance=balance_loss(f, P))
 
 
-def balance_terms(r: Routing, n_modules: int, config: MoMConfig):
+def balance_terms(slots: torch.Tensor, probs: torch.Tensor, n_modules: int, config: MoMConfig):
     """(f, P) restricted to the balanced slots: f [S'] assignment shares (no gradient), P [S'] mean probs."""
-    S = r.probs.shape[-1]
-    counts = F.one_hot(r.slots.reshape(-1), S).sum(0).to(r.probs.dtype)  # [S]
-    f = counts / r.slots.numel()
-    P = r.probs.mean(0)
+    S = probs.shape[-1]
+    counts = F.one_hot(slots.reshape(-1), S).sum(0).to(probs.dtype)  # [S]
+    f = counts / slots.numel()
+    P = probs.mean(0)
     if not config.balance_skip:
         f, P = f[:n_modules], P[:n_modules]
     return f, P
