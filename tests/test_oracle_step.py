@@ -188,10 +188,14 @@ def check_layer_against_loop(cfg, layer, B=2, T=5, rtol=1e-9, atol=1e-11):
     want_h, want_aux, picks = loop_forward(layer, x)
     # the same picks (as sets per token), then values and gradients
     for h, step in enumerate(out.routing):
-        for r, ids in (("attn", step.attn_ids), ("ffn", step.ffn_ids)):
-            got = [sorted(row) for row in ids.reshape(B * T, -1).tolist()]
-            want = [sorted(m for m, _ in tp) for tp in picks[r][h]]
-            assert got == want, f"step {h} {r} router: picks differ"
+        for r, ids, w in (("attn", step.attn_ids, step.attn_weights), ("ffn", step.ffn_ids, step.ffn_weights)):
+            got = [sorted(zip(i, g)) for i, g in zip(ids.reshape(B * T, -1).tolist(),
+                                                     w.detach().reshape(B * T, -1).tolist())]
+            want = [sorted((m, g.item()) for m, g in tp) for tp in picks[r][h]]
+            assert [[m for m, _ in p] for p in got] == [[m for m, _ in p] for p in want], \
+                f"step {h} {r} router: picks differ"
+            err = max(abs(a[1] - b[1]) for p, q in zip(got, want) for a, b in zip(p, q))
+            assert err <= 1e-12, f"step {h} {r} router: weights differ by {err:.3g}"
     assert_close("hidden_states", out.hidden_states, want_h, rtol, atol)
     assert_close("aux_loss", out.aux_loss, want_aux, rtol, atol)
     got = grads_of((out.hidden_states * dy).sum() + c_aux * out.aux_loss, x, layer)
