@@ -297,9 +297,10 @@ class Ops:
     """The routed ops of one backend: route (logits -> Routing and the plan the routed ops share),
     routed_linear, routed_ffn."""
 
-    def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None):
+    def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None, gru_cell=None):
         self.name, self.make_plan, self.routed_linear, self.routed_ffn = name, make_plan, routed_linear, routed_ffn
         self._route = route
+        self.gru_cell = gru_cell  # a fused GRU cell for the routers (None: nn.GRUCell)
 
     def route(self, logits, n_modules: int, config):
         """(Routing, plan) of router logits [N, S] over a pool of n_modules."""
@@ -347,8 +348,10 @@ def _triton_ops(device) -> Ops:
                            "use backend 'torch' on the CPU")
     import mom_kernels
     from mom_kernels import routing
+    from mom_kernels.gru import gru_cell
 
-    return Ops("triton", routing.make_plan, mom_kernels.routed_linear, mom_kernels.routed_ffn, _triton_route)
+    return Ops("triton", routing.make_plan, mom_kernels.routed_linear, mom_kernels.routed_ffn, _triton_route,
+               gru_cell)
 
 
 def _triton_route(logits, n_modules: int, config):

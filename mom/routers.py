@@ -30,9 +30,15 @@ class GRURouter(nn.Module):
         self.cell = nn.GRUCell(config.n_embd, config.router_dim)
         self.head = nn.Linear(config.router_dim, n_slots)
 
-    def forward(self, x, state: Optional[torch.Tensor]):  # x [N, D], state [N, r] or None (= zeros)
-        state = self.cell(x, state)
-        return self.head(state), state  # logits [N, S], state [N, r]
+    def forward(self, x, state: Optional[torch.Tensor], gru_cell=None):
+        """x [N, D], state [N, r] or None (= zeros) -> logits [N, S], state [N, r]. gru_cell: a fused
+        implementation of the cell with GRUCell's arguments (the Triton backend's), else nn.GRUCell."""
+        if gru_cell is None:
+            state = self.cell(x, state)
+        else:
+            c = self.cell
+            state = gru_cell(x, state, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)
+        return self.head(state), state
 
 
 class MLPRouter(nn.Module):
@@ -41,7 +47,7 @@ class MLPRouter(nn.Module):
         self.fc = nn.Linear(config.n_embd, config.router_dim)
         self.head = nn.Linear(config.router_dim, n_slots)
 
-    def forward(self, x, state=None):  # x [N, D] -> logits [N, S]; no state
+    def forward(self, x, state=None, gru_cell=None):  # x [N, D] -> logits [N, S]; no state
         return self.head(F.relu(self.fc(x))), None
 
 

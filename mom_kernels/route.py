@@ -295,7 +295,7 @@ def _scan_and_scatter(ids, cnt, psum, T, K, E, S, n_bal, block_m, f=None, pm=Non
         _plan_scatter_kernel[(n_blocks,)](
             ids, base, offsets, sorted_pick, T, E, K=K, BLOCK_T=BT, BLOCK_K=BK, BLOCK_E=_p2(E, 16), num_warps=4)
     return RoutingPlan(n_tokens=T, top_k=K, n_modules=E, block_m=block_m, sorted_pick=sorted_pick,
-                       offsets=offsets, counts=offsets[1:] - offsets[:-1], tile_module=tile_module,
+                       offsets=offsets, tile_module=tile_module,
                        tile_row_start=tile_row_start)
 
 
@@ -478,7 +478,7 @@ def route(logits: Tensor, n_modules: int, top_k: int = 1, temperature: float = 1
     ids, weights, probs, slots, f, pm, loss, sorted_pick, offsets, tile_module, tile_row_start = out
     T, K = ids.shape
     plan = RoutingPlan(n_tokens=T, top_k=K, n_modules=n_modules, block_m=block_m, sorted_pick=sorted_pick,
-                       offsets=offsets, counts=offsets[1:] - offsets[:-1], tile_module=tile_module,
+                       offsets=offsets, tile_module=tile_module,
                        tile_row_start=tile_row_start)
     return Route(ids, weights, probs, slots, f, pm, loss, plan)
 

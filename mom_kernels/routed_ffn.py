@@ -29,7 +29,8 @@ import torch
 from . import checks
 from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
                            ln_operand, ln_stats, rowdot_tiles)
-from .routed_linear import _plan_of, dweights_bias_term
+from .reductions import routing_weight_grad
+from .routed_linear import _plan_of
 from .routing import RoutingPlan, make_plan
 
 Tensor = torch.Tensor
@@ -73,7 +74,7 @@ def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, 
     ln = (mean, rstd, ln_weight.contiguous(), ln_bias.contiguous())
     # GEMM2^T: dpre = g * (dy[t] @ W2^T) * gelu'(pre), row dots with gelu(pre) for dg
     dpre = x.new_empty(P, F)
-    part = torch.zeros(rowdot_tiles(F, x.dtype), P, device=x.device, dtype=cdt)
+    part = torch.empty(rowdot_tiles(F, x.dtype), P, device=x.device, dtype=cdt)  # SKIP columns unread
     grouped_gemm(dy, w2, plan, out=dpre, a_gather=True, w_transposed=True, pre=pre, gelu_bwd=True,
                  weights=g, rowdot=1, part=part, store="sorted")
     db2 = torch.empty(b2.shape, device=x.device, dtype=b2.dtype)
@@ -88,9 +89,7 @@ def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, 
     ln_affine_bwd(buf, x, mean, rstd, plan, dgamma, dbeta)
     db1 = torch.empty(b1.shape, device=x.device, dtype=b1.dtype)
     dw1, db1 = grouped_dw(x, dpre, plan, db=db1, a_gather=True, a_mode=1, ln=ln, dy_gather=False)
-    dgp = part.sum(0).view(T, K) + dweights_bias_term(dy, b2, ids, E)
-    valid = (ids >= 0) & (ids < E)
-    dg = torch.where(valid, dgp, torch.zeros_like(dgp)).to(weights.dtype)
+    dg = routing_weight_grad(part, dy, b2, ids, E, weights.dtype)
     return dx, dgamma, dbeta, dw1, db1, dw2, db2, dg
 
 
@@ -140,12 +139,15 @@ def _ffn_setup_context(ctx, inputs, output):
     _, mean, rstd, pre = output
     if not save_pre:
         raise RuntimeError("routed_ffn_fwd was called with save_pre=False but a gradient is needed")
+    ctx.set_materialize_grads(False)  # mean / rstd / pre get no gradient: no zero-filled tensors for them
     ctx.block_m = block_m
     ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, rstd, pre,
                           sorted_pick, offsets, tile_module, tile_row_start)
 
 
 def _ffn_backward(ctx, dy, _dmean, _drstd, _dpre):
+    if dy is None:
+        return (None,) * 16
     saved = ctx.saved_tensors
     dx, dgamma, dbeta, dw1, db1, dw2, db2, dg = torch.ops.mom_kernels.routed_ffn_bwd(
         dy, *saved, ctx.block_m)

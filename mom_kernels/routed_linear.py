@@ -29,6 +29,7 @@ import torch
 from . import checks
 from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
                            ln_operand, ln_stats, rowdot_tiles)
+from .reductions import routing_weight_grad
 from .routing import RoutingPlan, make_plan
 
 Tensor = torch.Tensor
@@ -38,21 +39,12 @@ def _plan_of(ids: Tensor, n_modules: int, block_m: int, sorted_pick, offsets, ti
              tile_row_start) -> RoutingPlan:
     T, K = ids.shape
     return RoutingPlan(n_tokens=T, top_k=K, n_modules=n_modules, block_m=block_m,
-                       sorted_pick=sorted_pick, offsets=offsets, counts=offsets[1:] - offsets[:-1],
+                       sorted_pick=sorted_pick, offsets=offsets,
                        tile_module=tile_module, tile_row_start=tile_row_start)
 
 
 def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
-
-
-def dweights_bias_term(dy, bias, ids, n_modules):
-    """dy[t] . b[ids[t,k]] for every pick, [T, K] in the accumulation dtype (0 for SKIP):
-    a [T, N] @ [N, E] product then a gather, so no [T, K, N] copy of the biases is made."""
-    cdt = acc_dtype(dy.dtype)
-    dyb = dy.to(cdt) @ bias.to(cdt).t()  # [T, E]
-    idx = ids.long().clamp(0, n_modules - 1)
-    return dyb.gather(1, idx)  # [T, K]
 
 
 def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan):
@@ -101,7 +93,7 @@ def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean,
     buf = torch.empty(P, n_in, device=x.device, dtype=cdt)
     part = None
     if g is not None:
-        part = torch.zeros(rowdot_tiles(n_in, x.dtype), P, device=x.device, dtype=cdt)
+        part = torch.empty(rowdot_tiles(n_in, x.dtype), P, device=x.device, dtype=cdt)  # SKIP columns unread
     grouped_gemm(dy, weight, plan, out=buf, a_gather=True, w_transposed=True, weights=g,
                  rowdot=2 if g is not None else 0, part=part, u=x, u_ln=ln, store="pick")
     dx = x.new_empty(T, n_in)
@@ -118,13 +110,7 @@ def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean,
     db = torch.empty(bias.shape, device=x.device, dtype=bias.dtype) if bias is not None else None
     dw, db = grouped_dw(x, dy, plan, db=db, a_gather=True, a_mode=1 if has_ln else 0, ln=ln,
                         dy_gather=True, weights=g)
-    dg = None
-    if g is not None:
-        dgp = part.sum(0).view(T, K)
-        if bias is not None:
-            dgp = dgp + dweights_bias_term(dy, bias, ids, E)
-        valid = (ids >= 0) & (ids < E)
-        dg = torch.where(valid, dgp, torch.zeros_like(dgp)).to(weights.dtype)
+    dg = routing_weight_grad(part, dy, bias, ids, E, weights.dtype) if g is not None else None
     return dx, dw, db, dg, dgamma, dbeta
 
 
@@ -177,6 +163,7 @@ def _linear_setup_context(ctx, inputs, output):
     (x, weight, bias, ids, weights, ln_weight, ln_bias, eps, sorted_pick, offsets, tile_module,
      tile_row_start, block_m) = inputs
     _, mean, rstd = output
+    ctx.set_materialize_grads(False)  # mean / rstd get no gradient: no zero-filled tensors for them
     ctx.block_m = block_m
     ctx.has = (bias is not None, weights is not None, ln_weight is not None, ln_bias is not None)
     ctx.save_for_backward(x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd,
@@ -184,6 +171,8 @@ def _linear_setup_context(ctx, inputs, output):
 
 
 def _linear_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return (None,) * 13
     (x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets, tile_module,
      tile_row_start) = ctx.saved_tensors
     dx, dw, db, dg, dgamma, dbeta = torch.ops.mom_kernels.routed_linear_bwd(

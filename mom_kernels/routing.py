@@ -51,9 +51,13 @@ class RoutingPlan:
     block_m: int  # tile height of the schedule
     sorted_pick: torch.Tensor  # [P] int32, pick index p = t*K + k in module-sorted order
     offsets: torch.Tensor  # [E+1] int32, start of each module's rows in sorted order; offsets[E] = S
-    counts: torch.Tensor  # [E] int32, rows per module
     tile_module: torch.Tensor  # [n_tiles] int32, module of each tile (E = spare tile)
     tile_row_start: torch.Tensor  # [n_tiles] int32, first sorted row of each tile
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[E] int32 rows per module (computed on access: the kernels read offsets only)."""
+        return self.offsets[1:] - self.offsets[:-1]
 
     @property
     def n_tiles(self) -> int:
@@ -124,6 +128,6 @@ def make_plan_torch(ids: torch.Tensor, n_modules: int, block_m: int | None = Non
     tile_row_start = offsets[m] + (i - (tile_end - tiles)[m]) * block_m
     return RoutingPlan(
         n_tokens=T, top_k=K, n_modules=E, block_m=block_m,
-        sorted_pick=sorted_pick.to(torch.int32), offsets=offsets, counts=counts,
+        sorted_pick=sorted_pick.to(torch.int32), offsets=offsets,
         tile_module=tile_module, tile_row_start=tile_row_start,
     )
