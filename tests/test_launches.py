@@ -1,0 +1,80 @@
+"""Host overhead, measured on the CPU: what one routed step launches, and that nothing on the Triton path reads
+a device value on the host (so the step can be captured in a CUDA graph). `mom_kernels.launches` counts Triton
+launches plus every aten op that is a kernel on a GPU (views, metadata and `empty` are free; the id and logit
+checks that run for CPU tensors only are not counted)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mom import MoMConfig  # noqa: E402
+from mom.layer import MoMLayer  # noqa: E402
+from mom_kernels import route as R  # noqa: E402
+from mom_kernels.launches import count_launches  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+STEP_BUDGET = 60        # one routed step: attention + FFN, K 2, forward + backward with the balance loss
+ROUTE_PLAN_BUDGET = 6   # one router call's route + plan, forward + backward
+
+
+def _layer(depth=1, **kw):
+    base = dict(n_embd=32, n_head=4, n_inner=48, chunks=1, n_attn=4, n_ffn=3, depth=depth, top_k=2,
+                n_bottom=0, n_top=0, router_dim=16, backend="triton")
+    cfg = MoMConfig(**{**base, **kw})
+    return MoMLayer(cfg).to(DEVICE)
+
+
+def _step_count(layer, B=2, T=24):
+    x = torch.randn(B, T, layer.config.n_embd, device=DEVICE, requires_grad=True)
+    dy, daux = torch.randn_like(x), torch.tensor(0.01, device=DEVICE)
+    out = layer(x)  # warm-up (first calls compile / cache)
+    torch.autograd.backward([out.hidden_states, out.aux_loss], [dy, daux])
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    with count_launches() as c:
+        out = layer(x)
+        torch.autograd.backward([out.hidden_states, out.aux_loss], [dy, daux])
+    return c
+
+
+def test_step_launch_budget():
+    c = _step_count(_layer(depth=1))
+    assert c.total <= STEP_BUDGET, c.table()
+    assert not c.syncs, c.table()
+
+
+def test_route_plan_launch_budget():
+    logits = torch.randn(40, 5, device=DEVICE, requires_grad=True)
+    R.route(logits, 4, top_k=2)  # warm-up
+    with count_launches() as c:
+        r = R.route(logits, 4, top_k=2)
+        torch.autograd.backward([r.weights, r.balance], [torch.randn_like(r.weights), torch.tensor(0.01)])
+    assert c.total <= ROUTE_PLAN_BUDGET, c.table()
+    assert sum(c.triton.values()) == 4, c.table()  # 3 forward, 1 backward
+    assert not c.syncs
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(router="mlp", straight_through=True, weighted_qkv=True),
+                                  dict(balance_loss="pooled", balance_skip=True, top_k=1, renormalize=False)])
+def test_triton_step_has_no_host_sync(opts):
+    """Several steps (GRU state carried), every option family: no op reads a device value on the host."""
+    c = _step_count(_layer(depth=2, **opts), T=9)
+    assert not c.syncs, c.table()
+
+
+def test_counter_sees_launches_and_syncs():
+    """The counter itself: a Triton launch, an aten kernel and a host read are each seen; views are free."""
+    x = torch.randn(8, 4, device=DEVICE)
+    with count_launches() as c:
+        R.route(x, 3, top_k=1, renormalize=False)
+        y = x.t().reshape(-1)  # a view and a copy
+        y.sum().item()
+        x[0].tolist()
+    assert sum(c.triton.values()) == 3 and c.aten["clone"] + c.aten["_unsafe_view"] >= 1 and c.aten["sum"] == 1
+    assert "_local_scalar_dense" in c.syncs or "item" in c.syncs
+    assert "tolist" in c.syncs
