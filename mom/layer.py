@@ -93,12 +93,13 @@ class MoMLayer(nn.Module):
             o, present = causal_attention(split_heads(q, cfg.n_head), split_heads(k, cfg.n_head),
                                           split_heads(v, cfg.n_head), past)
             o = merge_heads(o).reshape(B * T, D)                     # [N, D]
-            xf = xf + ops.routed_linear(o, pa.c_proj_weight, pa.c_proj_bias, ra.ids, ra.weights, plan=plan)
+            xf = ops.routed_linear(o, pa.c_proj_weight, pa.c_proj_bias, ra.ids, ra.weights, plan=plan,
+                                   residual=xf)                      # xf + the routed projection
             # --- assembled FFN ---
             logits, state_f = self.ffn_router(xf, state_f, ops.gru_cell)   # [N, S_f]
             rf, plan = ops.route(logits, E_f, cfg)
-            xf = xf + ops.routed_ffn(xf, pf.ln_weight, pf.ln_bias, pf.c_fc_weight, pf.c_fc_bias,
-                                     pf.c_proj_weight, pf.c_proj_bias, rf.ids, rf.weights, eps, plan=plan)
+            xf = ops.routed_ffn(xf, pf.ln_weight, pf.ln_bias, pf.c_fc_weight, pf.c_fc_bias, pf.c_proj_weight,
+                                pf.c_proj_bias, rf.ids, rf.weights, eps, plan=plan, residual=xf)  # xf + FFN
             routing.append(StepRouting(ra.ids.view(B, T, -1), ra.weights.view(B, T, -1),
                                        rf.ids.view(B, T, -1), rf.weights.view(B, T, -1)))
             terms.append((ra, rf))

@@ -297,10 +297,24 @@ class Ops:
     """The routed ops of one backend: route (logits -> Routing and the plan the routed ops share),
     routed_linear, routed_ffn."""
 
-    def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None, gru_cell=None):
-        self.name, self.make_plan, self.routed_linear, self.routed_ffn = name, make_plan, routed_linear, routed_ffn
-        self._route = route
+    def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None, gru_cell=None,
+                 fused_residual=False):
+        self.name, self.make_plan = name, make_plan
+        self._linear, self._ffn, self._route = routed_linear, routed_ffn, route
         self.gru_cell = gru_cell  # a fused GRU cell for the routers (None: nn.GRUCell)
+        self.fused_residual = fused_residual  # the ops take residual= and add it themselves
+
+    def routed_linear(self, *args, residual=None, **kwargs):
+        """residual + routed_linear(...) (residual None: just the routed sum)."""
+        if residual is None or self.fused_residual:
+            return self._linear(*args, **kwargs, **({"residual": residual} if residual is not None else {}))
+        return residual + self._linear(*args, **kwargs)
+
+    def routed_ffn(self, *args, residual=None, **kwargs):
+        """residual + routed_ffn(...) (residual None: just the routed sum)."""
+        if residual is None or self.fused_residual:
+            return self._ffn(*args, **kwargs, **({"residual": residual} if residual is not None else {}))
+        return residual + self._ffn(*args, **kwargs)
 
     def route(self, logits, n_modules: int, config):
         """(Routing, plan) of router logits [N, S] over a pool of n_modules."""
@@ -351,7 +365,7 @@ def _triton_ops(device) -> Ops:
     from mom_kernels.gru import gru_cell
 
     return Ops("triton", routing.make_plan, mom_kernels.routed_linear, mom_kernels.routed_ffn, _triton_route,
-               gru_cell)
+               gru_cell, fused_residual=True)
 
 
 def _triton_route(logits, n_modules: int, config):

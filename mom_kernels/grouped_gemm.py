@@ -388,17 +388,19 @@ def _gather_rows_kernel(
 
 @triton.jit
 def _combine_kernel(
-    buf_ptr, ids_ptr, gamma_ptr, x_ptr, mean_ptr, rstd_ptr, out_ptr,
+    buf_ptr, ids_ptr, gamma_ptr, x_ptr, mean_ptr, rstd_ptr, res_ptr, out_ptr,
     T, N, TOP_K, N_MOD,
-    stride_bm, stride_bn, stride_ge, stride_gn, stride_xt, stride_xn, stride_ot, stride_on,
+    stride_bm, stride_bn, stride_ge, stride_gn, stride_xt, stride_xn, stride_rt, stride_rn, stride_ot, stride_on,
     HAS_GAMMA: tl.constexpr,  # scale pick slot p by gamma[ids[p]]
     LN_BWD: tl.constexpr,  # out = LayerNorm backward of the combined d x_hat (needs BLOCK_N >= N)
+    HAS_RES: tl.constexpr,  # out += res[t] (a residual stream, or its gradient in the backward)
     RTNE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[t] = sum over k with 0 <= ids[t,k] < E of (gamma[ids[t,k]] *) buf[t*K + k], summed in fp32
     in k order (deterministic); with LN_BWD the sum is d x_hat and out is dx:
-    dx = rstd * (dxh - mean(dxh) - x_hat * mean(dxh * x_hat))."""
+    dx = rstd * (dxh - mean(dxh) - x_hat * mean(dxh * x_hat)), exactly 0 for a token with no routed pick
+    (whatever its x); with HAS_RES, + res[t]."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_t = offs_t < T
@@ -406,10 +408,12 @@ def _combine_kernel(
     mask = mask_t[:, None] & mask_n[None, :]
     cdt = buf_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=cdt)
+    routed = tl.zeros([BLOCK_T], dtype=tl.int1)
     for k in range(0, TOP_K):
         p = offs_t.to(tl.int64) * TOP_K + k
         mod = tl.load(ids_ptr + p, mask=mask_t, other=N_MOD)
         valid = mask_t & (mod >= 0) & (mod < N_MOD)
+        routed = routed | valid
         vmask = valid[:, None] & mask_n[None, :]
         row = tl.load(buf_ptr + p[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=vmask,
                       other=0.0).to(cdt)
@@ -426,7 +430,10 @@ def _combine_kernel(
         xhat = tl.where(mask, (x - mu[:, None]) * rs[:, None], 0.0)
         c1 = tl.sum(acc, axis=1) / N
         c2 = tl.sum(acc * xhat, axis=1) / N
-        acc = rs[:, None] * (acc - c1[:, None] - xhat * c2[:, None])
+        acc = tl.where(routed[:, None], rs[:, None] * (acc - c1[:, None] - xhat * c2[:, None]), 0.0)
+    if HAS_RES:
+        acc += tl.load(res_ptr + offs_t.to(tl.int64)[:, None] * stride_rt + offs_n[None, :] * stride_rn,
+                       mask=mask, other=0.0).to(cdt)
     tl.store(out_ptr + offs_t.to(tl.int64)[:, None] * stride_ot + offs_n[None, :] * stride_on,
              _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask)
 
@@ -759,9 +766,10 @@ def gather_rows(a, plan: RoutingPlan, *, gather: bool, mode: int = 0, ln=None, w
     return out
 
 
-def combine(buf, ids, n_modules: int, out, *, gamma=None, ln=None, x=None):
+def combine(buf, ids, n_modules: int, out, *, gamma=None, ln=None, x=None, res=None):
     """out[t] = sum_k valid (gamma[m] *) buf[t*K + k] in fp32 (deterministic, no atomics).
-    With ln = (mean, rstd) and x, out is the LayerNorm input gradient of that sum (needs gamma)."""
+    With ln = (mean, rstd) and x, out is the LayerNorm input gradient of that sum (needs gamma).
+    With res [T, N], out[t] += res[t] (the residual stream forward, its gradient backward)."""
     T, K = ids.shape
     N = buf.shape[1]
     if T == 0:
@@ -777,12 +785,13 @@ def combine(buf, ids, n_modules: int, out, *, gamma=None, ln=None, x=None):
     g_t = gamma if gamma is not None else dummy.view(1, 1)
     x_t = x if x is not None else dummy.view(1, 1)
     mean, rstd = ln if ln is not None else (dummy, dummy)
+    r_t = res if res is not None else dummy.view(1, 1)
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
     _combine_kernel[grid](
-        buf, ids, g_t, x_t, mean, rstd, out, T, N, K, n_modules,
+        buf, ids, g_t, x_t, mean, rstd, r_t, out, T, N, K, n_modules,
         buf.stride(0), buf.stride(1), g_t.stride(0), g_t.stride(1), x_t.stride(0), x_t.stride(1),
-        out.stride(0), out.stride(1),
-        HAS_GAMMA=gamma is not None, LN_BWD=ln is not None, RTNE=interp,
+        r_t.stride(0), r_t.stride(1), out.stride(0), out.stride(1),
+        HAS_GAMMA=gamma is not None, LN_BWD=ln is not None, HAS_RES=res is not None, RTNE=interp,
         BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, num_warps=4 if BLOCK_N <= 2048 else 8)
     return out
 

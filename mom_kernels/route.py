@@ -103,7 +103,7 @@ def _route_kernel(
         mask_tk = mask_t[:, None] & (offs_k < K)[None, :]
         w = g_tk
         if RENORM:
-            w = g_tk / tl.sum(tl.where(mask_tk, g_tk, 0.0), axis=1)[:, None]
+            w = g_tk / tl.where(mask_t, tl.sum(tl.where(mask_tk, g_tk, 0.0), axis=1), 1.0)[:, None]
         if STRAIGHT:
             w = tl.where(finite[:, None], 1.0, float("nan")) + w * 0.0
         ids = tl.where(finite[:, None] & (slot_tk < E), slot_tk, E)
@@ -370,8 +370,22 @@ def route_bwd(logits, slots, f, dweights, dprobs, dpm, dloss, temperature: float
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library custom op (torch.compile traces through; autograd via register_autograd)
+# torch.library custom ops (torch.compile traces through; autograd via register_autograd)
 # ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("mom_kernels::make_plan", mutates_args=())
+def _make_plan_op(ids: Tensor, n_modules: int, block_m: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return plan_from_ids(ids, n_modules, block_m).tensors()
+
+
+@_make_plan_op.register_fake
+def _(ids, n_modules, block_m):
+    T, K = ids.shape
+    n_tiles = -(-T * K // block_m) + n_modules
+    i32 = torch.int32
+    return (ids.new_empty(T * K, dtype=i32), ids.new_empty(n_modules + 1, dtype=i32),
+            ids.new_empty(n_tiles, dtype=i32), ids.new_empty(n_tiles, dtype=i32))
+
 
 @torch.library.custom_op("mom_kernels::route", mutates_args=())
 def _route_op(logits: Tensor, n_modules: int, top_k: int, temperature: float, renormalize: bool,

@@ -36,8 +36,9 @@ from .routing import RoutingPlan, make_plan
 Tensor = torch.Tensor
 
 
-def ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan, save_pre: bool):
-    """Launch the forward. Returns (y [T, D], mean [T], rstd [T], pre [T*K, F] or [0, F])."""
+def ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan, save_pre: bool, residual=None):
+    """Launch the forward. Returns (y [T, D], mean [T], rstd [T], pre [T*K, F] or [0, F]); y includes the
+    residual [T, D] when one is given (added by the combine, in fp32)."""
     _check_device(x)
     T, K = ids.shape
     E, D, F = w1.shape
@@ -52,19 +53,20 @@ def ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan,
     grouped_gemm(a, w1, plan, out=h, a_gather=a_gather, bias=b1, ln=a_ln, gelu=True,
                  pre=pre if save_pre else None, save_pre=save_pre, store="sorted")
     del a
-    if K == 1:
+    if K == 1 and residual is None:
         y = x.new_zeros(T, D)
         grouped_gemm(h, w2, plan, out=y, a_gather=False, bias=b2, weights=g, store="token")
     else:
         buf = torch.empty(P, D, device=x.device, dtype=acc_dtype(x.dtype))
         grouped_gemm(h, w2, plan, out=buf, a_gather=False, bias=b2, weights=g, store="pick")
         y = x.new_empty(T, D)
-        combine(buf, ids, E, y)
+        combine(buf, ids, E, y, res=residual)
     return y, mean, rstd, pre
 
 
-def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, rstd, pre, plan):
-    """Launch the backward. Returns (dx, dln_weight, dln_bias, dw1, db1, dw2, db2, dweights)."""
+def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, rstd, pre, plan, add_dy=False):
+    """Launch the backward. Returns (dx, dln_weight, dln_bias, dw1, db1, dw2, db2, dweights); add_dy: x was
+    also the residual, dx includes dy."""
     T, K = ids.shape
     E, D, F = w1.shape
     P = T * K
@@ -83,7 +85,7 @@ def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, 
     buf = torch.empty(P, D, device=x.device, dtype=cdt)
     grouped_gemm(dpre, w1, plan, out=buf, a_gather=False, w_transposed=True, store="pick")
     dx = x.new_empty(T, D)
-    combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x)
+    combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x, res=dy if add_dy else None)
     dgamma = torch.empty(ln_weight.shape, device=x.device, dtype=ln_weight.dtype)
     dbeta = torch.empty(ln_bias.shape, device=x.device, dtype=ln_bias.dtype)
     ln_affine_bwd(buf, x, mean, rstd, plan, dgamma, dbeta)
@@ -101,15 +103,16 @@ def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, 
 def _routed_ffn_fwd(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
                     b2: Tensor, ids: Tensor, weights: Tensor, eps: float, sorted_pick: Tensor,
                     offsets: Tensor, tile_module: Tensor, tile_row_start: Tensor, block_m: int,
-                    save_pre: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    save_pre: bool, residual: Optional[Tensor], res_is_x: bool
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     plan = _plan_of(ids, w1.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
     return ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids.contiguous(), weights, eps, plan,
-                        save_pre)
+                        save_pre, x if res_is_x else residual)
 
 
 @_routed_ffn_fwd.register_fake
 def _(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, sorted_pick, offsets, tile_module,
-      tile_row_start, block_m, save_pre):
+      tile_row_start, block_m, save_pre, residual, res_is_x):
     T, K = ids.shape
     cdt = acc_dtype(x.dtype)
     return (x.new_empty(x.shape), x.new_empty(T, dtype=cdt), x.new_empty(T, dtype=cdt),
@@ -120,23 +123,24 @@ def _(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, sorted_pick, off
 def _routed_ffn_bwd(dy: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, w1: Tensor, b1: Tensor,
                     w2: Tensor, b2: Tensor, ids: Tensor, weights: Tensor, mean: Tensor, rstd: Tensor,
                     pre: Tensor, sorted_pick: Tensor, offsets: Tensor, tile_module: Tensor,
-                    tile_row_start: Tensor, block_m: int
+                    tile_row_start: Tensor, block_m: int, add_dy: bool
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     plan = _plan_of(ids, w1.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
     return ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids.contiguous(), weights, mean,
-                        rstd, pre, plan)
+                        rstd, pre, plan, add_dy)
 
 
 @_routed_ffn_bwd.register_fake
 def _(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, rstd, pre, sorted_pick, offsets,
-      tile_module, tile_row_start, block_m):
+      tile_module, tile_row_start, block_m, add_dy):
     return tuple(t.new_empty(t.shape) for t in (x, ln_weight, ln_bias, w1, b1, w2, b2, weights))
 
 
 def _ffn_setup_context(ctx, inputs, output):
     (x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, sorted_pick, offsets, tile_module,
-     tile_row_start, block_m, save_pre) = inputs
+     tile_row_start, block_m, save_pre, residual, res_is_x) = inputs
     _, mean, rstd, pre = output
+    ctx.res = (residual is not None, res_is_x)
     if not save_pre:
         raise RuntimeError("routed_ffn_fwd was called with save_pre=False but a gradient is needed")
     ctx.set_materialize_grads(False)  # mean / rstd / pre get no gradient: no zero-filled tensors for them
@@ -147,11 +151,12 @@ def _ffn_setup_context(ctx, inputs, output):
 
 def _ffn_backward(ctx, dy, _dmean, _drstd, _dpre):
     if dy is None:
-        return (None,) * 16
+        return (None,) * 18
     saved = ctx.saved_tensors
     dx, dgamma, dbeta, dw1, db1, dw2, db2, dg = torch.ops.mom_kernels.routed_ffn_bwd(
-        dy, *saved, ctx.block_m)
-    return (dx, dgamma, dbeta, dw1, db1, dw2, db2, None, dg) + (None,) * 7
+        dy, *saved, ctx.block_m, ctx.res[1])
+    # the residual's gradient is dy itself
+    return (dx, dgamma, dbeta, dw1, db1, dw2, db2, None, dg) + (None,) * 7 + (dy if ctx.res[0] else None, None)
 
 
 _routed_ffn_fwd.register_autograd(_ffn_backward, setup_context=_ffn_setup_context)
@@ -162,13 +167,17 @@ _routed_ffn_fwd.register_autograd(_ffn_backward, setup_context=_ffn_setup_contex
 # ---------------------------------------------------------------------------------------------
 
 def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
-               plan: Optional[RoutingPlan] = None):
+               plan: Optional[RoutingPlan] = None, residual=None):
     """Routed FFN (see the module docstring). x [T, D]; ln_weight, ln_bias [E, D]; w1 [E, D, F];
     b1 [E, F]; w2 [E, F, D]; b2 [E, D]; ids [T, K] int32/int64 with E = SKIP; weights [T, K];
     plan: a `make_plan(ids, E)` to reuse (built here if None). Returns [T, D] in x's dtype.
     Differentiable in x, every parameter and weights. Under torch.autocast x and the parameters are cast
-    to the autocast dtype (the routing weights keep theirs) and y comes back in it."""
-    x, ln_weight, ln_bias, w1, b1, w2, b2 = checks.autocast_inputs(x, ln_weight, ln_bias, w1, b1, w2, b2)
+    to the autocast dtype (the routing weights keep theirs) and y comes back in it. residual [T, D] or None:
+    returns residual + y, added in the combine (fp32; no separate add launch, and when residual is x itself
+    no separate gradient to add either)."""
+    res_is_x = residual is x
+    x, ln_weight, ln_bias, w1, b1, w2, b2, residual = checks.autocast_inputs(x, ln_weight, ln_bias, w1, b1, w2,
+                                                                             b2, residual)
     checks.check_x(x)
     T, D = x.shape
     dev, dt = x.device, x.dtype
@@ -183,6 +192,7 @@ def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
     checks.check_tensor("b2", b2, (E, D), dt, dev)
     checks.check_ids(ids, T, E, dev)
     checks.check_tensor("weights", weights, (T, ids.shape[1]), None, dev)
+    checks.check_tensor("residual", residual, (T, D), dt, dev, optional=True)
     checks.check_plan(plan, ids, E)
     if plan is None:
         plan = make_plan(ids, E)
@@ -191,5 +201,5 @@ def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
     with torch.autocast(x.device.type, enabled=False):  # inputs are already in their compute dtype
         y = torch.ops.mom_kernels.routed_ffn_fwd(
             x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, float(eps), *plan.tensors(),
-            plan.block_m, save_pre)[0]
+            plan.block_m, save_pre, None if res_is_x else residual, res_is_x)[0]
     return y

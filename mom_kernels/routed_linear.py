@@ -47,8 +47,9 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
-def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan):
-    """Launch the forward. Returns (y [T, N_out], mean [T] or [0], rstd [T] or [0])."""
+def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan, residual=None):
+    """Launch the forward. Returns (y [T, N_out], mean [T] or [0], rstd [T] or [0]); y includes the
+    residual [T, N_out] when one is given (added by the combine, in fp32)."""
     _check_device(x)
     T, K = ids.shape
     E, n_in, n_out = weight.shape
@@ -63,20 +64,20 @@ def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan
         ln = None
     g = weights.reshape(-1).contiguous() if weights is not None else None
     a, a_gather, a_ln = ln_operand(x, plan, ln)  # LN_m(x) gathered in sorted order, or x and a fused LN
-    if K == 1:  # each token has one pick: store its row directly, SKIP rows stay zero
+    if K == 1 and residual is None:  # each token has one pick: store its row directly, SKIP rows stay zero
         y = x.new_zeros(T, n_out)
         grouped_gemm(a, weight, plan, out=y, a_gather=a_gather, bias=bias, ln=a_ln, weights=g, store="token")
     else:
         buf = torch.empty(T * K, n_out, device=x.device, dtype=acc_dtype(x.dtype))  # per-pick slots
         grouped_gemm(a, weight, plan, out=buf, a_gather=a_gather, bias=bias, ln=a_ln, weights=g, store="pick")
         y = x.new_empty(T, n_out)
-        combine(buf, ids, E, y)
+        combine(buf, ids, E, y, res=residual)
     return y, mean, rstd
 
 
-def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, plan):
+def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, plan, add_dy=False):
     """Launch the backward. Returns (dx, dweight, dbias or None, dweights or None,
-    dln_weight or None, dln_bias or None)."""
+    dln_weight or None, dln_bias or None); add_dy: x was also the residual, dx includes dy."""
     T, K = ids.shape
     E, n_in, n_out = weight.shape
     P = T * K
@@ -99,14 +100,14 @@ def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean,
     dx = x.new_empty(T, n_in)
     dgamma = dbeta = None
     if has_ln:
-        combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x)
+        combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x, res=dy if add_dy else None)
         dgamma = torch.empty(E, n_in, device=x.device, dtype=ln_weight.dtype)
         dbeta = torch.empty_like(dgamma)
         ln_affine_bwd(buf, x, mean, rstd, plan, dgamma, dbeta)
         if ln_bias is None:
             dbeta = None
     else:
-        combine(buf, ids, E, dx)
+        combine(buf, ids, E, dx, res=dy if add_dy else None)
     db = torch.empty(bias.shape, device=x.device, dtype=bias.dtype) if bias is not None else None
     dw, db = grouped_dw(x, dy, plan, db=db, a_gather=True, a_mode=1 if has_ln else 0, ln=ln,
                         dy_gather=True, weights=g)
@@ -122,14 +123,16 @@ def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean,
 def _routed_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
                        weights: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                        eps: float, sorted_pick: Tensor, offsets: Tensor, tile_module: Tensor,
-                       tile_row_start: Tensor, block_m: int) -> Tuple[Tensor, Tensor, Tensor]:
+                       tile_row_start: Tensor, block_m: int, residual: Optional[Tensor],
+                       res_is_x: bool) -> Tuple[Tensor, Tensor, Tensor]:
     plan = _plan_of(ids, weight.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
-    return linear_fwd_impl(x, weight, bias, ids.contiguous(), weights, ln_weight, ln_bias, eps, plan)
+    return linear_fwd_impl(x, weight, bias, ids.contiguous(), weights, ln_weight, ln_bias, eps, plan,
+                           x if res_is_x else residual)
 
 
 @_routed_linear_fwd.register_fake
 def _(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, sorted_pick, offsets, tile_module,
-      tile_row_start, block_m):
+      tile_row_start, block_m, residual, res_is_x):
     T = x.shape[0]
     n_stats = T if ln_weight is not None else 0
     cdt = acc_dtype(x.dtype)
@@ -140,17 +143,17 @@ def _(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, sorted_pick, offse
 def _routed_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
                        weights: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                        mean: Tensor, rstd: Tensor, sorted_pick: Tensor, offsets: Tensor,
-                       tile_module: Tensor, tile_row_start: Tensor, block_m: int
+                       tile_module: Tensor, tile_row_start: Tensor, block_m: int, add_dy: bool
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     plan = _plan_of(ids, weight.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
     outs = linear_bwd_impl(dy, x, weight, bias, ids.contiguous(), weights, ln_weight, ln_bias, mean,
-                           rstd, plan)
+                           rstd, plan, add_dy)
     return tuple(o if o is not None else _empty(x) for o in outs)
 
 
 @_routed_linear_bwd.register_fake
 def _(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets,
-      tile_module, tile_row_start, block_m):
+      tile_module, tile_row_start, block_m, add_dy):
     e = x.new_empty(0)
     return (x.new_empty(x.shape), weight.new_empty(weight.shape),
             bias.new_empty(bias.shape) if bias is not None else e,
@@ -161,10 +164,11 @@ def _(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_
 
 def _linear_setup_context(ctx, inputs, output):
     (x, weight, bias, ids, weights, ln_weight, ln_bias, eps, sorted_pick, offsets, tile_module,
-     tile_row_start, block_m) = inputs
+     tile_row_start, block_m, residual, res_is_x) = inputs
     _, mean, rstd = output
     ctx.set_materialize_grads(False)  # mean / rstd get no gradient: no zero-filled tensors for them
     ctx.block_m = block_m
+    ctx.res = (residual is not None, res_is_x)
     ctx.has = (bias is not None, weights is not None, ln_weight is not None, ln_bias is not None)
     ctx.save_for_backward(x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd,
                           sorted_pick, offsets, tile_module, tile_row_start)
@@ -172,15 +176,16 @@ def _linear_setup_context(ctx, inputs, output):
 
 def _linear_backward(ctx, dy, _dmean, _drstd):
     if dy is None:
-        return (None,) * 13
+        return (None,) * 15
     (x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets, tile_module,
      tile_row_start) = ctx.saved_tensors
     dx, dw, db, dg, dgamma, dbeta = torch.ops.mom_kernels.routed_linear_bwd(
         dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets,
-        tile_module, tile_row_start, ctx.block_m)
+        tile_module, tile_row_start, ctx.block_m, ctx.res[1])
     has_b, has_g, has_lw, has_lb = ctx.has
     return (dx, dw, db if has_b else None, None, dg if has_g else None, dgamma if has_lw else None,
-            dbeta if has_lb else None, None, None, None, None, None, None)
+            dbeta if has_lb else None, None, None, None, None, None, None,
+            dy if ctx.res[0] else None, None)  # the residual's gradient is dy itself
 
 
 _routed_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -191,15 +196,18 @@ _routed_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_set
 # ---------------------------------------------------------------------------------------------
 
 def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
-                  plan: Optional[RoutingPlan] = None):
+                  plan: Optional[RoutingPlan] = None, residual=None):
     """Routed linear layer (see the module docstring). x [T, N_in]; weight [E, N_in, N_out];
     bias [E, N_out] or None; ids [T, K] int32/int64 with E = SKIP; weights [T, K] or None;
     ln_weight, ln_bias [E, N_in] or None (LayerNorm on x per module when ln_weight is given);
     plan: a `make_plan(ids, E)` to share between calls with the same ids (built here if None).
     Returns [T, N_out] in x's dtype (the autocast dtype under torch.autocast: x and the layer's tensors are
     cast to it; the routing weights keep theirs). Differentiable in x, weight, bias, weights, ln_weight,
-    ln_bias."""
-    x, weight, bias, ln_weight, ln_bias = checks.autocast_inputs(x, weight, bias, ln_weight, ln_bias)
+    ln_bias. residual [T, N_out] or None: returns residual + y, added in the combine (fp32; no separate add
+    launch, and when residual is x itself no separate gradient to add either)."""
+    res_is_x = residual is x
+    x, weight, bias, ln_weight, ln_bias, residual = checks.autocast_inputs(x, weight, bias, ln_weight, ln_bias,
+                                                                           residual)
     checks.check_x(x)
     T, n_in = x.shape
     dev, dt = x.device, x.dtype
@@ -215,10 +223,12 @@ def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=No
         raise ValueError("ln_bias is given without ln_weight; pass both (or ln_weight alone)")
     checks.check_tensor("ln_weight", ln_weight, (E, n_in), dt, dev, optional=True)
     checks.check_tensor("ln_bias", ln_bias, (E, n_in), dt, dev, optional=True)
+    checks.check_tensor("residual", residual, (T, n_out), dt, dev, optional=True)
     checks.check_plan(plan, ids, E)
     if plan is None:
         plan = make_plan(ids, E)
     with torch.autocast(x.device.type, enabled=False):  # inputs are already in their compute dtype
         y, _, _ = torch.ops.mom_kernels.routed_linear_fwd(
-            x, weight, bias, ids, weights, ln_weight, ln_bias, float(eps), *plan.tensors(), plan.block_m)
+            x, weight, bias, ids, weights, ln_weight, ln_bias, float(eps), *plan.tensors(), plan.block_m,
+            None if res_is_x else residual, res_is_x)
     return y

@@ -95,9 +95,13 @@ def make_plan(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> 
     check on CPU or when asked, see `mom_kernels.checks`): they are dropped like SKIP.
     """
     _check_plan_args(ids, n_modules, block_m)
-    from .route import plan_from_ids  # (route.py imports RoutingPlan from here)
+    from . import route  # noqa: F401  (registers the op; route.py imports RoutingPlan from here)
 
-    return plan_from_ids(ids, n_modules, int(block_m or default_block_m(ids.device)))
+    T, K = ids.shape
+    block_m = int(block_m or default_block_m(ids.device))
+    sorted_pick, offsets, tile_module, tile_row_start = torch.ops.mom_kernels.make_plan(ids, n_modules, block_m)
+    return RoutingPlan(n_tokens=T, top_k=K, n_modules=n_modules, block_m=block_m, sorted_pick=sorted_pick,
+                       offsets=offsets, tile_module=tile_module, tile_row_start=tile_row_start)
 
 
 def make_plan_torch(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> RoutingPlan:

@@ -54,5 +54,5 @@ def test_custom_ops_registered():
         ids = torch.zeros(5, 2, dtype=torch.long)
         plan = mk.make_plan(ids, 2, block_m=16)
         y, mean, rstd = torch.ops.mom_kernels.routed_linear_fwd(
-            x, w, None, ids, None, None, None, 1e-5, *plan.tensors(), plan.block_m)
+            x, w, None, ids, None, None, None, 1e-5, *plan.tensors(), plan.block_m, None, False)
         assert y.shape == (5, 12) and mean.shape == (0,)
