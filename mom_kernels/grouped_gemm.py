@@ -718,12 +718,18 @@ def ln_prologue() -> str:
     return choice
 
 
-def ln_operand(x, plan: RoutingPlan, ln):
-    """The A operand of a forward grouped GEMM over x [T, N_in] with an optional per-module LayerNorm
-    ln = (mean, rstd, gamma, beta): (a, a_gather, ln for the GEMM's prologue), per `ln_prologue`."""
-    if ln is None or ln_prologue() == "fused":
-        return x, True, ln
-    return gather_rows(x, plan, gather=True, mode=1, ln=ln), False, None
+def ln_operand(x, plan: RoutingPlan, gamma, beta, eps: float):
+    """The A operand of a forward grouped GEMM over x [T, N_in] with the per-module LayerNorm (gamma, beta
+    [E, N_in]), per `ln_prologue`: (a, a_gather, (mean, rstd) [T], ln for the GEMM's prologue or None).
+    "gather": `gathers.ln_gather` writes LN_m(x[t]) in sorted order and the statistics in one launch;
+    "fused": `ln_stats`, then x gathered on load and the LayerNorm in the GEMM's prologue."""
+    if ln_prologue() == "fused":
+        mean, rstd = ln_stats(x, eps)
+        return x, True, (mean, rstd), (mean, rstd, gamma, beta)
+    from .gathers import ln_gather  # (gathers.py imports helpers from here)
+
+    a, mean, rstd = ln_gather(x, plan, gamma, beta, eps)
+    return a, False, (mean, rstd), None
 
 
 def segment_sum(dy, plan: RoutingPlan, out, *, gather: bool, weights=None):

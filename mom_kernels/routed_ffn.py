@@ -28,7 +28,7 @@ import torch
 
 from . import checks
 from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
-                           ln_operand, ln_stats, rowdot_tiles)
+                           ln_operand, rowdot_tiles)
 from .reductions import routing_weight_grad
 from .routed_linear import _plan_of
 from .routing import RoutingPlan, make_plan
@@ -43,13 +43,12 @@ def ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan,
     T, K = ids.shape
     E, D, F = w1.shape
     P = T * K
-    mean, rstd = ln_stats(x, eps)
-    ln = (mean, rstd, ln_weight.contiguous(), ln_bias.contiguous())
+    # LN_m(x[t]) written in sorted order with the statistics (one launch), or x and a fused LN prologue
+    a, a_gather, (mean, rstd), a_ln = ln_operand(x, plan, ln_weight.contiguous(), ln_bias.contiguous(), eps)
     g = weights.reshape(-1).contiguous()
     # rows 0..S-1 of h / pre are used (S = non-SKIP picks, known only on the device)
     h = x.new_empty(P, F)
     pre = x.new_empty(P if save_pre else 0, F)
-    a, a_gather, a_ln = ln_operand(x, plan, ln)  # LN_m(x) gathered in sorted order, or x and a fused LN
     grouped_gemm(a, w1, plan, out=h, a_gather=a_gather, bias=b1, ln=a_ln, gelu=True,
                  pre=pre if save_pre else None, save_pre=save_pre, store="sorted")
     del a

@@ -28,7 +28,7 @@ import torch
 
 from . import checks
 from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
-                           ln_operand, ln_stats, rowdot_tiles)
+                           ln_operand, rowdot_tiles)
 from .reductions import routing_weight_grad
 from .routing import RoutingPlan, make_plan
 
@@ -55,15 +55,14 @@ def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan
     E, n_in, n_out = weight.shape
     has_ln = ln_weight is not None
     if has_ln:
-        mean, rstd = ln_stats(x, eps)
         beta = ln_bias if ln_bias is not None else torch.zeros_like(ln_weight)
-        ln = (mean, rstd, ln_weight.contiguous(), beta.contiguous())
+        # LN_m(x[t]) written in sorted order with the statistics (one launch), or x and a fused LN prologue
+        a, a_gather, (mean, rstd), a_ln = ln_operand(x, plan, ln_weight.contiguous(), beta.contiguous(), eps)
     else:
         mean = x.new_empty(0, dtype=acc_dtype(x.dtype))  # distinct tensors: op outputs may not alias
         rstd = x.new_empty(0, dtype=acc_dtype(x.dtype))
-        ln = None
+        a, a_gather, a_ln = x, True, None
     g = weights.reshape(-1).contiguous() if weights is not None else None
-    a, a_gather, a_ln = ln_operand(x, plan, ln)  # LN_m(x) gathered in sorted order, or x and a fused LN
     if K == 1 and residual is None:  # each token has one pick: store its row directly, SKIP rows stay zero
         y = x.new_zeros(T, n_out)
         grouped_gemm(a, weight, plan, out=y, a_gather=a_gather, bias=bias, ln=a_ln, weights=g, store="token")
