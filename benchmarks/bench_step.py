@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from mom import MoMConfig, MoMLayer
 from mom.blocks import causal_attention, merge_heads, split_heads
-from mom.routers import make_router, route
+from mom.routers import make_router
+from mom_kernels.launches import count_launches
 
 from .common import RESULTS, append_csv, stamp, time_interleaved
 
@@ -39,7 +40,7 @@ class UniformRouter(nn.Module):
         super().__init__()
         self.register_buffer("logits", 4.0 * torch.randn(n_tokens, n_slots, device=device, dtype=dtype))
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, gru_cell=None):
         return self.logits, None
 
 
@@ -99,10 +100,12 @@ def build(a) -> SimpleNamespace:
     routers = nn.ModuleList([make_router(gru_cfg, gru_cfg.attn_slots), make_router(gru_cfg, gru_cfg.ffn_slots)])
     routers.to(dev, dtype)
 
+    fast = _ops("triton" if dev.type == "cuda" else "torch", dev)  # the fastest backend's router path
+
     def routing_only(xx):
         xf = xx.reshape(N, D)
-        wsum = sum(route(r(xf, None)[0], E, gru_cfg).weights.sum(-1) for r in routers)   # [N]
-        return xx + wsum.view(B, T, 1)
+        wsum = sum(fast.route(r(xf, None, fast.gru_cell)[0], E, gru_cfg)[0].weights.sum(-1) for r in routers)
+        return xx + wsum.view(B, T, 1)                                                   # [B, T, D]
 
     cands["routers"] = routing_only
     params = list(layer.parameters()) + list(dense.parameters()) + list(routers.parameters())
@@ -116,6 +119,28 @@ def fwd(s, fn):
         with torch.no_grad():
             fn(s.x)
     return run
+
+
+def host_and_launches(s, run, repeats: int) -> dict:
+    """Launches of one call of `run` (Triton kernels + aten ops that are GPU kernels; mom_kernels.launches) and,
+    on CUDA, the median host time to enqueue it (no sync inside: the time Python and the launches take before
+    the GPU has the work)."""
+    with count_launches() as c:
+        run()
+    out = {"launches": c.total, "syncs": len(c.syncs)}
+    if s.dev.type == "cuda":
+        import statistics
+        import time
+
+        ts = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            ts.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        out["host_s"] = statistics.median(ts)
+    return out
 
 
 def fwd_bwd(s, fn):
@@ -185,6 +210,8 @@ def main(argv=None):
     D, K, E, T, B, loads = s.D, s.K, s.E, s.T, s.B, s.loads
     res_f = time_interleaved({k: fwd(s, f) for k, f in cands.items()}, a.repeats, dev)
     res_b = time_interleaved({k: fwd_bwd(s, f) for k, f in cands.items()}, a.repeats, dev)
+    host = {("forward", k): host_and_launches(s, fwd(s, f), a.repeats) for k, f in cands.items()}
+    host.update({("forward+backward", k): host_and_launches(s, fwd_bwd(s, f), a.repeats) for k, f in cands.items()})
 
     # CUDA memory beyond what is already allocated (parameters, x, g):
     #   act:  what the forward leaves allocated for the backward (saved activations + the output) - issue 4's
@@ -221,6 +248,7 @@ def main(argv=None):
     for mode, res in (("forward", res_f), ("forward+backward", res_b)):
         base = res["dense"]["median"]
         for name, r in res.items():
+            hl = host.get((mode, name), {})
             rows.append({**st, "bench": "routed_step", "mode": mode, "impl": name, "D": D, "E": E, "K": K, "B": B, "T": T,
                          "router": a.router, "dtype": a.dtype, "median_s": f"{r['median']:.5f}",
                          "p20_s": f"{r['p20']:.5f}", "p80_s": f"{r['p80']:.5f}",
@@ -228,16 +256,22 @@ def main(argv=None):
                          "vs_reference": (f"{res['reference']['median'] / r['median']:.2f}" if "reference" in res
                                           else ""),
                          "act_mb": f"{act[name] / 2**20:.0f}" if name in act and mode != "forward" else "",
-                         "peak_mb": f"{peak[name] / 2**20:.0f}" if name in peak and mode != "forward" else ""})
+                         "peak_mb": f"{peak[name] / 2**20:.0f}" if name in peak and mode != "forward" else "",
+                         "launches": hl.get("launches", ""), "host_syncs": hl.get("syncs", ""),
+                         "host_enqueue_s": f"{hl['host_s']:.5f}" if "host_s" in hl else ""})
             lines.append(f"| {mode} | {name} | {r['median'] * 1e3:.2f} | {r['p20'] * 1e3:.2f}-{r['p80'] * 1e3:.2f} "
                          f"| {r['median'] / base:.2f}x | {rows[-1]['vs_reference'] or '-'} | {rows[-1]['act_mb'] or '-'} "
-                         f"| {rows[-1]['peak_mb'] or '-'} |")
+                         f"| {rows[-1]['peak_mb'] or '-'} | {hl.get('launches', '-')} "
+                         f"| {hl['host_s'] * 1e3:.2f} |" if "host_s" in hl else
+                         f"| {mode} | {name} | {r['median'] * 1e3:.2f} | {r['p20'] * 1e3:.2f}-{r['p80'] * 1e3:.2f} "
+                         f"| {r['median'] / base:.2f}x | {rows[-1]['vs_reference'] or '-'} | {rows[-1]['act_mb'] or '-'} "
+                         f"| {rows[-1]['peak_mb'] or '-'} | {hl.get('launches', '-')} | - |")
     append_csv(a.csv, rows)
     print(f"routed step, D {D}, E {E}, K {K}, B {B} x T {T}, router {a.router}, {a.dtype}, {st['hardware']}, "
           f"commit {st['commit']}, {st['date']}")
     print(f"FFN rows per module (routing load): {loads.tolist()}")
-    print("| mode | impl | median ms | p20-p80 ms | vs dense | loop / impl | saved act. MiB | peak MiB |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| mode | impl | median ms | p20-p80 ms | vs dense | loop / impl | saved act. MiB | peak MiB | launches "
+          "| host enqueue ms |\n|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
     for mode, res in (("forward", res_f), ("forward+backward", res_b)):
         fast = "triton" if "triton" in res else "torch"
