@@ -9,7 +9,9 @@ For each (MoM preset, GPT-2) pair, forward and forward+backward of a [batch, seq
 achieved TFLOP/s (FLOPs from `mom.flops.count`, i.e. with the picks the routers made; SKIP is free), and the
 MoM's throughput per FLOP relative to GPT-2 (1.0 = a MoM FLOP costs what a dense FLOP costs). The MoM runs
 with `--backend` (default "auto": Triton on CUDA, "torch" on the CPU) and with the "reference" per-module
-loop (the authors' style). On CUDA the peak allocated memory of forward+backward is recorded too.
+loop (the authors' style). On CUDA the peak allocated memory of forward+backward is recorded too, and with
+--graph both models also run replayed from CUDA graphs (`mom.cuda_graphs.GraphedTrainStep` for training, a
+captured no-grad forward for inference): the GPU time without Python and launch overhead.
 Medians of round-robin repeats; rows appended to benchmarks/results/bench_model.csv with hardware, commit,
 date. Issue 4's GPU targets: per-FLOP throughput within 15% of GPT-2, forward+backward >= 5x the loop.
 """
@@ -36,6 +38,26 @@ def _runner(model, ids, backward: bool, device):
             with torch.no_grad():
                 model(ids)
     return run
+
+
+def _graphed_runner(model, ids, backward: bool):
+    """The same step captured once in a CUDA graph and replayed (see mom/cuda_graphs.py)."""
+    if backward:
+        from mom.cuda_graphs import GraphedTrainStep
+
+        step = GraphedTrainStep(model, ids)
+        return lambda: step(ids)
+    static = ids.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            model(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        model(static)
+    return graph.replay
 
 
 def _peak_bytes(fn, device) -> int:
@@ -69,20 +91,29 @@ def bench_pair(mom_name, base_name, a, overrides):
         fns = {"gpt2": _runner(base, ids, backward, dev), "mom": _runner(mom, ids, backward, dev)}
         if loop is not None:
             fns["loop"] = _runner(loop, ids, backward, dev)
+        if a.graph and dev.type == "cuda":
+            for k, model in (("gpt2+graph", base), ("mom+graph", mom)):
+                try:
+                    fns[k] = _graphed_runner(model, ids, backward)
+                except Exception as e:  # a model that cannot be captured is a result too
+                    print(f"{k}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}")
         res = time_interleaved(fns, a.repeats, dev)
         mode = "forward+backward" if backward else "forward"
         mult = 3 if backward else 1  # backward ~ 2x forward FLOPs
-        tflops = {k: mult * flops[k] / r["median"] / 1e12 for k, r in res.items()}
+        tflops = {k: mult * flops[k.split("+")[0]] / r["median"] / 1e12 for k, r in res.items()}
+        impl = {"mom": get_ops(mom_cfg.backend, dev).name, "loop": "reference", "gpt2": "dense"}
         for k, r in res.items():
-            rows.append({"bench": "model", "mode": mode, "model": mom_name if k != "gpt2" else base_name,
-                         "impl": {"mom": get_ops(mom_cfg.backend, dev).name, "loop": "reference", "gpt2": "dense"}[k],
+            kind = k.split("+")[0]
+            ref = "gpt2+graph" if k.endswith("+graph") else "gpt2"  # per FLOP against GPT-2 in the same mode
+            rows.append({"bench": "model", "mode": mode, "model": mom_name if kind != "gpt2" else base_name,
+                         "impl": impl[kind] + (" graphed" if k.endswith("+graph") else ""),
                          "batch": a.batch, "seq_len": a.seq_len, "dtype": a.dtype,
-                         "fwd_gflop": f"{flops[k] / 1e9:.2f}", "median_s": f"{r['median']:.4f}",
+                         "fwd_gflop": f"{flops[kind] / 1e9:.2f}", "median_s": f"{r['median']:.4f}",
                          "tokens_per_s": f"{a.batch * a.seq_len / r['median']:.1f}",
-                         "tflops": f"{tflops[k]:.3f}", "per_flop_vs_gpt2": f"{tflops[k] / tflops['gpt2']:.3f}",
+                         "tflops": f"{tflops[k]:.3f}", "per_flop_vs_gpt2": f"{tflops[k] / tflops[ref]:.3f}",
                          "speedup_vs_loop": (f"{res['loop']['median'] / r['median']:.2f}" if "loop" in res else ""),
                          "peak_mem_mb": (f"{_peak_bytes(fns[k], dev) / 2**20:.0f}" if backward and dev.type == "cuda"
-                                         else "")})
+                                         and "+" not in k else "")})
     return rows
 
 
@@ -96,6 +127,7 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-loop", action="store_true")
+    p.add_argument("--graph", action="store_true", help="CUDA: also replay both models from CUDA graphs")
     p.add_argument("--quick", action="store_true", help="tiny presets, batch 2 x 64")
     p.add_argument("--csv", default=os.path.join(RESULTS, "bench_model.csv"))
     a = p.parse_args(argv)

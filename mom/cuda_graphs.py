@@ -42,7 +42,8 @@ class GraphedTrainStep:
             raise ValueError("GraphedTrainStep: ids must be a CUDA tensor (CUDA graphs need a CUDA device)")
         config = getattr(model, "config", None)
         backend = getattr(config, "backend", None)
-        if backend not in ("triton", "auto") or (backend == "auto" and not _triton_available()):
+        routed = getattr(config, "chunks", 0) > 0
+        if routed and (backend not in ("triton", "auto") or (backend == "auto" and not _triton_available())):
             raise ValueError(f"GraphedTrainStep: config.backend={backend!r} cannot be captured in a CUDA graph "
                              f"(its routing plans read counts back to the host); use backend 'triton'")
         import mom_kernels.checks as checks
