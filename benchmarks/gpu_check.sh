@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The one script a session with a lent GPU runs (from the repo root, PYTHONPATH=., nothing installed):
-#   1. environment (GPU, torch, triton), printed
-#   2. issue 4: one routed step against the dense block and the loop
-#      (bf16, GPT-2-large width D 1280, E 16, K 2, batch 8 x 1024)             -> $OUT/step.log, bench_step.csv
-#   3. issue 4: mom-large-efficient against GPT-2-large and the loop, 8 x 1024  -> $OUT/model.log, bench_model.csv
-#   4. the kernel and model tests on CUDA (compiled), CUDA-graph capture        -> $OUT/tests.log
+#   1. environment (GPU, torch, triton) and the hash of the kernel sources, printed
+#   2. one routed step against the dense block and the loop, eager and replayed from CUDA graphs, with its
+#      launches and host enqueue time (bf16, GPT-2-large width D 1280, E 16, K 2, batch 8 x 1024)
+#                                                                               -> $OUT/step.log, bench_step.csv
+#   3. mom-large-efficient against GPT-2-large and the loop, 8 x 1024, eager and graphed
+#                                                                               -> $OUT/model.log, bench_model.csv
+#   4. the kernel and model tests on CUDA (compiled): route + plan, GRU, launch budget, CUDA-graph capture
+#      and GraphedTrainStep                                                     -> $OUT/tests.log
 #   5. issue 3: the routed_ffn sweep "check" (bf16, against cuBLAS and the loop) -> $OUT/bench.log, routed_ffn.csv
 #   6. the step's kernel timeline (benchmarks/profile_step.py)                  -> $OUT/profile.log
 #   7. a short table, printed last.
-# Budget: < 6 minutes in all (about 3 when nothing times out); every stage has its own timeout
-# (70 + 90 + 100 + 60 + 40 s), and a stage that times out leaves what it finished. 8 files come back from
+# Budget: < 8 minutes in all (about 4 when nothing times out); every stage has its own timeout
+# (90 + 120 + 150 + 60 + 40 s), and a stage that times out leaves what it finished. 8 files come back from
 # $OUT, so this writes no more. Copy the CSV rows into benchmarks/results/ afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +27,7 @@ stage() { echo "== $1 ($(( $(date +%s) - T0 )) s) =="; }
 {
   date -u
   git rev-parse --short HEAD 2>/dev/null || true
+  echo "kernel sources sha256: $(cat mom_kernels/*.py mom/*.py | sha256sum | cut -c1-16) (the copy's git metadata can be stale)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
   python - <<'PY'
 import torch, triton
@@ -33,22 +37,25 @@ PY
 } 2>&1
 
 stage "routed step (issue 4: bf16, D 1280, E 16, K 2, 8 x 1024)"
-timeout 70 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
-  --modules 16 --top-k 2 --batch 8 --tokens 1024 --repeats 10 --csv "$OUT/bench_step.csv" > "$OUT/step.log" 2>&1 \
+timeout 90 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
+  --modules 16 --top-k 2 --batch 8 --tokens 1024 --repeats 10 --graph --csv "$OUT/bench_step.csv" \
+  > "$OUT/step.log" 2>&1 \
   || echo "bench_step failed or timed out (rc $?)"
 
 stage "whole model (issue 4: mom-large-efficient vs gpt2-large, bf16, 8 x 1024)"
-timeout 90 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
-  --repeats 5 --pairs mom-large-efficient:gpt2-large --csv "$OUT/bench_model.csv" > "$OUT/model.log" 2>&1 \
+timeout 120 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
+  --repeats 5 --graph --pairs mom-large-efficient:gpt2-large --csv "$OUT/bench_model.csv" > "$OUT/model.log" 2>&1 \
   || echo "bench_model failed or timed out (rc $?)"
 
 stage "kernel and model tests (CUDA, compiled)"
 TESTS="tests/test_kernels_routing.py tests/test_kernels_routed_ffn.py tests/test_kernels_routed_linear.py
        tests/test_kernels_weight_grad.py tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py
-       tests/test_model_triton.py"
+       tests/test_model_triton.py tests/test_kernels_route.py tests/test_kernels_gru.py tests/test_launches.py
+       tests/test_kernels_residual.py tests/test_kernels_gathers.py tests/test_kernels_multitile.py
+       tests/test_cuda_graphs.py tests/test_oracle_step.py"
 if python -c "import xdist" 2>/dev/null; then PAR="-n 14"; else PAR=""; fi  # compiling dominates: spread it
 # shellcheck disable=SC2086
-timeout 100 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
+timeout 150 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
 TEST_RC=$?
 tail -n 1 "$OUT/tests.log"
 
@@ -69,10 +76,10 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
 tail -n 1 "$OUT/tests.log"
 echo "-- routed step"
 grep -E "^routed step|^FFN rows|^\||^GRU" "$OUT/step.log" || tail -n 5 "$OUT/step.log"
-echo "targets: triton step fwd+bwd >= 5x the loop (loop / impl); saved activations <= dense; routing <= 5%"
+echo "targets: triton step fwd+bwd <= 1.6x dense eager, <= 1.3x graphed; routing <= 5% of the graphed step"
 echo "-- whole model"
 grep -E "^batch|^\|" "$OUT/model.log" || tail -n 5 "$OUT/model.log"
-echo "targets: per FLOP vs GPT-2 >= 0.85"
+echo "targets: mom graphed per FLOP vs GPT-2 (graphed) >= 0.85"
 echo "-- kernel time of one step (fwd+bwd)"
 grep -E "^-- " "$OUT/profile.log"
 echo "-- routed_ffn sweep"
