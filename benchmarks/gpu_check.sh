@@ -11,8 +11,8 @@
 #   5. issue 3: the routed_ffn sweep "check" (bf16, against cuBLAS and the loop) -> $OUT/bench.log, routed_ffn.csv
 #   6. the step's kernel timeline (benchmarks/profile_step.py)                  -> $OUT/profile.log
 #   7. a short table, printed last.
-# Budget: < 8 minutes in all (about 4 when nothing times out); every stage has its own timeout
-# (90 + 120 + 150 + 60 + 40 s), and a stage that times out leaves what it finished. 8 files come back from
+# Budget: < 7 minutes in all (about 4 when nothing times out); every stage has its own timeout
+# (80 + 100 + 120 + 50 + 30 s), and a stage that times out leaves what it finished. 8 files come back from
 # $OUT, so this writes no more. Copy the CSV rows into benchmarks/results/ afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,13 +37,13 @@ PY
 } 2>&1
 
 stage "routed step (issue 4: bf16, D 1280, E 16, K 2, 8 x 1024)"
-timeout 90 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
+timeout 80 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
   --modules 16 --top-k 2 --batch 8 --tokens 1024 --repeats 10 --graph --csv "$OUT/bench_step.csv" \
   > "$OUT/step.log" 2>&1 \
   || echo "bench_step failed or timed out (rc $?)"
 
 stage "whole model (issue 4: mom-large-efficient vs gpt2-large, bf16, 8 x 1024)"
-timeout 120 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
+timeout 100 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
   --repeats 5 --graph --pairs mom-large-efficient:gpt2-large --csv "$OUT/bench_model.csv" > "$OUT/model.log" 2>&1 \
   || echo "bench_model failed or timed out (rc $?)"
 
@@ -55,18 +55,18 @@ TESTS="tests/test_kernels_routing.py tests/test_kernels_routed_ffn.py tests/test
        tests/test_cuda_graphs.py tests/test_oracle_step.py"
 if python -c "import xdist" 2>/dev/null; then PAR="-n 14"; else PAR=""; fi  # compiling dominates: spread it
 # shellcheck disable=SC2086
-timeout 150 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
+timeout 120 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
 TEST_RC=$?
 tail -n 1 "$OUT/tests.log"
 
 stage "routed_ffn sweep (issue 3: check)"
 rm -f "$OUT/routed_ffn.csv"
-timeout 60 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
+timeout 50 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 tail -n 2 "$OUT/bench.log"
 
 stage "kernel timeline of the step"
-timeout 40 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
+timeout 30 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
   --modules 16 --top-k 2 --batch 8 --tokens 1024 > "$OUT/profile.log" 2>&1 || echo "profile_step failed or timed out"
 
 echo
