@@ -388,7 +388,7 @@ def _gather_rows_kernel(
 
 @triton.jit
 def _combine_kernel(
-    buf_ptr, ids_ptr, gamma_ptr, x_ptr, mean_ptr, rstd_ptr, res_ptr, out_ptr,
+    buf_ptr, ids_ptr, gamma_ptr, x_ptr, mean_ptr, rstd_ptr, res_ptr, out_ptr, acc_ptr,
     T, N, TOP_K, N_MOD,
     stride_bm, stride_bn, stride_ge, stride_gn, stride_xt, stride_xn, stride_rt, stride_rn, stride_ot, stride_on,
     HAS_GAMMA: tl.constexpr,  # scale pick slot p by gamma[ids[p]]
@@ -406,7 +406,7 @@ def _combine_kernel(
     mask_t = offs_t < T
     mask_n = offs_n < N
     mask = mask_t[:, None] & mask_n[None, :]
-    cdt = buf_ptr.dtype.element_ty
+    cdt = acc_ptr.dtype.element_ty  # fp32 (fp64 for fp64), also for 16-bit slots
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=cdt)
     routed = tl.zeros([BLOCK_T], dtype=tl.int1)
     for k in range(0, TOP_K):
@@ -452,7 +452,7 @@ def _ln_affine_bwd_kernel(
     mask_d = offs_d < D
     start = tl.load(offsets_ptr + m)
     end = tl.load(offsets_ptr + m + 1)
-    cdt = dxh_ptr.dtype.element_ty
+    cdt = mean_ptr.dtype.element_ty  # fp32 (fp64 for fp64), whatever the slots' dtype
     accg = tl.zeros([BLOCK_D], dtype=cdt)
     accb = tl.zeros([BLOCK_D], dtype=cdt)
     n_iter = tl.cdiv(end - start, BLOCK_R)
@@ -488,6 +488,18 @@ def _p2(n: int, lo: int = 16) -> int:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / statistics dtype: fp64 for fp64 inputs, fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def slot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-pick slots [P, N] that a grouped GEMM writes and the combine sums (in fp32): the
+    16-bit input dtype itself (half the bytes of fp32 slots, each pick rounded once as the per-module loop
+    rounds it), the accumulation dtype otherwise. MOM_KERNELS_SLOTS=fp32 keeps fp32 slots for 16-bit inputs."""
+    choice = os.environ.get("MOM_KERNELS_SLOTS", "").strip()
+    if choice not in ("", "fp32", "input"):
+        raise ValueError(f"MOM_KERNELS_SLOTS must be 'fp32' or 'input', got {choice!r}")
+    if dtype in (torch.float16, torch.bfloat16) and choice != "fp32":
+        return dtype
+    return acc_dtype(dtype)
 
 
 def _env_override(name: str) -> dict:
@@ -787,14 +799,14 @@ def combine(buf, ids, n_modules: int, out, *, gamma=None, ln=None, x=None, res=N
     else:
         BLOCK_N = min(_p2(N), 256 if not interp else 64)
         BLOCK_T = 8 if not interp else 16
-    dummy = torch.empty(1, device=buf.device, dtype=buf.dtype)
+    dummy = torch.empty(1, device=buf.device, dtype=acc_dtype(out.dtype))  # also names the accumulation dtype
     g_t = gamma if gamma is not None else dummy.view(1, 1)
     x_t = x if x is not None else dummy.view(1, 1)
     mean, rstd = ln if ln is not None else (dummy, dummy)
     r_t = res if res is not None else dummy.view(1, 1)
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
     _combine_kernel[grid](
-        buf, ids, g_t, x_t, mean, rstd, r_t, out, T, N, K, n_modules,
+        buf, ids, g_t, x_t, mean, rstd, r_t, out, dummy, T, N, K, n_modules,
         buf.stride(0), buf.stride(1), g_t.stride(0), g_t.stride(1), x_t.stride(0), x_t.stride(1),
         r_t.stride(0), r_t.stride(1), out.stride(0), out.stride(1),
         HAS_GAMMA=gamma is not None, LN_BWD=ln is not None, HAS_RES=res is not None, RTNE=interp,

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks
-from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
+from .grouped_gemm import (_check_device, acc_dtype, combine, slot_dtype, grouped_dw, grouped_gemm, ln_affine_bwd,
                            ln_operand, rowdot_tiles)
 from .reductions import routing_weight_grad
 from .routed_linear import _plan_of
@@ -56,7 +56,7 @@ def ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan,
         y = x.new_zeros(T, D)
         grouped_gemm(h, w2, plan, out=y, a_gather=False, bias=b2, weights=g, store="token")
     else:
-        buf = torch.empty(P, D, device=x.device, dtype=acc_dtype(x.dtype))
+        buf = torch.empty(P, D, device=x.device, dtype=slot_dtype(x.dtype))  # per-pick slots
         grouped_gemm(h, w2, plan, out=buf, a_gather=False, bias=b2, weights=g, store="pick")
         y = x.new_empty(T, D)
         combine(buf, ids, E, y, res=residual)
@@ -81,7 +81,7 @@ def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, 
     db2 = torch.empty(b2.shape, device=x.device, dtype=b2.dtype)
     dw2, db2 = grouped_dw(pre, dy, plan, db=db2, a_gather=False, a_mode=2, dy_gather=True, weights=g)
     # GEMM1^T: dU[p] = dpre[s] @ W1^T into per-pick slots, then LayerNorm backward per token
-    buf = torch.empty(P, D, device=x.device, dtype=cdt)
+    buf = torch.empty(P, D, device=x.device, dtype=slot_dtype(x.dtype))
     grouped_gemm(dpre, w1, plan, out=buf, a_gather=False, w_transposed=True, store="pick")
     dx = x.new_empty(T, D)
     combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x, res=dy if add_dy else None)

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks
-from .grouped_gemm import (_check_device, acc_dtype, combine, grouped_dw, grouped_gemm, ln_affine_bwd,
+from .grouped_gemm import (_check_device, acc_dtype, combine, slot_dtype, grouped_dw, grouped_gemm, ln_affine_bwd,
                            ln_operand, rowdot_tiles)
 from .reductions import routing_weight_grad
 from .routing import RoutingPlan, make_plan
@@ -67,7 +67,7 @@ def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan
         y = x.new_zeros(T, n_out)
         grouped_gemm(a, weight, plan, out=y, a_gather=a_gather, bias=bias, ln=a_ln, weights=g, store="token")
     else:
-        buf = torch.empty(T * K, n_out, device=x.device, dtype=acc_dtype(x.dtype))  # per-pick slots
+        buf = torch.empty(T * K, n_out, device=x.device, dtype=slot_dtype(x.dtype))  # per-pick slots
         grouped_gemm(a, weight, plan, out=buf, a_gather=a_gather, bias=bias, ln=a_ln, weights=g, store="pick")
         y = x.new_empty(T, n_out)
         combine(buf, ids, E, y, res=residual)
@@ -90,7 +90,7 @@ def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean,
         ln = None
     g = weights.reshape(-1).contiguous() if weights is not None else None
     # dU_p = g_p * dy[t] @ W[m]^T into per-pick slots; the row dots G_p . U_p give dg
-    buf = torch.empty(P, n_in, device=x.device, dtype=cdt)
+    buf = torch.empty(P, n_in, device=x.device, dtype=slot_dtype(x.dtype))
     part = None
     if g is not None:
         part = torch.empty(rowdot_tiles(n_in, x.dtype), P, device=x.device, dtype=cdt)  # SKIP columns unread
