@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -25,12 +26,53 @@ ROUTERS = ("gru", "mlp")
 BALANCE_MODES = ("per_step", "pooled")
 
 
+class ConfigError(ValueError, TypeError):
+    """A setting of the wrong type or outside its range; the message names the field and the value.
+    (A ValueError, and a TypeError too, so callers catching either for a bad setting still do.)"""
+
+
+class Checker:
+    """need(ok, field, rule) -> ConfigError "Owner.field=value: rule"; typed checks run before comparisons,
+    so a value of the wrong type is reported as such (never as a TypeError from `>`)."""
+
+    def __init__(self, obj, owner: str):
+        self.obj, self.owner = obj, owner
+
+    def __call__(self, ok: bool, name: str, rule: str):
+        if not ok:
+            raise ConfigError(f"{self.owner}.{name}={getattr(self.obj, name)!r}: {rule}")
+
+    def int(self, name: str, rule: str = "must be an int"):
+        v = getattr(self.obj, name)
+        self(isinstance(v, int) and not isinstance(v, bool), name, rule)
+
+    def number(self, name: str, rule: str = "must be a finite number (int or float)"):
+        v = getattr(self.obj, name)
+        self(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), name, rule)
+
+    def bool(self, name: str):
+        self(isinstance(getattr(self.obj, name), bool), name, "must be a bool (true / false)")
+
+    def str(self, name: str, rule: str = "must be a non-empty string"):
+        v = getattr(self.obj, name)
+        self(isinstance(v, str) and v != "", name, rule)
+
+    def choice(self, name: str, choices):
+        v = getattr(self.obj, name)
+        self(isinstance(v, str) and v in choices, name, f"must be one of {choices}")
+
+
 def dataclass_from_dict(cls, d: dict):
     """cls(**d), refusing keys that are not fields of the dataclass (a typo must not pass silently)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__}: expected a dict of fields, got {type(d).__name__}")
+    bad_keys = [k for k in d if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{cls.__name__}: field names must be strings, got {bad_keys[:3]}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(known)}")
     return cls(**d)
 
 
@@ -80,33 +122,28 @@ class MoMConfig:
 
     # ------------------------------------------------------------------------------------------------------
     def __post_init__(self):
-        def need(ok: bool, name: str, rule: str):
-            if not ok:
-                raise ValueError(f"MoMConfig.{name}={getattr(self, name)!r}: {rule}")
-
-        def is_int(name):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool), name, "must be an int")
-
+        need = Checker(self, "MoMConfig")
         for name in ("vocab_size", "n_positions", "n_embd", "n_head", "n_bottom", "chunks", "n_attn",
                      "n_ffn", "depth", "top_k", "n_top", "router_dim"):
-            is_int(name)
+            need.int(name)
         for name in ("vocab_size", "n_positions", "n_embd", "n_head"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
         if self.n_inner is not None:
-            is_int("n_inner")
+            need.int("n_inner", "must be None (= 4 * n_embd) or an int")
             need(self.n_inner >= 1, "n_inner", "must be None (= 4 * n_embd) or >= 1")
+        for name in ("layer_norm_epsilon", "initializer_range", "router_temperature", "aux_loss_coef"):
+            need.number(name)
         need(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be > 0")
         need(self.initializer_range > 0, "initializer_range", "must be > 0")
         for name in ("n_bottom", "chunks", "n_top"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("anchor", "skip", "shared_slots", "renormalize", "straight_through", "weighted_qkv",
                      "dense_routing", "balance_skip", "checkpoint_chunks"):
-            need(isinstance(getattr(self, name), bool), name, "must be a bool")
-        need(self.router in ROUTERS, "router", f"must be one of {ROUTERS}")
-        need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
-        need(self.balance_loss in BALANCE_MODES, "balance_loss", f"must be one of {BALANCE_MODES}")
+            need.bool(name)
+        need.choice("router", ROUTERS)
+        need.choice("backend", BACKENDS)
+        need.choice("balance_loss", BALANCE_MODES)
         need(self.router_temperature > 0, "router_temperature", "must be > 0")
         need(self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
         need(self.graph_depth >= 1, "n_bottom", "the model needs at least one block (n_bottom + chunks * "
@@ -191,8 +228,8 @@ class MoMConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "MoMConfig":
         """A preset by name (see PRESETS and docs/presets in the README); keyword overrides win."""
-        if name not in PRESETS:
-            raise ValueError(f"MoMConfig.from_name: unknown preset {name!r}; known: {sorted(PRESETS)}")
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ConfigError(f"MoMConfig.from_name: unknown preset {name!r}; known: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import Block, KVCache, init_weights
+from .cache import check_cache_matches, check_past_key_values
 from .config import MoMConfig
 from .layer import MoMLayer, StepRouting
 from .routed import get_ops
@@ -92,14 +93,8 @@ class MoMForCausalLM(nn.Module):
             raise ValueError(f"input_ids holds token ids in [{lo}, {hi}], outside the vocabulary "
                              f"[0, {cfg.vocab_size}) (config.vocab_size)")
         P = 0
-        if past_key_values is not None:
-            if len(past_key_values) != cfg.n_cache_layers:
-                raise ValueError(f"past_key_values has {len(past_key_values)} entries, expected "
-                                 f"{cfg.n_cache_layers} (one per attention call, graph depth)")
-            P = past_key_values[0][0].shape[2]
-            if past_key_values[0][0].shape[0] != B:
-                raise ValueError(f"past_key_values was made for batch {past_key_values[0][0].shape[0]}, "
-                                 f"input_ids has batch {B}")
+        if past_key_values is not None:  # entry by entry: count, batch, heads, head size, lengths, dtype, device
+            P = check_past_key_values(past_key_values, cfg, B, device=input_ids.device)
         if P + T > cfg.n_positions:
             raise ValueError(f"sequence of {P + T} tokens ({P} cached + {T} new) is longer than "
                              f"config.n_positions={cfg.n_positions}")
@@ -114,6 +109,8 @@ class MoMForCausalLM(nn.Module):
         B, T = input_ids.shape
         pos = torch.arange(P, P + T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)                       # [B, T, D]
+        if past_key_values is not None:  # the cache is concatenated with this dtype's keys and values
+            check_cache_matches(past_key_values, x.dtype, None)
         ops = get_ops(cfg.backend, x.device)
         past = iter(past_key_values) if past_key_values is not None else None
         presents, routing, aux = [], [], []
