@@ -15,15 +15,16 @@ weight is transposed.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Dict, Union
 
 import torch
 
-from .config import MoMConfig
+from .config import ConfigError, MoMConfig
+from .io import FileFormatError, atomic_dir, complete_dir, load_safetensors, read_json_file, torch_load
 
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 _LAYER_KEY = re.compile(r"^(?:h|bottom)\.(\d+)\.(.+)$")  # HF's "h.i." or a vanilla MoM's "bottom.i."
 _IGNORED = ("attn.bias", "attn.masked_bias")  # causal-mask buffers of old HF checkpoints
 
@@ -36,20 +37,27 @@ _FFN_POOL = {"ln_weight": "ln_2.weight", "ln_bias": "ln_2.bias", "c_fc_weight": 
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from a .safetensors or .bin/.pt file (or a folder holding model.safetensors)."""
-    if os.path.isdir(path):
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.exists(os.path.join(path, name)):
-                path = os.path.join(path, name)
+    """A state dict from a .safetensors or .bin/.pt file (or a folder holding model.safetensors). Errors name
+    the file and what is wrong with it (missing, empty, truncated, not a state dict)."""
+    if os.path.isdir(path) or (not os.path.exists(path) and complete_dir(path) is not None):
+        folder = complete_dir(path)  # after an interrupted save_pretrained: the complete version
+        for name in (WEIGHTS_NAME, "pytorch_model.bin"):
+            if os.path.exists(os.path.join(folder, name)):
+                path = os.path.join(folder, name)
                 break
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"GPT-2 checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return load_safetensors(path)
+    sd = torch_load(path)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict) and not any(
+            isinstance(v, torch.Tensor) for v in sd.values()):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise FileFormatError(f"{path}: not a state dict (a dict of name -> tensor), got {type(sd).__name__}")
+    return sd
 
 
 def _gpt2_layers(sd: Dict[str, torch.Tensor]):
@@ -134,37 +142,47 @@ def from_gpt2(state_dict_or_path: Union[str, Dict[str, torch.Tensor]], config: M
     return model
 
 
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-
-
 def save_pretrained(model, directory: str):
-    """config.json + model.safetensors (the tied LM head is wte; nothing is stored twice)."""
+    """config.json + model.safetensors (the tied LM head is wte; nothing is stored twice).
+
+    Atomic as a whole (mom.io.atomic_dir): both files are written to a temp folder, fsynced, and swapped in,
+    the old folder kept until the new one is complete; other files already in `directory` are kept."""
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        f.write(model.config.to_json())
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(directory, WEIGHTS_NAME))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_dir(directory, owned=(CONFIG_NAME, WEIGHTS_NAME)) as tmp:
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            f.write(model.config.to_json())
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME))
+
+
+def read_config(path: str, **overrides) -> MoMConfig:
+    """A MoMConfig from a config.json; errors name the file and the field."""
+    d = read_json_file(path, "model config")
+    try:
+        return MoMConfig.from_dict({**d, **overrides})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def from_pretrained(directory: str, **config_overrides):
-    from safetensors.torch import load_file
     from .model import MoMForCausalLM
 
-    cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    folder = complete_dir(directory)  # after an interrupted save: the last complete version (read-only)
+    if folder is None:
+        raise FileNotFoundError(f"from_pretrained: {directory} not found")
+    cfg_path, w_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.exists(p):
             raise FileNotFoundError(f"from_pretrained: {p} not found")
-    with open(cfg_path) as f:
-        config = MoMConfig.from_dict({**json.load(f), **config_overrides})
-    sd = load_file(w_path)
+    config = read_config(cfg_path, **config_overrides)
+    sd = load_safetensors(w_path)
     model = MoMForCausalLM(config)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if missing or unexpected or bad:
-        raise ValueError(f"from_pretrained({directory}): checkpoint does not fit its config: missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]}")
+        raise FileFormatError(f"from_pretrained: {w_path} does not fit {cfg_path}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, wrong shape {bad[:3]}")
     model.load_state_dict(sd)
     return model.to(next(iter(sd.values())).dtype) if sd else model

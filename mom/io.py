@@ -369,6 +369,32 @@ def torch_load(path: str, what: str = "checkpoint file") -> Any:
                               f"truncated or not a torch.save file?") from e
 
 
+@contextlib.contextmanager
+def scratch_dir(path: str) -> Iterator[str]:
+    """A scratch folder .NAME.tmp-PID-RAND next to `path` (for downloads that land in a folder before one
+    file is moved to `path`); deleted at the end, and as a stale leftover by the next caller if killed."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    clean_stale_temps(folder, os.path.basename(path))
+    tmp = _temp_name(path)
+    _ACTIVE.add(tmp)
+    try:
+        os.makedirs(tmp)
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        _ACTIVE.discard(tmp)
+
+
+def move_into_place(src: str, path: str):
+    """fsync src, then os.replace it onto path (same file system) and fsync the folder."""
+    _fsync_path(src)
+    os.replace(src, path)
+    _fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
+
+
 def write_with(path: str, writer: Callable[[str], Any]):
     """writer(temp_path) then the atomic rename: for writers that take a path (safetensors, torch.save)."""
     with atomic_file(path) as tmp:

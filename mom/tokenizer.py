@@ -18,7 +18,7 @@ Unicode numerals differently from GPT-2.
 """
 from __future__ import annotations
 
-import json
+import os
 from collections import Counter
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -28,6 +28,8 @@ try:
 except ImportError:  # pragma: no cover - approximation documented above
     import re as _re
     _PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+
+from .io import FileFormatError, atomic_write_json, read_json_file, require_keys
 
 EOT = "<|endoftext|>"
 _SPLIT = _re.compile(_PATTERN)
@@ -111,9 +113,8 @@ class ByteBPE:
                 "special": self.special, "merges": [[self.ids[a], self.ids[b]] for a, b in self.merges]}
 
     def save(self, path: str):
-        """Local tokenizers only: GPT-2's is referenced by its source files (see mom.data)."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f)
+        """Local tokenizers only: GPT-2's is referenced by its source files (see mom.data). Atomic."""
+        atomic_write_json(str(path), self.to_dict(), indent=None)
 
     @classmethod
     def from_merge_ids(cls, merges: List[List[int]], special: Dict[str, int], name: str) -> "ByteBPE":
@@ -130,20 +131,25 @@ class ByteBPE:
 
 
 def load_local(path: str) -> ByteBPE:
-    with open(path) as f:
-        d = json.load(f)
+    """A tokenizer.json written by ByteBPE.save; errors name the file and what is wrong."""
+    d = read_json_file(str(path), "tokenizer file")
     if d.get("type") != "byte_bpe":
-        raise ValueError(f"{path}: not a mom byte-level BPE file (type={d.get('type')!r})")
-    tok = ByteBPE.from_merge_ids(d["merges"], d["special"], d["name"])
+        raise FileFormatError(f"{path}: not a mom byte-level BPE file (type={d.get('type')!r})")
+    require_keys(d, str(path), {"merges": list, "special": dict, "name": str, "vocab_size": int}, "tokenizer file")
+    try:
+        tok = ByteBPE.from_merge_ids(d["merges"], d["special"], d["name"])
+    except (ValueError, TypeError, IndexError) as e:
+        raise FileFormatError(f"{path}: broken tokenizer file ({type(e).__name__}: {e})") from e
     if tok.vocab_size != d["vocab_size"]:
-        raise ValueError(f"{path}: vocab_size {d['vocab_size']} but {tok.vocab_size} tokens rebuilt")
+        raise FileFormatError(f"{path}: vocab_size {d['vocab_size']} but {tok.vocab_size} tokens rebuilt")
     return tok
 
 
 def load_gpt2(encoder_json: str, vocab_bpe: str) -> ByteBPE:
     """GPT-2's tokenizer from OpenAI's two files (50257 tokens: 256 bytes, 50000 merges, <|endoftext|>)."""
-    with open(encoder_json, encoding="utf-8") as f:
-        encoder = json.load(f)
+    encoder = read_json_file(encoder_json, "GPT-2 encoder.json")
+    if not os.path.isfile(vocab_bpe):
+        raise FileNotFoundError(f"{vocab_bpe}: GPT-2 vocab.bpe not found")
     with open(vocab_bpe, encoding="utf-8") as f:
         lines = f.read().split("\n")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
@@ -151,17 +157,25 @@ def load_gpt2(encoder_json: str, vocab_bpe: str) -> ByteBPE:
     def raw(s: str) -> bytes:
         return bytes(byte_of[c] for c in s)
 
-    merges = [tuple(raw(p) for p in line.split(" ")) for line in lines[1:] if line]  # line 0: "#version"
+    try:
+        merges = [tuple(raw(p) for p in line.split(" ")) for line in lines[1:] if line]  # line 0: "#version"
+    except KeyError as e:
+        raise FileFormatError(f"{vocab_bpe}: not GPT-2's vocab.bpe (character {e} is not a byte symbol)") from e
+    if any(len(m) != 2 for m in merges):
+        raise FileFormatError(f"{vocab_bpe}: not GPT-2's vocab.bpe (a merge line without exactly two parts)")
     tokens: List[Optional[bytes]] = [None] * len(encoder)
     special = {}
-    for s, i in encoder.items():
-        if s == EOT:
-            special[s] = i
-            tokens[i] = s.encode()
-        else:
-            tokens[i] = raw(s)
+    try:
+        for s, i in encoder.items():
+            if s == EOT:
+                special[s] = i
+                tokens[i] = s.encode()
+            else:
+                tokens[i] = raw(s)
+    except (KeyError, IndexError, TypeError) as e:
+        raise FileFormatError(f"{encoder_json}: not GPT-2's encoder.json ({type(e).__name__}: {e})") from e
     if any(t is None for t in tokens):
-        raise ValueError(f"{encoder_json}: token ids are not 0..{len(encoder) - 1}")
+        raise FileFormatError(f"{encoder_json}: token ids are not 0..{len(encoder) - 1}")
     return ByteBPE(tokens, merges, special, "gpt2")
 
 

@@ -36,13 +36,18 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-from .config import PRESETS, MoMConfig, dataclass_from_dict
-from .data import TokenData, read_meta
+from .config import BACKENDS, PRESETS, Checker, ConfigError, MoMConfig, dataclass_from_dict
+from .data import TokenData, data_folder, read_meta
+from .io import (FileFormatError, append_line, atomic_dir, atomic_write_json, atomic_write_text,
+                 clean_stale_temps, read_json_file, read_jsonl, recover_dir, require_keys, torch_load)
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -88,6 +93,53 @@ class TrainConfig:
     peak_flops: Optional[float] = None  # accelerator peak FLOP/s for MFU (e.g. 989e12, H100 bf16 dense)
     progress: bool = True               # tqdm bar on rank 0
 
+    def __post_init__(self):
+        """Every field's type and range, before anything is read, trained or written (ConfigError names the
+        field and the value). Checks that need the data or the model (block_size <= n_positions, the batch
+        split over ranks) are in prepare_run."""
+        need = Checker(self, "TrainConfig")
+
+        def opt(name, check):
+            if getattr(self, name) is not None:
+                check(name)
+
+        need.str("model", "must be a preset name or a path to a config.json")
+        need(isinstance(self.model_overrides, dict) and all(isinstance(k, str) for k in self.model_overrides),
+             "model_overrides", "must be a dict of MoMConfig fields")
+        opt("init_from", lambda n: need.str(n, "must be None or a checkpoint path"))
+        need.str("data", "must be a prepared data folder")
+        need.str("out_dir", "must be a folder path")
+        for name in ("vanilla", "resume", "compile", "progress"):
+            need.bool(name)
+        for name, lo in (("batch_size", 1), ("seed", 0), ("max_steps", 1), ("warmup_steps", 0),
+                         ("eval_interval", 1), ("log_interval", 1), ("ckpt_interval", 0)):
+            need.int(name)
+            need(getattr(self, name) >= lo, name, f"must be >= {lo}" + (" (0 = only at the end)" if
+                                                                           name == "ckpt_interval" else ""))
+        need(self.seed < 2 ** 63, "seed", "must be < 2**63")
+        for name, lo in (("block_size", 2), ("global_batch_size", 1), ("stop_after", 1), ("eval_windows", 1),
+                         ("threads", 1)):
+            if getattr(self, name) is not None:
+                need.int(name, "must be None or an int")
+                need(getattr(self, name) >= lo, name, f"must be None or >= {lo}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
+            need.number(name)
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
+        need(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
+        need(self.eps > 0, "eps", "must be > 0")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
+        if self.peak_flops is not None:
+            need.number("peak_flops", "must be None or a finite number")
+            need(self.peak_flops > 0, "peak_flops", "must be None or > 0")
+        need.choice("device", DEVICES)
+        need.choice("dtype", DTYPES)
+        need.choice("distributed", ("ddp", "fsdp"))
+        if self.backend is not None:
+            need.choice("backend", BACKENDS)
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         return dataclass_from_dict(cls, d)
@@ -118,27 +170,37 @@ def load_config(path: Optional[str], overrides: dict) -> TrainConfig:
             raise RunError(f"config file {path} not found")
         if path.endswith(".toml"):
             import tomllib
-            with open(path, "rb") as f:
-                d = tomllib.load(f)
+            try:
+                with open(path, "rb") as f:
+                    d = tomllib.load(f)
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise FileFormatError(f"{path}: training config is not valid TOML ({e})") from e
         else:
-            with open(path) as f:
-                d = json.load(f)
+            d = read_json_file(path, "training config")
     for key, value in overrides.items():
         *parents, last = key.split(".")
         node = d
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parents[:i + 1])} is {node!r}, not a dict of fields")
         node[last] = value
-    return TrainConfig.from_dict(d)
+    try:
+        return TrainConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from e
 
 
 def model_config(tc: TrainConfig) -> MoMConfig:
     """The MoMConfig this run trains (backend overrides are execution-only)."""
     if tc.model in PRESETS:
-        cfg = MoMConfig.from_name(tc.model, **tc.model_overrides)
+        try:
+            cfg = MoMConfig.from_name(tc.model, **tc.model_overrides)
+        except ConfigError as e:
+            raise ConfigError(f"model {tc.model!r} with model_overrides {tc.model_overrides}: {e}") from e
     elif os.path.isfile(tc.model):
-        with open(tc.model) as f:
-            cfg = MoMConfig.from_dict({**json.load(f), **tc.model_overrides})
+        from .convert import read_config
+        cfg = read_config(tc.model, **tc.model_overrides)
     else:
         raise RunError(f"model {tc.model!r} is neither a preset ({sorted(PRESETS)}) nor a config.json file")
     if tc.vanilla:
@@ -245,33 +307,41 @@ def _full_state(model, optimizer):
 
 
 def save_checkpoint(out_dir: str, model, optimizer, tc: TrainConfig, cfg: MoMConfig, state: dict, d: Dist):
-    """out_dir/ckpt, written to a temporary folder and renamed over the old one (never half-written)."""
+    """out_dir/ckpt, replaced as a whole (mom.io.atomic_dir): written to a temp folder, fsynced, swapped in;
+    the old checkpoint stays until the new one is complete, and a kill at any point leaves one that loads."""
     msd, osd = _full_state(model, optimizer)  # collective under FSDP: every rank calls it
     if not d.main:
         return
     from safetensors.torch import save_file
-    final, tmp, old = (os.path.join(out_dir, n) for n in ("ckpt", ".ckpt-tmp", ".ckpt-old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        f.write(cfg.to_json())
-    save_file({k: v.detach().contiguous() for k, v in msd.items()}, os.path.join(tmp, "model.safetensors"))
-    torch.save({"optimizer": osd, "rng": {"torch": torch.get_rng_state(),
-                                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}},
-               os.path.join(tmp, "optimizer.pt"))
-    with open(os.path.join(tmp, "train_state.json"), "w") as f:
-        json.dump(state, f, indent=2)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(os.path.join(out_dir, "ckpt")) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+        save_file({k: v.detach().contiguous() for k, v in msd.items()}, os.path.join(tmp, "model.safetensors"))
+        torch.save({"optimizer": osd, "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                                              if torch.cuda.is_available() else []}},
+                   os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
 
 
-def _recover(out_dir: str):
-    """A crash between the two renames of save_checkpoint leaves only .ckpt-old: put it back."""
-    final, old = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, ".ckpt-old")
-    if not os.path.exists(final) and os.path.exists(old):
-        os.replace(old, final)
+def _recover(out_dir: str) -> List[str]:
+    """Undo or finish what a killed run left in out_dir: a checkpoint swap cut between its renames, temp
+    folders and files (run.json, metrics.jsonl), and the older writer's .ckpt-tmp / .ckpt-old."""
+    final = os.path.join(out_dir, "ckpt")
+    done = recover_dir(final)
+    legacy_tmp, legacy_old = os.path.join(out_dir, ".ckpt-tmp"), os.path.join(out_dir, ".ckpt-old")
+    if os.path.isdir(legacy_tmp):
+        shutil.rmtree(legacy_tmp)
+        done.append(f"deleted {legacy_tmp}")
+    if os.path.isdir(legacy_old):
+        if os.path.isdir(final):
+            shutil.rmtree(legacy_old)
+            done.append(f"deleted {legacy_old}")
+        else:
+            os.replace(legacy_old, final)
+            done.append(f"restored {legacy_old}")
+    done += [f"deleted {p}" for p in clean_stale_temps(out_dir)]
+    return done
 
 
 def _load_weights(path: str):
@@ -303,8 +373,11 @@ def init_model(tc: TrainConfig, cfg: MoMConfig):
                            f"config ({e})") from e
     cfg_path = os.path.join(src if os.path.isdir(src) else os.path.dirname(src), "config.json")
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            theirs = MoMConfig.from_dict(json.load(f))
+        from .convert import read_config
+        try:
+            theirs = read_config(cfg_path)
+        except (ConfigError, FileFormatError) as e:
+            raise RunError(f"init_from={tc.init_from}: {e}") from e
         diff = _diff({k: v for k, v in theirs.to_dict().items() if k != "backend"},
                      {k: v for k, v in cfg.to_dict().items() if k != "backend"})
         if diff:
@@ -343,11 +416,13 @@ def evaluate(model, val: TokenData, tc: TrainConfig, d: Dist, device, autocast) 
 
 # --- main loop -----------------------------------------------------------------------------------------------
 def prepare_run(tc: TrainConfig, d: Dist):
-    """Every check that can fail, before anything is written or trained: data, vocab, out_dir, checkpoint."""
+    """Every check that can fail, before anything is written or trained: settings, data, vocab, out_dir,
+    checkpoint. Leftovers of a killed run in out_dir are recovered here (rank 0)."""
     meta = read_meta(tc.data)                       # missing folder / meta.json -> FileNotFoundError
     for split in ("train", "val"):
-        if not os.path.exists(os.path.join(tc.data, f"{split}.bin")):
-            raise FileNotFoundError(f"{os.path.join(tc.data, split + '.bin')} not found")
+        path = os.path.join(data_folder(tc.data), f"{split}.bin")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found")
     cfg = model_config(tc)
     if meta["vocab_size"] != cfg.vocab_size:
         raise RunError(f"tokenizer/vocab mismatch: the data in {tc.data} was tokenised with "
@@ -361,16 +436,17 @@ def prepare_run(tc: TrainConfig, d: Dist):
     if gbs % (tc.batch_size * d.world):
         raise RunError(f"global_batch_size={gbs} is not a multiple of batch_size={tc.batch_size} x "
                        f"world size {d.world}")
-    if tc.max_steps < 1 or tc.warmup_steps < 0:
-        raise RunError(f"need max_steps >= 1 and warmup_steps >= 0, got {tc.max_steps}, {tc.warmup_steps}")
-    if tc.distributed not in ("ddp", "fsdp"):
-        raise RunError(f"distributed must be ddp or fsdp, got {tc.distributed!r}")
+    if os.path.lexists(tc.out_dir) and not os.path.isdir(tc.out_dir):
+        raise RunError(f"out_dir={tc.out_dir} exists and is not a folder")
     ident = _identity(dataclasses.replace(tc, global_batch_size=gbs, block_size=T), cfg, meta)
-    _recover(tc.out_dir) if d.main else None
+    if d.main and os.path.isdir(tc.out_dir):
+        for what in _recover(tc.out_dir):
+            print(f"[mom.train] recovered from an interrupted run: {what}", file=sys.stderr, flush=True)
+    if d.on:
+        dist.barrier()                              # the other ranks read out_dir after rank 0 tidied it
     run_json, ckpt = os.path.join(tc.out_dir, "run.json"), os.path.join(tc.out_dir, "ckpt")
     if os.path.exists(run_json):
-        with open(run_json) as f:
-            diff = _diff(json.load(f), ident)
+        diff = _diff(read_json_file(run_json, "run.json"), ident)
         if diff:
             raise RunError(f"{tc.out_dir} holds another run (differences: {'; '.join(diff[:6])}); use a new "
                            f"out_dir - nothing was overwritten")
@@ -381,6 +457,29 @@ def prepare_run(tc: TrainConfig, d: Dist):
     if tc.resume and not has_ckpt and os.path.exists(run_json):
         raise RunError(f"--resume: {tc.out_dir} has run.json but no complete checkpoint in {ckpt}")
     return cfg, meta, ident, T, gbs // (tc.batch_size * d.world), has_ckpt and tc.resume
+
+
+def read_train_state(ckpt: str) -> dict:
+    """ckpt/train_state.json, checked (the step and token count a resume continues from)."""
+    path = os.path.join(ckpt, "train_state.json")
+    state = read_json_file(path, "checkpoint train_state.json")
+    require_keys(state, path, {"step": int, "tokens": int}, "train_state.json")
+    if state["step"] < 0 or state["tokens"] < 0:
+        raise FileFormatError(f"{path}: step {state['step']} and tokens {state['tokens']} must be >= 0")
+    return state
+
+
+def read_metrics(out_dir: str, upto: Optional[int] = None) -> List[dict]:
+    """Rows of out_dir/metrics.jsonl (a torn last line, left by a kill mid-write, is dropped with a warning
+    naming the file); with `upto`, only the rows of steps <= upto (what a resume from step `upto` keeps)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = read_jsonl(path, "metrics file")
+    for i, r in enumerate(rows):
+        if not isinstance(r.get("step"), int) or isinstance(r.get("step"), bool):
+            raise FileFormatError(f"{path}: row {i + 1} has no integer 'step': {json.dumps(r)[:120]}")
+    return rows if upto is None else [r for r in rows if r["step"] <= upto]
 
 
 def train(tc: TrainConfig) -> dict:
@@ -401,12 +500,23 @@ def _train(tc: TrainConfig, d: Dist, device) -> dict:
     model = init_model(tc, cfg).to(device)     # a bad init_from fails here, before out_dir is touched
     start, tokens = 0, 0
     ckpt = os.path.join(tc.out_dir, "ckpt")
-    if resuming:
-        with open(os.path.join(ckpt, "train_state.json")) as f:
-            state = json.load(f)
+    metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+    if resuming:                                # every checkpoint file is read (and checked) before any write
+        state = read_train_state(ckpt)
         from .convert import load_state_dict
-        model.load_state_dict(load_state_dict(ckpt))
+        sd = load_state_dict(ckpt)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise FileFormatError(f"{os.path.join(ckpt, 'model.safetensors')}: does not fit the model config "
+                                  f"({str(e).splitlines()[0]})") from e
         start, tokens = state["step"], state["tokens"]
+        opt_path = os.path.join(ckpt, "optimizer.pt")
+        blob = torch_load(opt_path, "optimizer state")
+        if not (isinstance(blob, dict) and isinstance(blob.get("optimizer"), dict) and isinstance(blob.get("rng"), dict)
+                and isinstance(blob["rng"].get("torch"), torch.Tensor)):
+            raise FileFormatError(f"{opt_path}: not a mom optimizer state (needs 'optimizer' and 'rng.torch')")
+    rows = read_metrics(tc.out_dir, start) if d.main else []   # drop rows logged after the checkpoint
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
 
     def autocast():
@@ -428,31 +538,26 @@ def _train(tc: TrainConfig, d: Dist, device) -> dict:
     optimizer = make_optimizer(model, tc)
     if resuming:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        blob = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(model, optimizer, blob["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        try:
+            set_optimizer_state_dict(model, optimizer, blob["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise FileFormatError(f"{opt_path}: does not fit this model's optimizer ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
         torch.set_rng_state(blob["rng"]["torch"])
     fwd = torch.compile(model) if tc.compile else model
 
-    # --- from here on out_dir is written -------------------------------------------------------------------
-    metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+    # --- from here on out_dir is written (each file atomically; metrics.jsonl by whole-line appends) ---------
     if d.main:
         os.makedirs(tc.out_dir, exist_ok=True)
-        with open(os.path.join(tc.out_dir, "run.json"), "w") as f:
-            json.dump(ident, f, indent=2)
-        rows = []
-        if resuming and os.path.exists(metrics_path):  # drop rows logged after the checkpoint
-            with open(metrics_path) as f:
-                rows = [r for r in f if json.loads(r)["step"] <= start]
-        with open(metrics_path, "w") as f:
-            f.writelines(rows)
+        atomic_write_json(os.path.join(tc.out_dir, "run.json"), ident)
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
     if d.on:
         dist.barrier()
 
     def log(row: dict):
         if d.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(metrics_path, json.dumps(row))
 
     flops_tok = train_flops_per_token(cfg, T)
     seq_per_step = tc.batch_size * accum * d.world
@@ -552,8 +657,9 @@ def main(argv=None):
     try:
         tc = load_config(a.config, overrides)
         result = train(tc)
-    except (RunError, FileNotFoundError, ValueError) as e:
-        print(f"mom.train: error: {e}", file=sys.stderr)
+    except (RunError, ValueError, OSError) as e:  # settings, files, folders: one line naming the problem
+        msg = " ".join(str(e).split())
+        print(f"mom.train: error: {msg}", file=sys.stderr)
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
