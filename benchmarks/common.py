@@ -94,22 +94,30 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device="c
 
 def append_csv(path: str, rows: List[dict]):
     """Append rows; when they bring new columns, the file is rewritten with the union of the columns (old rows
-    get empty cells), so a CSV never holds rows under the wrong header."""
+    get empty cells), so a CSV never holds rows under the wrong header. Atomic (mom.io.atomic_write_text: the
+    new content goes to a temp file that replaces the old one), so a kill leaves the old file or the new."""
+    import io
+
+    from mom.io import atomic_write_text
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     old_rows: List[dict] = []
     fields = list(rows[0].keys())
+    buf = io.StringIO()
     if os.path.exists(path):
         with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            old_fields = list(reader.fieldnames or [])
-            old_rows = list(reader)
+            text = f.read()
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        old_fields = list(reader.fieldnames or [])
+        old_rows = list(reader)
         fields = old_fields + [k for r in rows for k in r if k not in old_fields]
         fields = list(dict.fromkeys(fields))
         if fields == old_fields:
-            with open(path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=fields).writerows(rows)
+            buf.write(text if not text or text.endswith("\n") else text + "\r\n")
+            csv.DictWriter(buf, fieldnames=fields).writerows(rows)
+            atomic_write_text(path, buf.getvalue())
             return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="")
-        w.writeheader()
-        w.writerows(old_rows + rows)
+    w = csv.DictWriter(buf, fieldnames=fields, restval="")
+    w.writeheader()
+    w.writerows(old_rows + rows)
+    atomic_write_text(path, buf.getvalue())

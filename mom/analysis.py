@@ -22,12 +22,14 @@ import argparse
 import json
 import math
 import os
+import sys
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .data import TokenData
+from .io import atomic_write_json, atomic_write_text, read_json_file, read_jsonl, write_with
 
 
 def _model(ckpt: str):
@@ -95,7 +97,7 @@ def plot_heatmaps(freqs: dict, out_dir: str, title: str = "") -> List[str]:
             ax.set_title(f"{title} chunk {c}: {'attention' if kind == 'attn' else 'FFN'} picks (%)")
             fig.colorbar(im, ax=ax, shrink=0.8)
         path = os.path.join(out_dir, f"routing_chunk{c}.png")
-        fig.savefig(path, dpi=120)
+        write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -192,22 +194,19 @@ batches and schedule (warmup 10% of the steps, cosine to 0.1 x retrain_lr)."""
                              threads=torch.get_num_threads(), progress=False)
             res[f"val_loss_{'after' if name == 'retrain' else 'full'}_retrain"] = train(tc)["val_loss"]
         res["retrain_steps"] = retrain_steps
-    with open(os.path.join(out, "removal.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    atomic_write_json(os.path.join(out, "removal.json"), res)
     return res
 
 
 # --- loss curves of runs (the reproduction's plot) -------------------------------------------------------------
 def _metrics(run: str):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(r) for r in f]
+    return read_jsonl(os.path.join(run, "metrics.jsonl"), "metrics file")  # a torn last line: dropped, warned
 
 
 def _offset(run: str) -> int:
     """Tokens the run's init_from checkpoint was trained on (phase 2 continues phase 1's token axis)."""
     try:
-        with open(os.path.join(run, "run.json")) as f:
-            src = json.load(f)["train"]["init_from"]
+        src = read_json_file(os.path.join(run, "run.json"), "run.json")["train"]["init_from"]
         src = src if os.path.exists(os.path.join(src, "metrics.jsonl")) else os.path.dirname(src.rstrip("/"))
         return max(r["tokens"] for r in _metrics(src)) + _offset(src)
     except (OSError, KeyError, TypeError, ValueError):
@@ -240,14 +239,13 @@ def plot_curves(runs: List[str], out_png: str, table: Optional[str] = None) -> L
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(out_png, dpi=120)
+    write_with(out_png, lambda tmp: fig.savefig(tmp, dpi=120, format=os.path.splitext(out_png)[1][1:] or "png"))
     plt.close(fig)
     if table:
         lines = ["| run | steps | tokens (this run) | val loss | val ppl | median tok/s |", "|---|---|---|---|---|---|"]
         lines += [f"| {s['run']} | {s['steps']} | {s['tokens']:,} | {s['val_loss']:.4f} | {s['val_ppl']:.2f} | "
                   f"{s['tok_per_s']:,.0f} |" for s in summary]
-        with open(table, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        atomic_write_text(table, "\n".join(lines) + "\n")
     return summary
 
 
@@ -266,6 +264,22 @@ def main(argv=None):
     p.add_argument("--table", help="with --curves: also write a Markdown table here")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
+    for name, ok, rule in (("windows", a.windows is None or a.windows >= 1, ">= 1"),
+                           ("retrain_steps", a.retrain_steps >= 0, ">= 0"),
+                           ("retrain_lr", math.isfinite(a.retrain_lr) and a.retrain_lr > 0, "a finite number > 0"),
+                           ("threads", a.threads is None or a.threads >= 1, ">= 1"),
+                           ("remove_attn", a.remove_attn is None or 0 <= a.remove_attn < 1, "in [0, 1)"),
+                           ("remove_ffn", a.remove_ffn is None or 0 <= a.remove_ffn < 1, "in [0, 1)")):
+        if not ok:
+            p.error(f"--{name} {getattr(a, name)}: must be {rule}")
+    try:
+        _run(p, a)
+    except (ValueError, OSError) as e:  # bad settings or files: one line naming the problem, exit code 2
+        print(f"mom.analysis: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(p, a):
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.curves:
@@ -277,8 +291,8 @@ def main(argv=None):
     val = TokenData(a.data, "val", model.config.n_positions)
     freqs = pick_frequencies(model, val, a.windows)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "routing.json"), "w") as f:
-        json.dump({"ckpt": a.ckpt, "columns": "modules 0..E-1, then SKIP", **freqs}, f, indent=1)
+    atomic_write_json(os.path.join(a.out, "routing.json"),
+                      {"ckpt": a.ckpt, "columns": "modules 0..E-1, then SKIP", **freqs}, indent=1)
     for path in plot_heatmaps(freqs, a.out, os.path.basename(os.path.dirname(a.ckpt.rstrip("/"))) or ""):
         print(path)
     if a.remove_attn is not None or a.remove_ffn is not None:
