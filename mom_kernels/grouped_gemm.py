@@ -140,7 +140,7 @@ def _grouped_gemm_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr,
     u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
     sorted_pick_ptr, offsets_ptr, tile_module_ptr, tile_row_start_ptr,
-    N_IN, N_OUT, TOP_K, N_MOD, N_PICKS,
+    N_IN, N_OUT, TOP_K, N_MOD, N_PICKS, N_TILES,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
     stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk, stride_ge, stride_gk,
     A_GATHER: tl.constexpr,  # A row = token (gather on load), else the sorted position
@@ -156,92 +156,98 @@ def _grouped_gemm_kernel(
     UPCAST: tl.constexpr,  # interpreter: dot in fp32
     IEEE: tl.constexpr,  # fp32 / fp64 inputs: exact dot (no TF32)
     RTNE: tl.constexpr,  # interpreter: round bf16 stores to nearest even (see _cast)
+    EVEN_K: tl.constexpr,  # N_IN % BLOCK_K == 0: no masks along the reduction
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # one program per (row tile, N tile) of the schedule, or (persistent grid, fewer programs than tiles)
+    # each program walks tiles pid, pid + num_programs, ...: same results, the grid size is the launcher's choice
     num_n = tl.cdiv(N_OUT, BLOCK_N)
-    tile = pid // num_n
-    pid_n = pid % num_n
-    m = tl.load(tile_module_ptr + tile)
-    if m < N_MOD:  # spare tiles (the grid is an upper bound) do nothing
-        row_start = tl.load(tile_row_start_ptr + tile)
-        row_end = tl.load(offsets_ptr + m + 1)
-        offs_s = row_start + tl.arange(0, BLOCK_M)  # [BM] sorted positions
-        mask_m = offs_s < row_end
-        pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_m, other=0)  # [BM] p = t*K + k
-        tok = pick // TOP_K  # [BM]
-        offs_s64 = offs_s.to(tl.int64)
-        tok64 = tok.to(tl.int64)
-        if A_GATHER:
-            a_rows = tok64
-        else:
-            a_rows = offs_s64
-        m64 = m.to(tl.int64)
-        cdt = mean_ptr.dtype.element_ty  # compute / accumulate dtype (fp32, or fp64 for fp64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N_OUT
-        offs_k = tl.arange(0, BLOCK_K)
-        if A_LN:
-            mu = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
-            rs = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
-        a_base = a_ptr + a_rows[:, None] * stride_am  # [BM, 1]
-        w_base = w_ptr + m64 * stride_we
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=cdt)
-        for k0 in range(0, N_IN, BLOCK_K):
-            kk = k0 + offs_k
-            mask_k = kk < N_IN
-            a = tl.load(a_base + kk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0)  # [BM, BK]
-            if A_LN:
-                ga = tl.load(gamma_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
-                be = tl.load(beta_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
-                u = (a.to(cdt) - mu[:, None]) * rs[:, None] * ga.to(cdt)[None, :] + be.to(cdt)[None, :]
-                a = _cast(u, a_ptr.dtype.element_ty, RTNE)
-            w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
-            acc = _mma(a, w, acc, UPCAST, IEEE)
-        # ---- epilogue ----
-        mask_mn = mask_m[:, None] & mask_n[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + m64 * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
-            acc += bias.to(cdt)[None, :]
-        if EPI_GELU:
-            if SAVE_PRE:
-                tl.store(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
-                         _cast(acc, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)
-            acc = _gelu(acc)
-        if ROWDOT == 1 or GELU_BWD:
-            pre = tl.load(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
-                          mask=mask_mn, other=0.0).to(cdt)
-        if ROWDOT != 0:
-            if ROWDOT == 1:
-                uu = _gelu(pre)
+    for t in tl.range(tl.program_id(0), N_TILES * num_n, tl.num_programs(0)):
+        tile = t // num_n
+        pid_n = t % num_n
+        m = tl.load(tile_module_ptr + tile)
+        if m < N_MOD:  # spare tiles (the grid is an upper bound) do nothing
+            row_start = tl.load(tile_row_start_ptr + tile)
+            row_end = tl.load(offsets_ptr + m + 1)
+            offs_s = row_start + tl.arange(0, BLOCK_M)  # [BM] sorted positions
+            mask_m = offs_s < row_end
+            pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_m, other=0)  # [BM] p = t*K + k
+            tok = pick // TOP_K  # [BM]
+            offs_s64 = offs_s.to(tl.int64)
+            tok64 = tok.to(tl.int64)
+            if A_GATHER:
+                a_rows = tok64
             else:
-                uu = tl.load(u_ptr + tok64[:, None] * stride_um + offs_n[None, :] * stride_uk,
-                             mask=mask_mn, other=0.0).to(cdt)
-                if U_LN:
-                    mu2 = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
-                    rs2 = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
-                    ga2 = tl.load(gamma_ptr + m64 * stride_ge + offs_n * stride_gk, mask=mask_n,
-                                  other=0.0).to(cdt)
-                    be2 = tl.load(beta_ptr + m64 * stride_ge + offs_n * stride_gk, mask=mask_n,
-                                  other=0.0).to(cdt)
-                    uu = (uu - mu2[:, None]) * rs2[:, None] * ga2[None, :] + be2[None, :]
-            part = tl.sum(tl.where(mask_mn, acc * uu, 0.0), axis=1)  # [BM]
-            tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
-        if GELU_BWD:
-            acc = acc * _gelu_grad(pre)
-        if WEIGHTED:
-            g = tl.load(g_ptr + pick, mask=mask_m, other=0.0).to(cdt)
-            acc = acc * g[:, None]
-        if STORE_MODE == 0:
-            o_rows = offs_s64
-        elif STORE_MODE == 1:
-            o_rows = pick.to(tl.int64)
-        else:
-            o_rows = tok64
-        tl.store(out_ptr + o_rows[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+                a_rows = offs_s64
+            m64 = m.to(tl.int64)
+            cdt = mean_ptr.dtype.element_ty  # compute / accumulate dtype (fp32, or fp64 for fp64)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N_OUT
+            offs_k = tl.arange(0, BLOCK_K)
+            if A_LN:
+                mu = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
+                rs = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
+            a_base = a_ptr + a_rows[:, None] * stride_am  # [BM, 1]
+            w_base = w_ptr + m64 * stride_we
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=cdt)
+            for k0 in range(0, N_IN, BLOCK_K):
+                kk = k0 + offs_k
+                if EVEN_K:  # N_IN % BLOCK_K == 0: only the rows are masked
+                    mask_k = tl.full([BLOCK_K], 1, tl.int1)
+                else:
+                    mask_k = kk < N_IN
+                a = tl.load(a_base + kk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :],
+                            other=0.0)  # [BM, BK]
+                if A_LN:
+                    ga = tl.load(gamma_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
+                    be = tl.load(beta_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
+                    u = (a.to(cdt) - mu[:, None]) * rs[:, None] * ga.to(cdt)[None, :] + be.to(cdt)[None, :]
+                    a = _cast(u, a_ptr.dtype.element_ty, RTNE)
+                w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+                acc = _mma(a, w, acc, UPCAST, IEEE)
+            # ---- epilogue ----
+            mask_mn = mask_m[:, None] & mask_n[None, :]
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + m64 * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
+                acc += bias.to(cdt)[None, :]
+            if EPI_GELU:
+                if SAVE_PRE:
+                    tl.store(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                             _cast(acc, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+                acc = _gelu(acc)
+            if ROWDOT == 1 or GELU_BWD:
+                pre = tl.load(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                              mask=mask_mn, other=0.0).to(cdt)
+            if ROWDOT != 0:
+                if ROWDOT == 1:
+                    uu = _gelu(pre)
+                else:
+                    uu = tl.load(u_ptr + tok64[:, None] * stride_um + offs_n[None, :] * stride_uk,
+                                 mask=mask_mn, other=0.0).to(cdt)
+                    if U_LN:
+                        mu2 = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
+                        rs2 = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
+                        ga2 = tl.load(gamma_ptr + m64 * stride_ge + offs_n * stride_gk, mask=mask_n,
+                                      other=0.0).to(cdt)
+                        be2 = tl.load(beta_ptr + m64 * stride_ge + offs_n * stride_gk, mask=mask_n,
+                                      other=0.0).to(cdt)
+                        uu = (uu - mu2[:, None]) * rs2[:, None] * ga2[None, :] + be2[None, :]
+                part = tl.sum(tl.where(mask_mn, acc * uu, 0.0), axis=1)  # [BM]
+                tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
+            if GELU_BWD:
+                acc = acc * _gelu_grad(pre)
+            if WEIGHTED:
+                g = tl.load(g_ptr + pick, mask=mask_m, other=0.0).to(cdt)
+                acc = acc * g[:, None]
+            if STORE_MODE == 0:
+                o_rows = offs_s64
+            elif STORE_MODE == 1:
+                o_rows = pick.to(tl.int64)
+            else:
+                o_rows = tok64
+            tl.store(out_ptr + o_rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+                     _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask_mn)
 
 
 @triton.jit
@@ -612,7 +618,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
         mean = rstd = dummy
         gamma = beta = dummy.view(1, 1)
     num_n = triton.cdiv(n_out, cfg["BLOCK_N"])
-    grid = (plan.n_tiles * num_n,)
+    grid = (gemm_programs(plan.n_tiles * num_n, a.device),)
     store_mode = {"sorted": 0, "pick": 1, "token": 2}[store]
     bias_t = bias if bias is not None else dummy.view(1, 1)
     pre_t = pre if pre is not None else dummy.view(1, 1)
@@ -622,7 +628,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
         part if part is not None else dummy,
         u_t, mean, rstd, gamma, beta,
         plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
-        n_in, n_out, plan.top_k, E, plan.n_tokens * plan.top_k,
+        n_in, n_out, plan.top_k, E, plan.n_tokens * plan.top_k, plan.n_tiles,
         a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
         out.stride(0), out.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
         gamma.stride(0), gamma.stride(1),
@@ -631,9 +637,34 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
         ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode,
         UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
         IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
+        EVEN_K=n_in % cfg["BLOCK_K"] == 0,
         BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
+
+
+def gemm_programs(n_work: int, device) -> int:
+    """Grid size of `_grouped_gemm_kernel` for n_work (row tile, N tile) pairs: one program each (default), or a
+    persistent grid of at most MOM_KERNELS_PERSISTENT programs per SM (e.g. 1 or 2) that walk the tiles in
+    strides; the interpreter uses 4 programs then, to run the walk on a CPU. Persistence stays opt-in until a
+    GPU run measures it against the one-program-per-tile grid."""
+    per_sm = os.environ.get("MOM_KERNELS_PERSISTENT", "").strip()
+    if not per_sm:
+        return max(1, n_work)
+    try:
+        n = int(per_sm)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"MOM_KERNELS_PERSISTENT must be an int >= 1 (programs per SM), got {per_sm!r}")
+    if interpreting() or torch.device(device).type != "cuda":
+        return max(1, min(n_work, 4))
+    return max(1, min(n_work, n * _sm_count(torch.device(device))))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def rowdot_tiles(n_out: int, dtype: torch.dtype) -> int:
