@@ -13,8 +13,11 @@ Writing (a kill at any instant leaves the old content or the new one, never a mi
 Leftovers of an interrupted write have fixed names, so the next writer recognises and cleans them:
 
     .NAME.tmp-PID[-RAND]          a temp file or folder being written (deleted once PID is no longer running)
-    .NAME.new                     a complete folder not yet swapped in   (recover_dir swaps it in)
-    .NAME.old                     the previous folder                    (put back if NAME is missing, else deleted)
+    .NAME.new                     a complete folder not yet swapped in   (swapped in if NAME is missing, else deleted)
+    .NAME.old                     the previous folder                    (deleted once NAME is there)
+
+so the version a reader sees (`complete_dir`: NAME, else .NAME.new, else .NAME.old) is the one the next writer
+keeps. A write is committed when NAME is renamed to .NAME.old.
 
 Readers never modify anything (another process may be writing): `complete_dir` says which folder holds the
 last complete version. Reading: read_json_file / read_jsonl / load_safetensors / torch_load raise
@@ -193,19 +196,20 @@ def complete_dir(folder: str) -> Optional[str]:
 
 
 def recover_dir(folder: str) -> List[str]:
-    """Finish or undo whatever an interrupted `atomic_dir(folder)` left; returns what it did, in words."""
+    """Finish or undo whatever an interrupted `atomic_dir(folder)` left, keeping the version `complete_dir`
+    shows; returns what it did, in words."""
     final = _norm(folder)
     parent, base = os.path.split(final)
     done = [f"deleted {p}" for p in clean_stale_temps(parent, base)]
     new, old = _dir_names(final)
-    if os.path.isdir(new):          # complete, not yet swapped in: finish the swap
-        if os.path.lexists(final):
-            if os.path.lexists(old):
-                _remove(old)
-            os.replace(final, old)
-        os.replace(new, final)
-        _fsync_path(parent, directory=True)
-        done.append(f"swapped in {new}")
+    if os.path.isdir(new):
+        if os.path.lexists(final):  # the swap had not begun: NAME is what readers saw and still see
+            _remove(new)
+            done.append(f"deleted {new}")
+        else:                       # interrupted between the two renames: finish the swap
+            os.replace(new, final)
+            _fsync_path(parent, directory=True)
+            done.append(f"swapped in {new}")
     if os.path.lexists(old):
         if os.path.isdir(final):    # the swap finished: the old version is a leftover
             _remove(old)

@@ -8,7 +8,7 @@ One script for one CPU, one GPU or many (torchrun sets RANK/WORLD_SIZE; gloo on 
     data (memory-mapped uint16 windows, order = f(seed, step)) -> model (preset or config.json, `vanilla`
     = phase 1, `init_from` = a phase-1 checkpoint cut into this model) -> AdamW, warmup + cosine
     -> per step: grad_accum micro-batches (bf16 autocast on CUDA), all-reduce, clip, step
-    -> every eval_interval: validation loss / perplexity; every ckpt_interval: checkpoint (tmp + rename)
+    -> every eval_interval: validation loss / perplexity; every ckpt_interval: checkpoint (atomic folder swap)
 
 Defaults are the authors' recipe (paper.md): AdamW (0.9, 0.95, eps 1e-5), lr 1e-3 with linear warmup (500)
 then cosine to min_lr_ratio * lr (0.1, our choice: the paper says "cosine" only), weight decay 0.1 on
@@ -20,9 +20,17 @@ Output folder (out_dir):
     ckpt/           model.safetensors + config.json (loadable with MoMForCausalLM.from_pretrained),
                     optimizer.pt, train_state.json (step, tokens, RNG states)
 
+Crash safety (mom.io): every setting is checked (TrainConfig.__post_init__, prepare_run) and every checkpoint
+file read before anything is written. run.json and ckpt/ are replaced atomically (ckpt/ as a whole: temp
+folder, fsync, swap, the old one kept until the new one is complete); metrics.jsonl grows by whole-line
+appends. A kill at any moment leaves the old checkpoint or the new one: the next run finishes or undoes the
+swap, deletes temp leftovers, and drops a torn last metrics line with a warning naming the file.
+
 Resume (`--resume`): model, optimiser, step and RNG come back from ckpt/; the data order is a function of
 (seed, step), so a resumed run reads the same batches and logs the same losses as an uninterrupted one
-(tests/test_train.py checks it). `stop_after` ends a run early without changing its schedule.
+(tests/test_train.py and tests/test_hardening_checkpoints.py check it, the latter after kills at every step
+of a checkpoint save). A run killed before its first checkpoint resumes from step 0. `stop_after` ends a run
+early without changing its schedule.
 """
 from __future__ import annotations
 
@@ -454,8 +462,9 @@ def prepare_run(tc: TrainConfig, d: Dist):
     if has_ckpt and not tc.resume:
         raise RunError(f"{ckpt} exists; pass --resume to continue it or choose another out_dir - nothing was "
                        f"overwritten")
-    if tc.resume and not has_ckpt and os.path.exists(run_json):
-        raise RunError(f"--resume: {tc.out_dir} has run.json but no complete checkpoint in {ckpt}")
+    if tc.resume and not has_ckpt and os.path.exists(run_json) and d.main:  # killed before its first checkpoint
+        print(f"[mom.train] --resume: {tc.out_dir} has no checkpoint yet (the run stopped before its first); "
+              f"starting from step 0", file=sys.stderr, flush=True)
     return cfg, meta, ident, T, gbs // (tc.batch_size * d.world), has_ckpt and tc.resume
 
 
