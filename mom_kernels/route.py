@@ -207,7 +207,7 @@ def _plan_scatter_kernel(
 def _route_bwd_kernel(
     logits_ptr, slots_ptr, dw_ptr, dprobs_ptr, dpm_ptr, dloss_ptr, f_ptr, dlogits_ptr, acc_ptr,
     T, S, N_BAL, inv_tau, stride_lt, stride_ls,
-    K: tl.constexpr, DENSE: tl.constexpr, RENORM: tl.constexpr,
+    K: tl.constexpr, DENSE: tl.constexpr, RENORM: tl.constexpr, CLAMP: tl.constexpr,
     HAS_DW: tl.constexpr, HAS_DPROBS: tl.constexpr, HAS_DPM: tl.constexpr, HAS_DLOSS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -246,6 +246,8 @@ def _route_bwd_kernel(
                 slot = tl.load(slots_ptr + t64 * K + k, mask=mask_t, other=0)
                 g = tl.sum(tl.where(offs_s[None, :] == slot[:, None], p, 0.0), axis=1)
                 dwk = tl.load(dw_ptr + t64 * K + k, mask=mask_t, other=0.0).to(cdt)
+                if CLAMP:
+                    dwk = tl.minimum(tl.maximum(dwk, -1.0), 1.0)
                 wdot += dwk * (g / gsum)
         for k in tl.static_range(K):
             if DENSE:
@@ -253,6 +255,8 @@ def _route_bwd_kernel(
             else:
                 slot = tl.load(slots_ptr + t64 * K + k, mask=mask_t, other=0)
             dg = tl.load(dw_ptr + t64 * K + k, mask=mask_t, other=0.0).to(cdt)
+            if CLAMP:  # the authors' straight-through estimator: its gradient clamped to [-1, 1]
+                dg = tl.minimum(tl.maximum(dg, -1.0), 1.0)
             if RENORM:
                 dg = (dg - wdot) / gsum
             dp += tl.where(offs_s[None, :] == slot[:, None], dg[:, None], 0.0)
@@ -348,7 +352,7 @@ def route_fwd(logits: Tensor, n_modules: int, top_k: int, temperature: float, re
 
 
 def route_bwd(logits, slots, f, dweights, dprobs, dpm, dloss, temperature: float, renormalize: bool,
-              dense: bool):
+              dense: bool, clamp: bool = False):
     """d logits [T, S] of route_fwd's differentiable outputs (any gradient may be None)."""
     T, S = logits.shape
     K = slots.shape[1]
@@ -363,7 +367,7 @@ def route_bwd(logits, slots, f, dweights, dprobs, dpm, dloss, temperature: float
     _route_bwd_kernel[(triton.cdiv(T, BT),)](
         logits, slots, c(dweights), c(dprobs), c(dpm), c(dloss), f, dlogits, acc,
         T, S, f.shape[0], 1.0 / float(temperature), logits.stride(0), logits.stride(1),
-        K=K, DENSE=dense, RENORM=renormalize and not dense, HAS_DW=dweights is not None,
+        K=K, DENSE=dense, RENORM=renormalize and not dense, CLAMP=clamp, HAS_DW=dweights is not None,
         HAS_DPROBS=dprobs is not None, HAS_DPM=dpm is not None, HAS_DLOSS=dloss is not None,
         BLOCK_T=BT, BLOCK_S=BS, num_warps=4)
     return dlogits
@@ -389,7 +393,7 @@ def _(ids, n_modules, block_m):
 
 @torch.library.custom_op("mom_kernels::route", mutates_args=())
 def _route_op(logits: Tensor, n_modules: int, top_k: int, temperature: float, renormalize: bool,
-              straight_through: bool, dense: bool, n_bal: int, block_m: int
+              straight_through: bool, dense: bool, n_bal: int, block_m: int, st_clamp: bool
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     ids, weights, probs, slots, f, pm, loss, plan = route_fwd(
         logits, n_modules, top_k, temperature, renormalize, straight_through, dense, n_bal, block_m)
@@ -397,7 +401,7 @@ def _route_op(logits: Tensor, n_modules: int, top_k: int, temperature: float, re
 
 
 @_route_op.register_fake
-def _(logits, n_modules, top_k, temperature, renormalize, straight_through, dense, n_bal, block_m):
+def _(logits, n_modules, top_k, temperature, renormalize, straight_through, dense, n_bal, block_m, st_clamp):
     T, S = logits.shape
     K = S if dense else top_k
     n_tiles = -(-T * K // block_m) + n_modules
@@ -411,28 +415,28 @@ def _(logits, n_modules, top_k, temperature, renormalize, straight_through, dens
 @torch.library.custom_op("mom_kernels::route_bwd", mutates_args=())
 def _route_bwd_op(logits: Tensor, slots: Tensor, f: Tensor, dweights: Optional[Tensor],
                   dprobs: Optional[Tensor], dpm: Optional[Tensor], dloss: Optional[Tensor], temperature: float,
-                  renormalize: bool, dense: bool) -> Tensor:
-    return route_bwd(logits, slots, f, dweights, dprobs, dpm, dloss, temperature, renormalize, dense)
+                  renormalize: bool, dense: bool, clamp: bool) -> Tensor:
+    return route_bwd(logits, slots, f, dweights, dprobs, dpm, dloss, temperature, renormalize, dense, clamp)
 
 
 @_route_bwd_op.register_fake
-def _(logits, slots, f, dweights, dprobs, dpm, dloss, temperature, renormalize, dense):
+def _(logits, slots, f, dweights, dprobs, dpm, dloss, temperature, renormalize, dense, clamp):
     return torch.empty_like(logits)
 
 
 def _route_setup_context(ctx, inputs, output):
-    logits, n_modules, top_k, temperature, renormalize, straight_through, dense, n_bal, block_m = inputs
+    logits, n_modules, top_k, temperature, renormalize, straight_through, dense, n_bal, block_m, st_clamp = inputs
     ctx.set_materialize_grads(False)  # outputs nobody used get None, not a zero-filled tensor
-    ctx.args = (temperature, renormalize, dense)
+    ctx.args = (temperature, renormalize, dense, straight_through and st_clamp)
     ctx.save_for_backward(logits, output[3], output[4])  # logits, slots, f
 
 
 def _route_backward(ctx, _dids, dweights, dprobs, _dslots, _df, dpm, dloss, *_plan):
     logits, slots, f = ctx.saved_tensors
     if dweights is None and dprobs is None and dpm is None and dloss is None:
-        return (None,) * 9
+        return (None,) * 10
     dlogits = torch.ops.mom_kernels.route_bwd(logits, slots, f, dweights, dprobs, dpm, dloss, *ctx.args)
-    return (dlogits,) + (None,) * 8
+    return (dlogits,) + (None,) * 9
 
 
 _route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
@@ -478,17 +482,19 @@ def _check_route_args(logits, n_modules, top_k, temperature, dense):
 
 def route(logits: Tensor, n_modules: int, top_k: int = 1, temperature: float = 1.0, renormalize: bool = True,
           straight_through: bool = False, dense: bool = False, balance_skip: bool = False,
-          block_m: Optional[int] = None) -> Route:
+          block_m: Optional[int] = None, straight_through_clamp: bool = False) -> Route:
     """Route T tokens by their router logits [T, S] over a pool of n_modules (slots >= n_modules are SKIP):
     picks, weights, probabilities, the balance terms and the routing plan, in three launches (see the module
     docstring). Differentiable in logits through weights, probs, P and balance. Same semantics as
-    `route_reference`."""
+    `route_reference`. straight_through_clamp: with straight_through, the weights' gradient is clamped to
+    [-1, 1] (the authors' estimator)."""
     _check_route_args(logits, n_modules, top_k, temperature, dense)
     S = logits.shape[1]
     block_m = int(block_m or default_block_m(logits.device))
     n_bal = S if balance_skip else min(n_modules, S)
     out = torch.ops.mom_kernels.route(logits, n_modules, S if dense else top_k, float(temperature),
-                                      bool(renormalize), bool(straight_through), bool(dense), n_bal, block_m)
+                                      bool(renormalize), bool(straight_through), bool(dense), n_bal, block_m,
+                                      bool(straight_through_clamp))
     ids, weights, probs, slots, f, pm, loss, sorted_pick, offsets, tile_module, tile_row_start = out
     T, K = ids.shape
     plan = RoutingPlan(n_tokens=T, top_k=K, n_modules=n_modules, block_m=block_m, sorted_pick=sorted_pick,
@@ -499,7 +505,8 @@ def route(logits: Tensor, n_modules: int, top_k: int = 1, temperature: float = 1
 
 def route_reference(logits: Tensor, n_modules: int, top_k: int = 1, temperature: float = 1.0,
                     renormalize: bool = True, straight_through: bool = False, dense: bool = False,
-                    balance_skip: bool = False, block_m: Optional[int] = None) -> Route:
+                    balance_skip: bool = False, block_m: Optional[int] = None,
+                    straight_through_clamp: bool = False) -> Route:
     """`route` in plain PyTorch (the spec and the test oracle)."""
     from .routing import make_plan_torch
 
@@ -514,6 +521,8 @@ def route_reference(logits: Tensor, n_modules: int, top_k: int = 1, temperature:
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
     if straight_through:
+        if straight_through_clamp and weights.requires_grad:  # the soft weights' gradient clamped to [-1, 1]
+            weights.register_hook(lambda g: g.clamp(-1.0, 1.0))
         weights = weights - weights.detach() + 1.0
     ids = slots.clamp(max=n_modules)
     n_bal = S if balance_skip else min(n_modules, S)

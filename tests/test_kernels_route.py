@@ -27,6 +27,7 @@ CASES = [
     (19, 5, 4, dict(dense=True, balance_skip=True)),
     (1, 5, 4, dict(top_k=3, temperature=3.0)),                            # T = 1
     (70, 9, 8, dict(top_k=2, renormalize=False, straight_through=True)),  # several blocks of tokens
+    (30, 5, 4, dict(top_k=2, straight_through=True, straight_through_clamp=True)),  # the authors' clamp
 ]
 
 
@@ -59,7 +60,7 @@ def test_route_matches_reference(case, dtype):
     lr = logits.clone().requires_grad_()
     g_out = R.route(lg, E, **opts)
     r_out = R.route_reference(lr, E, **opts)
-    ups = [torch.randn_like(getattr(r_out, n)) for n in ("weights", "probs", "P", "balance")]
+    ups = [3 * torch.randn_like(getattr(r_out, n)) for n in ("weights", "probs", "P", "balance")]  # some > 1
     sum(((getattr(g_out, n) * u).sum() for n, u in zip(("weights", "probs", "P", "balance"), ups))).backward()
     sum(((getattr(r_out, n) * u).sum() for n, u in zip(("weights", "probs", "P", "balance"), ups))).backward()
     # (d logits scales with 1 / temperature)
@@ -151,3 +152,15 @@ def test_bad_arguments():
     for bm in (0, -16, 12):
         with pytest.raises(ValueError, match="block_m must be a power of two"):
             make_plan(torch.zeros(3, 1, dtype=torch.long, device=DEVICE), 2, block_m=bm)
+
+
+def test_straight_through_clamp_changes_the_gradient():
+    """The clamp must act: with upstream weight gradients beyond [-1, 1] the two estimators differ."""
+    logits = torch.randn(16, 5, dtype=torch.float64, device=DEVICE)
+    grads = []
+    for clamp in (False, True):
+        lg = logits.clone().requires_grad_()
+        r = R.route(lg, 4, top_k=2, straight_through=True, straight_through_clamp=clamp)
+        (r.weights * torch.tensor([5.0, -0.5], dtype=torch.float64, device=DEVICE)).sum().backward()
+        grads.append(lg.grad)
+    assert not torch.allclose(grads[0], grads[1])
