@@ -40,7 +40,7 @@ class UniformRouter(nn.Module):
         super().__init__()
         self.register_buffer("logits", 4.0 * torch.randn(n_tokens, n_slots, device=device, dtype=dtype))
 
-    def forward(self, x, state=None, gru_cell=None):
+    def forward(self, x, state=None, gru_router=None):
         return self.logits, None
 
 
@@ -104,7 +104,7 @@ def build(a) -> SimpleNamespace:
 
     def routing_only(xx):
         xf = xx.reshape(N, D)
-        wsum = sum(fast.route(r(xf, None, fast.gru_cell)[0], E, gru_cfg)[0].weights.sum(-1) for r in routers)
+        wsum = sum(fast.route(r(xf, None, fast.gru_router)[0], E, gru_cfg)[0].weights.sum(-1) for r in routers)
         return xx + wsum.view(B, T, 1)                                                   # [B, T, D]
 
     cands["routers"] = routing_only

@@ -297,11 +297,11 @@ class Ops:
     """The routed ops of one backend: route (logits -> Routing and the plan the routed ops share),
     routed_linear, routed_ffn."""
 
-    def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None, gru_cell=None,
+    def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None, gru_router=None,
                  fused_residual=False):
         self.name, self.make_plan = name, make_plan
         self._linear, self._ffn, self._route = routed_linear, routed_ffn, route
-        self.gru_cell = gru_cell  # a fused GRU cell for the routers (None: nn.GRUCell)
+        self.gru_router = gru_router  # a fused GRU router step, cell + head (None: nn.GRUCell + nn.Linear)
         self.fused_residual = fused_residual  # the ops take residual= and add it themselves
 
     def routed_linear(self, *args, residual=None, **kwargs):
@@ -362,10 +362,10 @@ def _triton_ops(device) -> Ops:
                            "use backend 'torch' on the CPU")
     import mom_kernels
     from mom_kernels import routing
-    from mom_kernels.gru import gru_cell
+    from mom_kernels.gru import gru_router
 
     return Ops("triton", routing.make_plan, mom_kernels.routed_linear, mom_kernels.routed_ffn, _triton_route,
-               gru_cell, fused_residual=True)
+               gru_router, fused_residual=True)
 
 
 def _triton_route(logits, n_modules: int, config):

@@ -30,15 +30,15 @@ class GRURouter(nn.Module):
         self.cell = nn.GRUCell(config.n_embd, config.router_dim)
         self.head = nn.Linear(config.router_dim, n_slots)
 
-    def forward(self, x, state: Optional[torch.Tensor], gru_cell=None):
-        """x [N, D], state [N, r] or None (= zeros) -> logits [N, S], state [N, r]. gru_cell: a fused
-        implementation of the cell with GRUCell's arguments (the Triton backend's), else nn.GRUCell."""
-        if gru_cell is None:
+    def forward(self, x, state: Optional[torch.Tensor], gru_router=None):
+        """x [N, D], state [N, r] or None (= zeros) -> logits [N, S], state [N, r]. gru_router: a fused cell +
+        head taking (x, state, w_ih, w_hh, b_ih, b_hh, w_head, b_head) -> (logits, state) (the Triton
+        backend's, mom_kernels.gru.gru_router), else nn.GRUCell then nn.Linear."""
+        if gru_router is None:
             state = self.cell(x, state)
-        else:
-            c = self.cell
-            state = gru_cell(x, state, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)
-        return self.head(state), state
+            return self.head(state), state
+        c, h = self.cell, self.head
+        return gru_router(x, state, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh, h.weight, h.bias)
 
 
 class MLPRouter(nn.Module):

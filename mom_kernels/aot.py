@@ -19,6 +19,7 @@ kernels are compiled or interpreted), so `main` re-runs itself in a subprocess w
 Tests: tests/test_aot.py (asserts no spills, and wgmma in the GEMM kernels' sm_90 PTX).
 """
 import argparse
+import importlib
 import os
 import re
 import subprocess
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import triton
 
 GEMM_KERNELS = ("_grouped_gemm_kernel", "_grouped_dw_kernel")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -99,11 +101,12 @@ def _to_launch(fn, args, kwargs, role) -> Launch:
     return Launch(fn, fn.__name__, role, signature, constexprs, attrs, options, key)
 
 
+_KERNEL_MODULES = ("mom_kernels.grouped_gemm", "mom_kernels.gathers", "mom_kernels.reductions")
+
+
 def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
     """Run the forward and backward launchers of routed_ffn and routed_linear (QKV and output-projection
-    forms) on meta tensors and return the distinct kernel launches."""
-    import importlib
-
+    forms) and of the GRU router on meta tensors and return the distinct kernel launches."""
     # (the package exports functions named like these modules, so import the modules by path)
     gg = importlib.import_module("mom_kernels.grouped_gemm")
     rf = importlib.import_module("mom_kernels.routed_ffn")
@@ -113,13 +116,14 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
 
     if interpreting():
         raise RuntimeError("record_launches needs TRITON_INTERPRET unset (kernels must be JITFunctions)")
-    names = ["_ln_stats_kernel", "_grouped_gemm_kernel", "_grouped_dw_kernel", "_combine_kernel",
-             "_ln_affine_bwd_kernel", "_segment_sum_kernel", "_gather_rows_kernel"]
+    # every kernel of the modules these launchers call (kernels move between them; none may be missed)
+    names = [(mod, n) for mod in map(importlib.import_module, _KERNEL_MODULES) for n, v in vars(mod).items()
+             if isinstance(v, triton.runtime.jit.JITFunction) and n.endswith("_kernel")]
     sink, role = [], ["?"]
-    saved = {n: getattr(gg, n) for n in names}
+    saved = {(mod, n): getattr(mod, n) for mod, n in names}
     try:
-        for n in names:
-            setattr(gg, n, _Recorder(saved[n], sink, lambda: role[0]))
+        for mod, n in names:
+            setattr(mod, n, _Recorder(saved[mod, n], sink, lambda: role[0]))
         dev = "meta"
         r = lambda *s: torch.empty(*s, device=dev, dtype=dtype)
         ids = torch.empty(T, K, device=dev, dtype=torch.int64)
@@ -152,8 +156,9 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
         gg.gather_rows(x, plan, gather=True, mode=1, ln=(mean, rstd, lw, lb))
         gg.gather_rows(r(T, D), plan, gather=True, weights=gp)
     finally:
-        for n in names:
-            setattr(gg, n, saved[n])
+        for mod, n in names:
+            setattr(mod, n, saved[mod, n])
+    sink += _record_gru(dtype, T, D, E + 1)
     launches, seen = [], {}
     for fn, args, kwargs, rl_ in sink:
         launch = _to_launch(fn, args, dict(kwargs), rl_)
@@ -163,6 +168,34 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
         seen[launch.key] = launch
         launches.append(launch)
     return launches
+
+
+def _record_gru(dtype, N, D, S, R=256):
+    """The GRU router's launches (mom_kernels/gru.py) at N tokens, r = R (the config's default router_dim)
+    and S slots: forward without and with a state; backward with the logits' gradient only (the last step)
+    and with the state's too, without and with a state."""
+    gru = importlib.import_module("mom_kernels.gru")
+    names = ["_gru_router_fwd_kernel", "_gru_router_bwd_kernel"]
+    sink, role = [], ["?"]
+    saved = {n: getattr(gru, n) for n in names}
+    try:
+        for n in names:
+            setattr(gru, n, _Recorder(saved[n], sink, lambda: role[0]))
+        r = lambda *s: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+        x, w_ih, w_hh, b_ih, b_hh = r(N, D), r(3 * R, D), r(3 * R, R), r(3 * R), r(3 * R)
+        w_head, b_head = r(S, R), r(S)
+        need = (True,) * 8
+        for h in (None, r(N, R)):
+            state = "state" if h is not None else "zero state"
+            role[0] = f"gru fwd, {state}"
+            s, logits, gi, gh = gru.gru_fwd(x, h, w_ih, w_hh, b_ih, b_hh, w_head, b_head)
+            for ds in (None, r(N, R)):
+                role[0] = f"gru bwd, {state}" + (", ds" if ds is not None else "")
+                gru.gru_bwd(ds, r(N, S), x, h, w_ih, w_hh, b_hh, w_head, gi, gh, s, need)
+    finally:
+        for n in names:
+            setattr(gru, n, saved[n])
+    return sink
 
 
 def _cuobjdump() -> str:
