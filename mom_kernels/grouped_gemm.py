@@ -136,6 +136,63 @@ def _ln_stats_kernel(
 
 
 @triton.jit
+def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
+              bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+              N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk,
+              stride_ge, stride_gk,
+              HAS_BIAS: tl.constexpr, EPI_GELU: tl.constexpr, SAVE_PRE: tl.constexpr, GELU_BWD: tl.constexpr,
+              WEIGHTED: tl.constexpr, ROWDOT: tl.constexpr, U_LN: tl.constexpr, STORE_MODE: tl.constexpr,
+              RTNE: tl.constexpr):
+    """What happens to a [BM, BN] tile of products acc (rows: sorted positions offs_s64, their picks and
+    tokens) before it is stored; m_idx is the module (a scalar for a GEMM tile, [BM, 1] for row blocks that
+    span modules): + bias[m]; GELU storing the pre-activation; the row dot of the routing weight's gradient
+    (part[pid_n, p]); * gelu'(pre); * g[p]; store to row s, p or t."""
+    cdt = mean_ptr.dtype.element_ty
+    tok64 = tok.to(tl.int64)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + m_idx * stride_be + offs_n[None, :] * stride_bn, mask=mask_n[None, :], other=0.0)
+        acc += bias.to(cdt)
+    if EPI_GELU:
+        if SAVE_PRE:
+            tl.store(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                     _cast(acc, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+        acc = _gelu(acc)
+    if ROWDOT == 1 or GELU_BWD:
+        pre = tl.load(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                      mask=mask_mn, other=0.0).to(cdt)
+    if ROWDOT != 0:
+        if ROWDOT == 1:
+            uu = _gelu(pre)
+        else:
+            uu = tl.load(u_ptr + tok64[:, None] * stride_um + offs_n[None, :] * stride_uk,
+                         mask=mask_mn, other=0.0).to(cdt)
+            if U_LN:
+                mu2 = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
+                rs2 = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
+                ga2 = tl.load(gamma_ptr + m_idx * stride_ge + offs_n[None, :] * stride_gk, mask=mask_n[None, :],
+                              other=0.0).to(cdt)
+                be2 = tl.load(beta_ptr + m_idx * stride_ge + offs_n[None, :] * stride_gk, mask=mask_n[None, :],
+                              other=0.0).to(cdt)
+                uu = (uu - mu2[:, None]) * rs2[:, None] * ga2 + be2
+        part = tl.sum(tl.where(mask_mn, acc * uu, 0.0), axis=1)  # [BM]
+        tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
+    if GELU_BWD:
+        acc = acc * _gelu_grad(pre)
+    if WEIGHTED:
+        g = tl.load(g_ptr + pick, mask=mask_m, other=0.0).to(cdt)
+        acc = acc * g[:, None]
+    if STORE_MODE == 0:
+        o_rows = offs_s64
+    elif STORE_MODE == 1:
+        o_rows = pick.to(tl.int64)
+    else:
+        o_rows = tok64
+    tl.store(out_ptr + o_rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+             _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr,
     u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
@@ -206,48 +263,50 @@ def _grouped_gemm_kernel(
                 w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
                 acc = _mma(a, w, acc, UPCAST, IEEE)
-            # ---- epilogue ----
-            mask_mn = mask_m[:, None] & mask_n[None, :]
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + m64 * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0)
-                acc += bias.to(cdt)[None, :]
-            if EPI_GELU:
-                if SAVE_PRE:
-                    tl.store(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
-                             _cast(acc, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)
-                acc = _gelu(acc)
-            if ROWDOT == 1 or GELU_BWD:
-                pre = tl.load(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
-                              mask=mask_mn, other=0.0).to(cdt)
-            if ROWDOT != 0:
-                if ROWDOT == 1:
-                    uu = _gelu(pre)
-                else:
-                    uu = tl.load(u_ptr + tok64[:, None] * stride_um + offs_n[None, :] * stride_uk,
-                                 mask=mask_mn, other=0.0).to(cdt)
-                    if U_LN:
-                        mu2 = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
-                        rs2 = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
-                        ga2 = tl.load(gamma_ptr + m64 * stride_ge + offs_n * stride_gk, mask=mask_n,
-                                      other=0.0).to(cdt)
-                        be2 = tl.load(beta_ptr + m64 * stride_ge + offs_n * stride_gk, mask=mask_n,
-                                      other=0.0).to(cdt)
-                        uu = (uu - mu2[:, None]) * rs2[:, None] * ga2[None, :] + be2[None, :]
-                part = tl.sum(tl.where(mask_mn, acc * uu, 0.0), axis=1)  # [BM]
-                tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
-            if GELU_BWD:
-                acc = acc * _gelu_grad(pre)
-            if WEIGHTED:
-                g = tl.load(g_ptr + pick, mask=mask_m, other=0.0).to(cdt)
-                acc = acc * g[:, None]
-            if STORE_MODE == 0:
-                o_rows = offs_s64
-            elif STORE_MODE == 1:
-                o_rows = pick.to(tl.int64)
-            else:
-                o_rows = tok64
-            tl.store(out_ptr + o_rows[:, None] * stride_om + offs_n[None, :] * stride_on,
-                     _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+            # ---- epilogue (shared with the split path's `_rows_epilogue_kernel`) ----
+            _epilogue(acc, m64, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
+                      bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                      N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
+                      stride_uk, stride_ge, stride_gk,
+                      HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+
+
+@triton.jit
+def _rows_epilogue_kernel(
+    c_ptr, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+    sorted_pick_ptr, offsets_ptr,
+    N_OUT, TOP_K, N_MOD, N_PICKS,
+    stride_cm, stride_cn, stride_be, stride_bn,
+    stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk, stride_ge, stride_gk,
+    HAS_BIAS: tl.constexpr, EPI_GELU: tl.constexpr, SAVE_PRE: tl.constexpr, GELU_BWD: tl.constexpr,
+    WEIGHTED: tl.constexpr, ROWDOT: tl.constexpr, U_LN: tl.constexpr, STORE_MODE: tl.constexpr,
+    RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The grouped GEMM's epilogue as a pass of its own over a product c [P, N_out] already in module-sorted
+    order (from `torch._grouped_mm` or the Triton GEMM without epilogue): the same `_epilogue`, with the module
+    of each row found from the offsets. Rows s >= S are not touched."""
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    S = tl.load(offsets_ptr + N_MOD)
+    if pid_r * BLOCK_M < S:
+        offs_s = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_s < S
+        pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_m, other=0)
+        tok = pick // TOP_K
+        mod = tl.zeros([BLOCK_M], dtype=tl.int32)  # module of row s: how many modules start at or before s
+        for e in range(1, N_MOD):
+            mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)
+        offs_s64 = offs_s.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_OUT
+        cdt = mean_ptr.dtype.element_ty
+        acc = tl.load(c_ptr + offs_s64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                      mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(cdt)
+        _epilogue(acc, mod.to(tl.int64)[:, None], offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
+                  bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                  N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
+                  stride_uk, stride_ge, stride_gk,
+                  HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
 
 
 @triton.jit
@@ -623,24 +682,64 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
     bias_t = bias if bias is not None else dummy.view(1, 1)
     pre_t = pre if pre is not None else dummy.view(1, 1)
     u_t = u if u is not None else dummy.view(1, 1)
-    _grouped_gemm_kernel[grid](
-        a, w, bias_t, out, pre_t, weights if weights is not None else dummy,
-        part if part is not None else dummy,
-        u_t, mean, rstd, gamma, beta,
-        plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
-        n_in, n_out, plan.top_k, E, plan.n_tokens * plan.top_k, plan.n_tiles,
-        a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
+    g_t = weights if weights is not None else dummy
+    part_t = part if part is not None else dummy
+    mode = gemm_mode(a.dtype, n_in, n_out)
+    epi = dict(HAS_BIAS=bias is not None, EPI_GELU=gelu, SAVE_PRE=save_pre, GELU_BWD=gelu_bwd,
+               WEIGHTED=weights is not None, ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode)
+    if mode == "grouped_mm":  # cuBLAS / CUTLASS grouped GEMM on A in sorted order, then the epilogue pass
+        if a_gather or ln is not None:
+            a = gather_rows(a, plan, gather=a_gather, mode=1 if ln is not None else 0, ln=ln)
+        c = torch._grouped_mm(a, w.transpose(1, 2) if w_transposed else w, offs=plan.offsets[1:])  # [P, N_out]
+    else:
+        if mode == "split":  # the Triton GEMM without epilogue into sorted fp32 rows, then the epilogue pass
+            c = torch.empty(plan.n_tokens * plan.top_k, n_out, device=a.device, dtype=cdt)
+            dst, dst_epi = c, dict(HAS_BIAS=False, EPI_GELU=False, SAVE_PRE=False, GELU_BWD=False, WEIGHTED=False,
+                                   ROWDOT=0, U_LN=False, STORE_MODE=0)
+        else:
+            dst, dst_epi = out, epi
+        _grouped_gemm_kernel[grid](
+            a, w, bias_t, dst, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta,
+            plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
+            n_in, n_out, plan.top_k, E, plan.n_tokens * plan.top_k, plan.n_tiles,
+            a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
+            dst.stride(0), dst.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
+            gamma.stride(0), gamma.stride(1),
+            A_GATHER=a_gather, A_LN=ln is not None, **dst_epi,
+            UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
+            IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
+            EVEN_K=n_in % cfg["BLOCK_K"] == 0,
+            BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if mode == "fused":
+            return out
+    BLOCK_M = 16 if interp else 64
+    P = plan.n_tokens * plan.top_k
+    _rows_epilogue_kernel[(max(1, triton.cdiv(P, BLOCK_M)), num_n)](
+        c, bias_t, out, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta, plan.sorted_pick, plan.offsets,
+        n_out, plan.top_k, E, P, c.stride(0), c.stride(1), bias_t.stride(0), bias_t.stride(1),
         out.stride(0), out.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
-        gamma.stride(0), gamma.stride(1),
-        A_GATHER=a_gather, A_LN=ln is not None, HAS_BIAS=bias is not None,
-        EPI_GELU=gelu, SAVE_PRE=save_pre, GELU_BWD=gelu_bwd, WEIGHTED=weights is not None,
-        ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode,
-        UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
-        IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
-        EVEN_K=n_in % cfg["BLOCK_K"] == 0,
-        BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        gamma.stride(0), gamma.stride(1), **epi, RTNE=interp, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"],
+        num_warps=4 if interp else 8)
     return out
+
+
+def gemm_mode(dtype: torch.dtype, n_in: int, n_out: int) -> str:
+    """How `grouped_gemm` runs (MOM_KERNELS_GEMM): "fused" (default: the Triton GEMM with its epilogue in
+    registers), "split" (the Triton GEMM writes fp32 products in sorted order, `_rows_epilogue_kernel` does the
+    epilogue: fewer registers in the mainloop, one more pass over the products) or "grouped_mm"
+    (torch._grouped_mm on A gathered in sorted order, then the same epilogue pass; where it cannot run - fp64,
+    rows not a multiple of 16 bytes - the "split" path runs instead). Which is fastest per GEMM role and shape
+    is for a GPU run to measure (benchmarks/bench_routed_ffn.py under each setting); until then "fused"."""
+    mode = os.environ.get("MOM_KERNELS_GEMM", "").strip() or "fused"
+    if mode not in ("fused", "split", "grouped_mm"):
+        raise ValueError(f"MOM_KERNELS_GEMM must be 'fused', 'split' or 'grouped_mm', got {mode!r}")
+    if mode == "grouped_mm":
+        size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 0
+        if not (hasattr(torch, "_grouped_mm") and dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and (n_in * size) % 16 == 0 and (n_out * size) % 16 == 0):
+            return "split"
+    return mode
 
 
 def gemm_programs(n_work: int, device) -> int:

@@ -1,0 +1,69 @@
+"""The grouped GEMM's three modes (MOM_KERNELS_GEMM): "fused" (epilogue in the GEMM), "split" (the Triton GEMM,
+then `_rows_epilogue_kernel`) and "grouped_mm" (torch._grouped_mm, then the same epilogue pass; "split" where
+it cannot run): outputs and every gradient of routed_ffn and routed_linear (LayerNorm, weights, K = 1 and 2,
+an empty module, several tiles per module) against the fp64 reference, fp32 tight and bf16 by the 2x rule."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import mom_kernels as mk  # noqa: E402
+from mom_kernels import reference  # noqa: E402
+from mom_kernels.grouped_gemm import gemm_mode  # noqa: E402
+from mom_kernels.routing import default_block_m  # noqa: E402
+from mom_kernels.testing import assert_2x_rule, ffn_inputs, linear_inputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+T = 3 * default_block_m(torch.device(DEVICE)) + 5  # modules over several row tiles
+
+
+def _run(fn, ts, grad_idx, dy):
+    leaves = [t.detach().clone().requires_grad_() if i in grad_idx else t for i, t in enumerate(ts)]
+    y = fn(*leaves)
+    return [y] + list(torch.autograd.grad(y, [leaves[i] for i in grad_idx], dy))
+
+
+def _case(op, K):
+    if op == "ffn":
+        ts = list(ffn_inputs(T, K, 4, 32, 48, seed=K, empty=(2,), device=DEVICE))
+        return ts, mk.routed_ffn, reference.routed_ffn, [0, 1, 2, 3, 4, 5, 6, 8], 32
+    x, w, b, ids, g, lw, lb = linear_inputs(T, K, 4, 32, 40, seed=10 + K, empty=(2,), device=DEVICE)
+    return [x, w, b, ids, g, lw, lb], mk.routed_linear, reference.routed_linear, [0, 1, 2, 4, 5, 6], 40
+
+
+@pytest.mark.parametrize("mode", ["split", "grouped_mm"])
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("op", ["ffn", "linear"])
+def test_gemm_modes_match_reference(op, K, mode, monkeypatch):
+    monkeypatch.setenv("MOM_KERNELS_GEMM", mode)
+    ts, fn, ref, grad_idx, N = _case(op, K)
+    dy = torch.randn(T, N, dtype=torch.float64, device=DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        if DEVICE == "cuda" and mode == "grouped_mm" and dtype == torch.float32:
+            continue  # torch._grouped_mm is bf16 only on CUDA
+        low = [t.to(dtype) if t.is_floating_point() else t for t in ts]
+        got = _run(fn, low, grad_idx, dy.to(dtype))
+        hi = _run(ref, [t.double() if t.is_floating_point() else t for t in low], grad_idx, dy)
+        if dtype == torch.float32:
+            for i, (a, b) in enumerate(zip(got, hi)):
+                torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4, msg=f"{op} {mode} #{i}")
+        else:
+            ref_low = _run(ref, low, grad_idx, dy.to(dtype))
+            for i, (a, b, c) in enumerate(zip(got, ref_low, hi)):
+                assert_2x_rule(f"{op} {mode} bf16 #{i}", a, b, c, 2e-2)
+
+
+def test_gemm_mode_choice(monkeypatch):
+    monkeypatch.setenv("MOM_KERNELS_GEMM", "grouped_mm")
+    assert gemm_mode(torch.bfloat16, 64, 64) == "grouped_mm"
+    assert gemm_mode(torch.float64, 64, 64) == "split"        # _grouped_mm has no fp64
+    assert gemm_mode(torch.bfloat16, 20, 64) == "split"       # rows of 40 bytes: not 16-byte aligned
+    monkeypatch.setenv("MOM_KERNELS_GEMM", "cublas")
+    with pytest.raises(ValueError, match="MOM_KERNELS_GEMM"):
+        gemm_mode(torch.bfloat16, 64, 64)
+    monkeypatch.delenv("MOM_KERNELS_GEMM")
+    assert gemm_mode(torch.bfloat16, 64, 64) == "fused"
