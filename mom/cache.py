@@ -103,3 +103,11 @@ def check_cache_matches(past: Sequence, dtype: Optional[torch.dtype], device, na
             raise TypeError(f"{name} has dtype {t.dtype}, the model computes in {dtype}"
                             + (f" (autocast: {auto})" if auto is not None else "")
                             + " (a cache from a model in another dtype?)")
+
+
+def check_chunk_cache(past: Sequence, cfg: MoMConfig, x: torch.Tensor, name: str = "MoMLayer: past_key_values"
+                      ) -> int:
+    """The same checks for one chunk's caches (MoMLayer.forward's past_key_values: depth steps + anchor), given
+    the chunk's input x [B, T, D]; returns P."""
+    return check_past_key_values(past, cfg, x.shape[0], x.dtype, x.device, n_entries=cfg.depth + int(cfg.anchor),
+                                 name=name, locate=lambda i: "anchor" if i == cfg.depth else f"step {i}")

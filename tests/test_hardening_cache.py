@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import make_model, small_config
-from mom.cache import check_past_key_values, graph_location
+from mom.cache import check_chunk_cache, check_past_key_values, graph_location
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +105,18 @@ def test_cache_under_autocast_is_accepted(model):
         model(ids[:, :1], past_key_values=out.past_key_values)   # outside autocast it is not
 
 
-def test_layer_level_check(model):
-    """What MoMLayer.forward can call for its own past_key_values (depth + anchor entries)."""
+def test_chunk_level_check(model):
+    """check_chunk_cache: what MoMLayer.forward can call for its own past_key_values (depth + anchor entries)."""
     cfg = model.config
     x = torch.randn(2, 1, cfg.n_embd)
     chunk_past = model(torch.ones(2, 4, dtype=torch.long), use_cache=True).past_key_values[1:4]
-    assert check_past_key_values(chunk_past, cfg, 2, x.dtype, x.device, n_entries=3,
-                                 name="MoMLayer: past_key_values") == 4
+    assert check_chunk_cache(chunk_past, cfg, x) == 4
     with pytest.raises(ValueError, match=r"MoMLayer: past_key_values\[1\] \(step 1\): k has 1 heads"):
-        check_past_key_values(_with(chunk_past, 1, k=chunk_past[1][0][:, :1]), cfg, 2, x.dtype, x.device,
-                              n_entries=3, name="MoMLayer: past_key_values",
-                              locate=lambda i: "anchor" if i == cfg.depth else f"step {i}")
+        check_chunk_cache(_with(chunk_past, 1, k=chunk_past[1][0][:, :1]), cfg, x)
+    with pytest.raises(ValueError, match=r"MoMLayer: past_key_values\[2\] \(anchor\): v caches 3 positions"):
+        check_chunk_cache(_with(chunk_past, 2, v=chunk_past[2][1][:, :, :3]), cfg, x)
+    with pytest.raises(ValueError, match=r"MoMLayer: past_key_values has 2 entries, expected 3"):
+        check_chunk_cache(chunk_past[:2], cfg, x)
+    with pytest.raises(TypeError, match=r"MoMLayer: past_key_values has dtype torch.float32, the model computes in "
+                                        r"torch.float64"):
+        check_chunk_cache(chunk_past, cfg, x.double())
