@@ -12,6 +12,10 @@ modules. With M = max(n_attn, n_ffn), the checkpoint's layers are consumed botto
 
 Hugging Face's GPT-2 keeps Conv1D weights as [in, out], the layout of our blocks and stacked pools, so no
 weight is transposed.
+
+`save_pretrained` replaces its folder atomically (mom.io.atomic_dir: a kill leaves the old checkpoint or the
+new one, and other files in the folder are kept); `from_pretrained` / `load_state_dict` read the last complete
+version and name the file and what is wrong with it (missing, empty, truncated, a config field).
 """
 from __future__ import annotations
 

@@ -19,7 +19,10 @@ Downloads happen here and never at training time: pip / apt-get fetch into --cac
 checked against the SHA256 of apt's signed index). A file that fails its check is refused, never used.
 
 Output folder: train.bin, val.bin (uint16 ids, documents joined by <|endoftext|>), meta.json (tokenizer,
-vocab size, token counts, sources and their sha256), tokenizer.json (or gpt2/ with OpenAI's two files).
+vocab size, token counts, sources and their sha256), tokenizer.json (or gpt2/ with OpenAI's two files). It is
+replaced as a whole (mom.io.atomic_dir): a kill leaves the old preparation or the new one, never a mix; other
+files in the folder are kept. Readers check every file against meta.json (empty, odd-sized, truncated, ids
+beyond the vocabulary) and name the file that is wrong.
 Split: with >= 1/val_fraction documents every k-th document (sorted by name) is validation; with fewer
 (e.g. the shipped sample) the last val_fraction of each document's tokens is.
 

@@ -87,6 +87,7 @@ def _remove(path: str):
 
 def stale_temps(folder: str, name: Optional[str] = None) -> List[str]:
     """Temp files/folders in `folder` (of `name` only, if given) left by a write that did not finish."""
+    folder = os.path.abspath(folder)
     try:
         entries = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
@@ -264,10 +265,13 @@ def atomic_dir(folder: str, owned: Optional[Iterable[str]] = None) -> Iterator[s
     finally:
         _ACTIVE.discard(tmp)
     if os.path.lexists(final):
-        os.replace(final, old)
+        os.replace(final, old)              # the commit point: from here readers and recovery see the new one
     os.replace(new, final)
     _fsync_path(parent, directory=True)
-    _remove(old)
+    try:
+        _remove(old)
+    except OSError as e:  # the new version is in place; the next writer deletes the leftover
+        warnings.warn(f"{old}: could not delete the previous version ({e}); the next write will", stacklevel=3)
 
 
 # --- reading ----------------------------------------------------------------------------------------------
