@@ -4,7 +4,6 @@ with exit code 2 and one line (no traceback) and leave the output folder untouch
 import dataclasses
 import json
 import math
-import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
