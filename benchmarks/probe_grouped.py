@@ -18,7 +18,8 @@ import os
 
 import torch
 
-from mom_kernels.grouped_gemm import grouped_dw, grouped_gemm
+from mom_kernels.gemm import grouped_gemm
+from mom_kernels.weight_grads import grouped_dw
 from mom_kernels.routing import make_plan
 from mom_kernels.testing import make_ids
 

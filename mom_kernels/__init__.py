@@ -12,7 +12,7 @@ imported (tests set it at their top when CUDA is absent).
 """
 from . import reference, routing
 from .checks import set_check_ids
-from .grouped_gemm import interpreting
+from .common import interpreting
 from .routed_ffn import routed_ffn
 from .routed_linear import routed_linear
 from .routing import RoutingPlan, make_plan

@@ -101,17 +101,33 @@ def _to_launch(fn, args, kwargs, role) -> Launch:
     return Launch(fn, fn.__name__, role, signature, constexprs, attrs, options, key)
 
 
-_KERNEL_MODULES = ("mom_kernels.grouped_gemm", "mom_kernels.gathers", "mom_kernels.reductions")
+_KERNEL_MODULES = ("mom_kernels.gemm", "mom_kernels.gathers", "mom_kernels.reductions", "mom_kernels.weight_grads",
+                   "mom_kernels.route")
+
+
+class _env_set:
+    """Set environment variables for the block (the launchers read their mode switches at call time)."""
+
+    def __init__(self, env):
+        self.env, self.old = env, {}
+
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
     """Run the forward and backward launchers of routed_ffn and routed_linear (QKV and output-projection
     forms) and of the GRU router on meta tensors and return the distinct kernel launches."""
     # (the package exports functions named like these modules, so import the modules by path)
-    gg = importlib.import_module("mom_kernels.grouped_gemm")
+    gg = importlib.import_module("mom_kernels.gathers")
     rf = importlib.import_module("mom_kernels.routed_ffn")
     rl = importlib.import_module("mom_kernels.routed_linear")
-    from .grouped_gemm import interpreting
+    from .common import interpreting
     from .routing import default_block_m, make_plan
 
     if interpreting():
@@ -155,6 +171,21 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
         gg.gather_rows(r(T * K, F), plan, gather=False, mode=2)
         gg.gather_rows(x, plan, gather=True, mode=1, ln=(mean, rstd, lw, lb))
         gg.gather_rows(r(T, D), plan, gather=True, weights=gp)
+        # the split epilogue (MOM_KERNELS_GEMM=split): the Triton GEMM without epilogue, then the rows pass
+        with _env_set({"MOM_KERNELS_GEMM": "split"}):
+            role[0] = "ffn fwd split"
+            rf.ffn_fwd_impl(x, lw, lb, w1, b1, w2, b2, ids, g, 1e-5, plan, True)
+            role[0] = "ffn bwd split"
+            rf.ffn_bwd_impl(x, x, lw, lb, w1, b1, w2, b2, ids, g, mean, rstd, r(T * K, F), plan)
+        # route + plan from router logits [T, E + 1] (a SKIP slot), and its backward
+        ro = importlib.import_module("mom_kernels.route")
+        logits = r(T, E + 1)
+        role[0] = "route fwd"
+        _, _, _, slots, f, _, _, _ = ro.route_fwd(logits, E, K, 1.0, True, False, False, E, plan.block_m)
+        role[0] = "route bwd"
+        ro.route_bwd(logits, slots, f, r(T, K), None, r(E), r(()), 1.0, True, False)
+        role[0] = "make_plan"
+        ro.plan_from_ids(ids, E, plan.block_m)
     finally:
         for mod, n in names:
             setattr(mod, n, saved[mod, n])

@@ -1,5 +1,7 @@
-"""Per-module LayerNorm of the routed rows, written in module-sorted order, with the token statistics computed
-on the way: one launch where a statistics pass and a gather were two.
+"""Rows written in module-sorted order: the operands of the grouped GEMMs, and the forward's LayerNorm.
+
+`ln_gather`: the per-module LayerNorm of the routed rows, written in module-sorted order, with the token
+statistics computed on the way (one launch where a statistics pass and a gather were two):
 
     for each sorted row s < S (pick p = sorted_pick[s], token t = p // K, module m of row s):
         mean[t], rstd[t] = statistics of x[t]                (fp32; fp64 for fp64 x)
@@ -10,17 +12,23 @@ variance away) and a second pass writes the row. A token picked K times gets the
 times (identical values: deterministic); a token with no routed pick gets none (nothing reads them: the
 combine masks unrouted tokens). Reference: `ln_gather_reference`. Tests: the routed ops' tests (the default
 LayerNorm path) and tests/test_kernels_gathers.py.
+
+`gather_rows`: (g_p *) f(a[token or s]) in sorted order, f = identity, LayerNorm or GELU (operands of
+torch._grouped_mm). `ln_stats`: per-token statistics alone (the fused-prologue path, MOM_KERNELS_LN=fused).
+`ln_operand` picks the forward's LayerNorm path (`ln_prologue`).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .grouped_gemm import _cast, _p2, acc_dtype, interpreting
+from .common import _cast, _check_device, _gelu, _p2, acc_dtype, interpreting
 from .routing import RoutingPlan
 
-__all__ = ["ln_gather", "ln_gather_reference"]
+__all__ = ["ln_gather", "ln_gather_reference", "gather_rows", "ln_stats", "ln_operand", "ln_prologue"]
 
 
 @triton.jit
@@ -101,3 +109,142 @@ def ln_gather_reference(x, plan: RoutingPlan, gamma, beta, eps: float):
     rstd = torch.rsqrt(xc.var(1, unbiased=False) + eps)
     u = (xc[tok] - mean[tok, None]) * rstd[tok, None] * gamma[mod].to(cdt) + beta[mod].to(cdt)
     return u.to(x.dtype), mean, rstd
+
+
+@triton.jit
+def _ln_stats_kernel(
+    x_ptr, mean_ptr, rstd_ptr,  # x [T, D]; mean, rstd [T]
+    T, D, stride_xt, stride_xd, eps,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Mean and 1/std of each token row (two passes over D, fp32 or fp64 as mean_ptr)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    rows = offs_t.to(tl.int64) * stride_xt
+    cdt = mean_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_T], dtype=cdt)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_t[:, None] & (offs_d < D)[None, :]
+        x = tl.load(x_ptr + rows[:, None] + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
+        acc += tl.sum(x.to(cdt), axis=1)
+    mean = acc / D
+    acc = tl.zeros([BLOCK_T], dtype=cdt)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_t[:, None] & (offs_d < D)[None, :]
+        x = tl.load(x_ptr + rows[:, None] + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
+        xc = tl.where(mask, x.to(cdt) - mean[:, None], 0.0)
+        acc += tl.sum(xc * xc, axis=1)
+    rstd = 1.0 / tl.sqrt(acc / D + eps)
+    tl.store(mean_ptr + offs_t, mean, mask=mask_t)
+    tl.store(rstd_ptr + offs_t, rstd, mask=mask_t)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    a_ptr, out_ptr, g_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, sorted_pick_ptr, offsets_ptr,
+    N, TOP_K, N_MOD, stride_am, stride_an, stride_om, stride_on, stride_ge, stride_gn,
+    GATHER: tl.constexpr, A_MODE: tl.constexpr, WEIGHTED: tl.constexpr, RTNE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[s] = (g_p *) f(a[row(s)]) for the sorted rows s < S (rows s >= S are left as they are):
+    row(s) = token (GATHER) or s; f = identity (A_MODE 0), LayerNorm with module m(s)'s affine (1), GELU (2).
+    The operands of a weight-gradient GEMM in module-sorted order, for torch._grouped_mm."""
+    pid_r = tl.program_id(0)
+    S = tl.load(offsets_ptr + N_MOD)
+    if pid_r * BLOCK_R < S:
+        offs_s = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_s < S
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = mask_r[:, None] & (offs_n < N)[None, :]
+        pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_r, other=0)
+        tok = pick // TOP_K
+        if GATHER:
+            rows = tok.to(tl.int64)
+        else:
+            rows = offs_s.to(tl.int64)
+        cdt = mean_ptr.dtype.element_ty
+        v = tl.load(a_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an, mask=mask, other=0.0).to(cdt)
+        if A_MODE == 1:
+            mod = tl.zeros([BLOCK_R], dtype=tl.int32)  # module of row s: how many modules start at or before s
+            for e in range(1, N_MOD):
+                mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)
+            mod64 = mod.to(tl.int64)
+            mu = tl.load(mean_ptr + tok, mask=mask_r, other=0.0)
+            rs = tl.load(rstd_ptr + tok, mask=mask_r, other=0.0)
+            ga = tl.load(gamma_ptr + mod64[:, None] * stride_ge + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+            be = tl.load(beta_ptr + mod64[:, None] * stride_ge + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+            v = (v - mu[:, None]) * rs[:, None] * ga.to(cdt) + be.to(cdt)
+        elif A_MODE == 2:
+            v = _gelu(v)
+        if WEIGHTED:
+            g = tl.load(g_ptr + pick, mask=mask_r, other=0.0).to(cdt)
+            v = _cast(v, out_ptr.dtype.element_ty, RTNE).to(cdt) * g[:, None]
+        tl.store(out_ptr + offs_s.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 _cast(v, out_ptr.dtype.element_ty, RTNE), mask=mask)
+
+
+def ln_stats(x: torch.Tensor, eps: float):
+    """Per-token LayerNorm statistics of x [T, D]: mean [T], rstd [T] (fp32; fp64 for fp64)."""
+    _check_device(x)
+    T, D = x.shape
+    cdt = acc_dtype(x.dtype)
+    mean = torch.empty(T, device=x.device, dtype=cdt)
+    rstd = torch.empty(T, device=x.device, dtype=cdt)
+    if T == 0:
+        return mean, rstd
+    BLOCK_T = 4 if not interpreting() else 16
+    BLOCK_D = min(_p2(D), 1024 if not interpreting() else 64)
+    _ln_stats_kernel[(triton.cdiv(T, BLOCK_T),)](
+        x, mean, rstd, T, D, x.stride(0), x.stride(1), float(eps),
+        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
+    return mean, rstd
+
+
+def ln_prologue() -> str:
+    """Where a routed forward applies the per-module LayerNorm: "gather" (default: `gather_rows` writes
+    LN_m(x[t]) in module-sorted order, a transient [P, N_in] buffer, and a plain grouped GEMM reads it; on the
+    H200 the LayerNorm in the GEMM's prologue halved its rate, 280 against 540 TFLOP/s) or "fused" (in the
+    GEMM's prologue, no buffer). MOM_KERNELS_LN=gather / fused chooses."""
+    choice = os.environ.get("MOM_KERNELS_LN", "gather").strip() or "gather"
+    if choice not in ("gather", "fused"):
+        raise ValueError(f"MOM_KERNELS_LN must be 'gather' or 'fused', got {choice!r}")
+    return choice
+
+
+def ln_operand(x, plan: RoutingPlan, gamma, beta, eps: float):
+    """The A operand of a forward grouped GEMM over x [T, N_in] with the per-module LayerNorm (gamma, beta
+    [E, N_in]), per `ln_prologue`: (a, a_gather, (mean, rstd) [T], ln for the GEMM's prologue or None).
+    "gather": `gathers.ln_gather` writes LN_m(x[t]) in sorted order and the statistics in one launch;
+    "fused": `ln_stats`, then x gathered on load and the LayerNorm in the GEMM's prologue."""
+    if ln_prologue() == "fused":
+        mean, rstd = ln_stats(x, eps)
+        return x, True, (mean, rstd), (mean, rstd, gamma, beta)
+    a, mean, rstd = ln_gather(x, plan, gamma, beta, eps)
+    return a, False, (mean, rstd), None
+
+
+def gather_rows(a, plan: RoutingPlan, *, gather: bool, mode: int = 0, ln=None, weights=None):
+    """[P, N] in module-sorted order: row s = (g_p *) f(a[token or s]) for s < S (`_gather_rows_kernel`; rows
+    s >= S are not written). mode 0: a; 1: LayerNorm with ln = (mean, rstd, gamma [E, N], beta [E, N]);
+    2: GELU."""
+    P, N = plan.n_tokens * plan.top_k, a.shape[1]
+    out = torch.empty(P, N, device=a.device, dtype=a.dtype)
+    interp = interpreting()
+    BLOCK_R = 16 if interp else 32
+    BLOCK_N = min(_p2(N), 64 if interp else 256)
+    cdt = acc_dtype(a.dtype)
+    dummy = torch.empty(1, device=a.device, dtype=cdt)
+    if ln is not None:
+        mean, rstd, gamma, beta = ln
+    else:
+        mean = rstd = dummy
+        gamma = beta = dummy.view(1, 1)
+    _gather_rows_kernel[(triton.cdiv(P, BLOCK_R), triton.cdiv(N, BLOCK_N))](
+        a, out, weights if weights is not None else dummy, mean, rstd, gamma, beta,
+        plan.sorted_pick, plan.offsets, N, plan.top_k, plan.n_modules,
+        a.stride(0), a.stride(1), out.stride(0), out.stride(1), gamma.stride(0), gamma.stride(1),
+        GATHER=gather, A_MODE=mode, WEIGHTED=weights is not None, RTNE=interp,
+        BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=4)
+    return out

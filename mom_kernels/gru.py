@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .grouped_gemm import _cast, _mma, _p2, _tanh, acc_dtype, interpreting
+from .common import _cast, _mma, _p2, _tanh, acc_dtype, interpreting
 
 Tensor = torch.Tensor
 

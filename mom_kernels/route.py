@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .grouped_gemm import _p2, acc_dtype, interpreting
+from .common import _p2, acc_dtype, interpreting
 from .routing import RoutingPlan, default_block_m
 
 Tensor = torch.Tensor

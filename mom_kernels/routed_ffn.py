@@ -27,11 +27,13 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks
-from .grouped_gemm import (_check_device, acc_dtype, combine, slot_dtype, grouped_dw, grouped_gemm, ln_affine_bwd,
-                           ln_operand, rowdot_tiles)
-from .reductions import routing_weight_grad
+from .common import _check_device, acc_dtype, slot_dtype
+from .gathers import ln_operand
+from .gemm import grouped_gemm, rowdot_tiles
+from .reductions import combine, ln_affine_bwd, routing_weight_grad
 from .routed_linear import _plan_of
 from .routing import RoutingPlan, make_plan
+from .weight_grads import grouped_dw
 
 Tensor = torch.Tensor
 

@@ -18,7 +18,7 @@ Saved for backward: x, the weights, ids, g, the plan and the per-token mean / rs
 U is recomputed from x in the backward, no gathered [T*K, N_in] copy is kept. dW goes through `grouped_dw`
 (torch._grouped_mm on gathered operands on CUDA bf16, the segmented Triton kernel otherwise).
 
-Layers, in order: launchers live in `grouped_gemm.py`; here the implementation functions, the
+Layers, in order: launchers live in `gemm.py`, `gathers.py`, `weight_grads.py` and `reductions.py`; here the implementation functions, the
 torch.library custom ops (so torch.compile(fullgraph=True) traces through) with their autograd,
 and the functional `routed_linear`. Tests: tests/test_kernels_routed_linear.py.
 """
@@ -27,10 +27,12 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks
-from .grouped_gemm import (_check_device, acc_dtype, combine, slot_dtype, grouped_dw, grouped_gemm, ln_affine_bwd,
-                           ln_operand, rowdot_tiles)
-from .reductions import routing_weight_grad
+from .common import _check_device, acc_dtype, slot_dtype
+from .gathers import ln_operand
+from .gemm import grouped_gemm, rowdot_tiles
+from .reductions import combine, ln_affine_bwd, routing_weight_grad
 from .routing import RoutingPlan, make_plan
+from .weight_grads import grouped_dw
 
 Tensor = torch.Tensor
 

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 import mom_kernels as mk  # noqa: E402
 from mom_kernels import reference  # noqa: E402
-from mom_kernels.grouped_gemm import gemm_mode  # noqa: E402
+from mom_kernels.gemm import gemm_mode  # noqa: E402
 from mom_kernels.routing import default_block_m  # noqa: E402
 from mom_kernels.testing import assert_2x_rule, ffn_inputs, linear_inputs  # noqa: E402
 

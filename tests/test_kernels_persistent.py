@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import mom_kernels as mk  # noqa: E402
-from mom_kernels.grouped_gemm import gemm_programs  # noqa: E402
+from mom_kernels.gemm import gemm_programs  # noqa: E402
 from mom_kernels.routing import default_block_m  # noqa: E402
 from mom_kernels.testing import ffn_inputs  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 import mom_kernels as mk  # noqa: E402
 from mom_kernels import reference  # noqa: E402
-from mom_kernels.grouped_gemm import slot_dtype  # noqa: E402
+from mom_kernels.common import slot_dtype  # noqa: E402
 from mom_kernels.testing import assert_2x_rule, ffn_inputs, linear_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,4 @@
-"""The weight-gradient path (mom_kernels/grouped_gemm.py): `segment_sum` (db), `gather_rows` (operands in
+"""The weight-gradient path (mom_kernels/weight_grads.py, gathers.py): `segment_sum` (db), `gather_rows` (operands in
 module-sorted order) and `grouped_dw` on both of its paths ("triton": the segmented Triton kernel,
 "grouped_mm": gathered operands + torch._grouped_mm), against a plain fp64 formula; the routed ops' gradients
 with the grouped_mm path forced. Awkward cases: empty modules, all SKIP, K = 1, odd row counts."""
@@ -14,7 +14,8 @@ import pytest  # noqa: E402
 
 import mom_kernels  # noqa: E402
 from mom_kernels import reference  # noqa: E402
-from mom_kernels.grouped_gemm import dw_backend, gather_rows, grouped_dw, segment_sum  # noqa: E402
+from mom_kernels.gathers import gather_rows  # noqa: E402
+from mom_kernels.weight_grads import dw_backend, grouped_dw, segment_sum  # noqa: E402
 from mom_kernels.routing import make_plan  # noqa: E402
 from mom_kernels.testing import assert_close_verbose, ffn_inputs, linear_inputs, make_ids  # noqa: E402
 

@@ -1,0 +1,361 @@
+"""The grouped GEMM over the picked modules (forward and dX), its epilogue, and its launcher.
+
+Index legend: T tokens, K picks, E modules, P = T*K picks, p = t*K + k, s a module-sorted
+position (see `routing.py`), m = module of row s, N_in / N_out the GEMM's reduction / output dims.
+
+One grouped GEMM kernel, specialised by constexpr flags, does every row-parallel product:
+
+    out[row_out(s)] = epilogue( prologue(A[row_a(s)]) @ W[m] )      for every sorted row s < S
+
+    row_a(s)   = token t (gather on load, A_GATHER) or s (A already in sorted order)
+    prologue   = LayerNorm with module m's affine, statistics once per token (A_LN, MOM_KERNELS_LN=fused):
+                 (a - mean[t]) * rstd[t] * gamma[m] + beta[m]
+    epilogue   = `_epilogue`: + bias[m]; GELU (tanh) storing the pre-activation for backward; * g[p];
+                 * gelu'(pre) (backward); a partial row dot product with a recomputed U row (the
+                 gradient of the routing weight g)
+    row_out(s) = s (grouped store), p (per-pick slot, for the deterministic combine) or t (K == 1)
+
+The backward uses the same kernel with W[m] transposed (strides swapped, no copy) for dX. The kernel walks the
+tile schedule in a loop, so one program per tile (the default grid) and a persistent grid
+(MOM_KERNELS_PERSISTENT) run the same code. `gemm_mode` (MOM_KERNELS_GEMM) picks "fused" (the epilogue in
+registers), "split" (plain products, then `_rows_epilogue_kernel`) or "grouped_mm" (torch._grouped_mm on
+operands in sorted order, then the same epilogue pass).
+
+Measured on an H200 (benchmarks/results/h200_2026-11-28/): 540 TFLOP/s for the plain grouped GEMM at
+16384 x 1280 x 5120 (dense cuBLAS 720), 280 with the fused LayerNorm prologue (why the forward LayerNorm is
+written in sorted order by `gathers.ln_gather` by default).
+
+Launchers (plain functions: check, allocate, grid, launch) sit outside autograd so tests and benchmarks can
+call them; `routed_linear.py` and `routed_ffn.py` wire them into autograd.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import _cast, _env_override, _gelu, _gelu_grad, _mma, _p2, acc_dtype, interpreting
+from .gathers import gather_rows
+from .routing import RoutingPlan
+
+
+@triton.jit
+def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
+              bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+              N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk,
+              stride_ge, stride_gk,
+              HAS_BIAS: tl.constexpr, EPI_GELU: tl.constexpr, SAVE_PRE: tl.constexpr, GELU_BWD: tl.constexpr,
+              WEIGHTED: tl.constexpr, ROWDOT: tl.constexpr, U_LN: tl.constexpr, STORE_MODE: tl.constexpr,
+              RTNE: tl.constexpr):
+    """What happens to a [BM, BN] tile of products acc (rows: sorted positions offs_s64, their picks and
+    tokens) before it is stored; m_idx is the module (a scalar for a GEMM tile, [BM, 1] for row blocks that
+    span modules): + bias[m]; GELU storing the pre-activation; the row dot of the routing weight's gradient
+    (part[pid_n, p]); * gelu'(pre); * g[p]; store to row s, p or t."""
+    cdt = mean_ptr.dtype.element_ty
+    tok64 = tok.to(tl.int64)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + m_idx * stride_be + offs_n[None, :] * stride_bn, mask=mask_n[None, :], other=0.0)
+        acc += bias.to(cdt)
+    if EPI_GELU:
+        if SAVE_PRE:
+            tl.store(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                     _cast(acc, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+        acc = _gelu(acc)
+    if ROWDOT == 1 or GELU_BWD:
+        pre = tl.load(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                      mask=mask_mn, other=0.0).to(cdt)
+    if ROWDOT != 0:
+        if ROWDOT == 1:
+            uu = _gelu(pre)
+        else:
+            uu = tl.load(u_ptr + tok64[:, None] * stride_um + offs_n[None, :] * stride_uk,
+                         mask=mask_mn, other=0.0).to(cdt)
+            if U_LN:
+                mu2 = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
+                rs2 = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
+                ga2 = tl.load(gamma_ptr + m_idx * stride_ge + offs_n[None, :] * stride_gk, mask=mask_n[None, :],
+                              other=0.0).to(cdt)
+                be2 = tl.load(beta_ptr + m_idx * stride_ge + offs_n[None, :] * stride_gk, mask=mask_n[None, :],
+                              other=0.0).to(cdt)
+                uu = (uu - mu2[:, None]) * rs2[:, None] * ga2 + be2
+        part = tl.sum(tl.where(mask_mn, acc * uu, 0.0), axis=1)  # [BM]
+        tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
+    if GELU_BWD:
+        acc = acc * _gelu_grad(pre)
+    if WEIGHTED:
+        g = tl.load(g_ptr + pick, mask=mask_m, other=0.0).to(cdt)
+        acc = acc * g[:, None]
+    if STORE_MODE == 0:
+        o_rows = offs_s64
+    elif STORE_MODE == 1:
+        o_rows = pick.to(tl.int64)
+    else:
+        o_rows = tok64
+    tl.store(out_ptr + o_rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+             _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr,
+    u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+    sorted_pick_ptr, offsets_ptr, tile_module_ptr, tile_row_start_ptr,
+    N_IN, N_OUT, TOP_K, N_MOD, N_PICKS, N_TILES,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
+    stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk, stride_ge, stride_gk,
+    A_GATHER: tl.constexpr,  # A row = token (gather on load), else the sorted position
+    A_LN: tl.constexpr,  # LayerNorm prologue on A (needs A_GATHER)
+    HAS_BIAS: tl.constexpr,
+    EPI_GELU: tl.constexpr,  # out = gelu(acc + bias)
+    SAVE_PRE: tl.constexpr,  # with EPI_GELU: store acc + bias to pre (sorted rows)
+    GELU_BWD: tl.constexpr,  # out = acc * gelu'(pre) (pre: sorted rows)
+    WEIGHTED: tl.constexpr,  # out *= g[p]
+    ROWDOT: tl.constexpr,  # 0: none, 1: part[n_tile, p] = sum(acc * gelu(pre)), 2: ... * U[t] (LN opt.)
+    U_LN: tl.constexpr,  # with ROWDOT 2: U = LayerNorm_m(u[t]), else u[t]
+    STORE_MODE: tl.constexpr,  # 0: row s, 1: row p, 2: row t
+    UPCAST: tl.constexpr,  # interpreter: dot in fp32
+    IEEE: tl.constexpr,  # fp32 / fp64 inputs: exact dot (no TF32)
+    RTNE: tl.constexpr,  # interpreter: round bf16 stores to nearest even (see _cast)
+    EVEN_K: tl.constexpr,  # N_IN % BLOCK_K == 0: no masks along the reduction
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # one program per (row tile, N tile) of the schedule, or (persistent grid, fewer programs than tiles)
+    # each program walks tiles pid, pid + num_programs, ...: same results, the grid size is the launcher's choice
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    for t in tl.range(tl.program_id(0), N_TILES * num_n, tl.num_programs(0)):
+        tile = t // num_n
+        pid_n = t % num_n
+        m = tl.load(tile_module_ptr + tile)
+        if m < N_MOD:  # spare tiles (the grid is an upper bound) do nothing
+            row_start = tl.load(tile_row_start_ptr + tile)
+            row_end = tl.load(offsets_ptr + m + 1)
+            offs_s = row_start + tl.arange(0, BLOCK_M)  # [BM] sorted positions
+            mask_m = offs_s < row_end
+            pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_m, other=0)  # [BM] p = t*K + k
+            tok = pick // TOP_K  # [BM]
+            offs_s64 = offs_s.to(tl.int64)
+            tok64 = tok.to(tl.int64)
+            if A_GATHER:
+                a_rows = tok64
+            else:
+                a_rows = offs_s64
+            m64 = m.to(tl.int64)
+            cdt = mean_ptr.dtype.element_ty  # compute / accumulate dtype (fp32, or fp64 for fp64)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N_OUT
+            offs_k = tl.arange(0, BLOCK_K)
+            if A_LN:
+                mu = tl.load(mean_ptr + tok, mask=mask_m, other=0.0)
+                rs = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
+            a_base = a_ptr + a_rows[:, None] * stride_am  # [BM, 1]
+            w_base = w_ptr + m64 * stride_we
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=cdt)
+            for k0 in range(0, N_IN, BLOCK_K):
+                kk = k0 + offs_k
+                if EVEN_K:  # N_IN % BLOCK_K == 0: only the rows are masked
+                    mask_k = tl.full([BLOCK_K], 1, tl.int1)
+                else:
+                    mask_k = kk < N_IN
+                a = tl.load(a_base + kk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :],
+                            other=0.0)  # [BM, BK]
+                if A_LN:
+                    ga = tl.load(gamma_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
+                    be = tl.load(beta_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
+                    u = (a.to(cdt) - mu[:, None]) * rs[:, None] * ga.to(cdt)[None, :] + be.to(cdt)[None, :]
+                    a = _cast(u, a_ptr.dtype.element_ty, RTNE)
+                w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+                acc = _mma(a, w, acc, UPCAST, IEEE)
+            # ---- epilogue (shared with the split path's `_rows_epilogue_kernel`) ----
+            _epilogue(acc, m64, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
+                      bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                      N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
+                      stride_uk, stride_ge, stride_gk,
+                      HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+
+
+@triton.jit
+def _rows_epilogue_kernel(
+    c_ptr, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+    sorted_pick_ptr, offsets_ptr,
+    N_OUT, TOP_K, N_MOD, N_PICKS,
+    stride_cm, stride_cn, stride_be, stride_bn,
+    stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk, stride_ge, stride_gk,
+    HAS_BIAS: tl.constexpr, EPI_GELU: tl.constexpr, SAVE_PRE: tl.constexpr, GELU_BWD: tl.constexpr,
+    WEIGHTED: tl.constexpr, ROWDOT: tl.constexpr, U_LN: tl.constexpr, STORE_MODE: tl.constexpr,
+    RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The grouped GEMM's epilogue as a pass of its own over a product c [P, N_out] already in module-sorted
+    order (from `torch._grouped_mm` or the Triton GEMM without epilogue): the same `_epilogue`, with the module
+    of each row found from the offsets. Rows s >= S are not touched."""
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    S = tl.load(offsets_ptr + N_MOD)
+    if pid_r * BLOCK_M < S:
+        offs_s = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_s < S
+        pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_m, other=0)
+        tok = pick // TOP_K
+        mod = tl.zeros([BLOCK_M], dtype=tl.int32)  # module of row s: how many modules start at or before s
+        for e in range(1, N_MOD):
+            mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)
+        offs_s64 = offs_s.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_OUT
+        cdt = mean_ptr.dtype.element_ty
+        acc = tl.load(c_ptr + offs_s64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                      mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(cdt)
+        _epilogue(acc, mod.to(tl.int64)[:, None], offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
+                  bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                  N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
+                  stride_uk, stride_ge, stride_gk,
+                  HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+
+
+def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> dict:
+    """Tile sizes of `_grouped_gemm_kernel` (BLOCK_M comes from the plan).
+    GPU: 128x128x64 tiles, 8 warps, 3 stages for 16-bit inputs (the usual Hopper/Ampere
+    tensor-core tile); fp32/fp64 halve BLOCK_N/BLOCK_K to stay in registers / shared memory."""
+    if interpret:
+        return dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=min(32, _p2(n_in)), num_warps=4, num_stages=1)
+    if dtype in (torch.float16, torch.bfloat16):
+        cfg = dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        cfg.update(_env_override("MOM_KERNELS_GEMM_CONFIG"))
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _p2(n_out))
+        return cfg
+    if dtype == torch.float64:
+        return dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=16, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=min(64, _p2(n_out)), BLOCK_K=32, num_warps=8, num_stages=3)
+
+
+def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: bool = False,
+                 bias=None, ln=None, gelu: bool = False, pre=None, save_pre: bool = False,
+                 gelu_bwd: bool = False, weights=None, rowdot: int = 0, part=None, u=None,
+                 u_ln=None, store: str = "sorted"):
+    """Launch `_grouped_gemm_kernel`: out[row_out(s)] = epi(pro(a[row_a(s)]) @ W[m]).
+
+    a      [T or P, N_in] (rows by token if a_gather else by sorted position)
+    w      [E, N_in, N_out], or [E, N_out, N_in] read transposed when w_transposed (for dX)
+    ln     (mean [T], rstd [T], gamma [E, N_in], beta [E, N_in]) for the LayerNorm prologue (A side)
+    u, u_ln  with rowdot == 2: U = u[t] [T, N_out], or LN_m(u[t]) with u_ln = (mean, rstd, gamma [E, N_out],
+           beta) (gamma / beta share strides); ln and u_ln are exclusive (they share kernel pointers)
+    pre    [P, N_out] pre-activation (written when save_pre, read when gelu_bwd or rowdot == 1)
+    weights [P] routing weights g (contiguous), part [n_tiles_N, P] fp32 row-dot partial sums
+    store  "sorted" (row s), "pick" (row p = t*K + k) or "token" (row t)
+    """
+    E = w.shape[0]
+    if w_transposed:
+        n_out, n_in = w.shape[1], w.shape[2]
+        s_we, s_wk, s_wn = w.stride(0), w.stride(2), w.stride(1)
+    else:
+        n_in, n_out = w.shape[1], w.shape[2]
+        s_we, s_wk, s_wn = w.stride(0), w.stride(1), w.stride(2)
+    interp = interpreting()
+    cfg = gemm_config(a.dtype, n_in, n_out, interp)
+    cdt = acc_dtype(a.dtype)
+    dummy = torch.empty(1, device=a.device, dtype=cdt)  # for pointers a variant does not use
+    if ln is not None and u_ln is not None:
+        raise ValueError("grouped_gemm: ln and u_ln are exclusive")
+    stats = ln if ln is not None else u_ln
+    if stats is not None:
+        mean, rstd, gamma, beta = stats
+    else:
+        mean = rstd = dummy
+        gamma = beta = dummy.view(1, 1)
+    num_n = triton.cdiv(n_out, cfg["BLOCK_N"])
+    grid = (gemm_programs(plan.n_tiles * num_n, a.device),)
+    store_mode = {"sorted": 0, "pick": 1, "token": 2}[store]
+    bias_t = bias if bias is not None else dummy.view(1, 1)
+    pre_t = pre if pre is not None else dummy.view(1, 1)
+    u_t = u if u is not None else dummy.view(1, 1)
+    g_t = weights if weights is not None else dummy
+    part_t = part if part is not None else dummy
+    mode = gemm_mode(a.dtype, n_in, n_out)
+    epi = dict(HAS_BIAS=bias is not None, EPI_GELU=gelu, SAVE_PRE=save_pre, GELU_BWD=gelu_bwd,
+               WEIGHTED=weights is not None, ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode)
+    if mode == "grouped_mm":  # cuBLAS / CUTLASS grouped GEMM on A in sorted order, then the epilogue pass
+        if a_gather or ln is not None:
+            a = gather_rows(a, plan, gather=a_gather, mode=1 if ln is not None else 0, ln=ln)
+        c = torch._grouped_mm(a, w.transpose(1, 2) if w_transposed else w, offs=plan.offsets[1:])  # [P, N_out]
+    else:
+        if mode == "split":  # the Triton GEMM without epilogue into sorted fp32 rows, then the epilogue pass
+            c = torch.empty(plan.n_tokens * plan.top_k, n_out, device=a.device, dtype=cdt)
+            dst, dst_epi = c, dict(HAS_BIAS=False, EPI_GELU=False, SAVE_PRE=False, GELU_BWD=False, WEIGHTED=False,
+                                   ROWDOT=0, U_LN=False, STORE_MODE=0)
+        else:
+            dst, dst_epi = out, epi
+        _grouped_gemm_kernel[grid](
+            a, w, bias_t, dst, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta,
+            plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
+            n_in, n_out, plan.top_k, E, plan.n_tokens * plan.top_k, plan.n_tiles,
+            a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
+            dst.stride(0), dst.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
+            gamma.stride(0), gamma.stride(1),
+            A_GATHER=a_gather, A_LN=ln is not None, **dst_epi,
+            UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
+            IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
+            EVEN_K=n_in % cfg["BLOCK_K"] == 0,
+            BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if mode == "fused":
+            return out
+    BLOCK_M = 16 if interp else 64
+    P = plan.n_tokens * plan.top_k
+    _rows_epilogue_kernel[(max(1, triton.cdiv(P, BLOCK_M)), num_n)](
+        c, bias_t, out, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta, plan.sorted_pick, plan.offsets,
+        n_out, plan.top_k, E, P, c.stride(0), c.stride(1), bias_t.stride(0), bias_t.stride(1),
+        out.stride(0), out.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
+        gamma.stride(0), gamma.stride(1), **epi, RTNE=interp, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"],
+        num_warps=4 if interp else 8)
+    return out
+
+
+def gemm_mode(dtype: torch.dtype, n_in: int, n_out: int) -> str:
+    """How `grouped_gemm` runs (MOM_KERNELS_GEMM): "fused" (default: the Triton GEMM with its epilogue in
+    registers), "split" (the Triton GEMM writes fp32 products in sorted order, `_rows_epilogue_kernel` does the
+    epilogue: fewer registers in the mainloop, one more pass over the products) or "grouped_mm"
+    (torch._grouped_mm on A gathered in sorted order, then the same epilogue pass; where it cannot run - fp64,
+    rows not a multiple of 16 bytes - the "split" path runs instead). Which is fastest per GEMM role and shape
+    is for a GPU run to measure (benchmarks/bench_routed_ffn.py under each setting); until then "fused"."""
+    mode = os.environ.get("MOM_KERNELS_GEMM", "").strip() or "fused"
+    if mode not in ("fused", "split", "grouped_mm"):
+        raise ValueError(f"MOM_KERNELS_GEMM must be 'fused', 'split' or 'grouped_mm', got {mode!r}")
+    if mode == "grouped_mm":
+        size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 0
+        if not (hasattr(torch, "_grouped_mm") and dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and (n_in * size) % 16 == 0 and (n_out * size) % 16 == 0):
+            return "split"
+    return mode
+
+
+def gemm_programs(n_work: int, device) -> int:
+    """Grid size of `_grouped_gemm_kernel` for n_work (row tile, N tile) pairs: one program each (default), or a
+    persistent grid of at most MOM_KERNELS_PERSISTENT programs per SM (e.g. 1 or 2) that walk the tiles in
+    strides; the interpreter uses 4 programs then, to run the walk on a CPU. Persistence stays opt-in until a
+    GPU run measures it against the one-program-per-tile grid."""
+    per_sm = os.environ.get("MOM_KERNELS_PERSISTENT", "").strip()
+    if not per_sm:
+        return max(1, n_work)
+    try:
+        n = int(per_sm)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"MOM_KERNELS_PERSISTENT must be an int >= 1 (programs per SM), got {per_sm!r}")
+    if interpreting() or torch.device(device).type != "cuda":
+        return max(1, min(n_work, 4))
+    return max(1, min(n_work, n * _sm_count(torch.device(device))))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def rowdot_tiles(n_out: int, dtype: torch.dtype) -> int:
+    """Number of N tiles of a grouped GEMM with output width n_out (rows of its `part` buffer)."""
+    return triton.cdiv(n_out, gemm_config(dtype, 16, n_out, interpreting())["BLOCK_N"])
