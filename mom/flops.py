@@ -142,13 +142,14 @@ def count(model, input_ids: torch.Tensor, past_key_values=None, output=None,
     conventions). combine: count the weighted combine as a product (None: as the model's backend does it,
     i.e. all but "reference").
     """
+    from .cache import check_past_key_values
     from .routed import get_ops
 
     cfg = model.config
     if combine is None:
         combine = get_ops(cfg.backend, input_ids.device).name != "reference"
     B, T = input_ids.shape
-    P = 0 if past_key_values is None else int(past_key_values[0][0].shape[2])
+    P = 0 if past_key_values is None else check_past_key_values(past_key_values, cfg, B)
     if output is None:
         with torch.no_grad():
             output = model(input_ids, past_key_values=past_key_values, use_cache=past_key_values is not None)

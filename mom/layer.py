@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import AttentionPool, Block, FFNPool, KVCache, causal_attention, init_weights, merge_heads, split_heads
+from .cache import check_chunk_cache
 from .config import MoMConfig
 from .routed import Ops, get_ops
 from .routers import balance_loss, make_router
@@ -70,9 +71,8 @@ class MoMLayer(nn.Module):
         cfg = self.config
         if x.dim() != 3 or x.shape[-1] != cfg.n_embd:
             raise ValueError(f"MoMLayer: x must be [B, T, n_embd={cfg.n_embd}], got {tuple(x.shape)}")
-        if past_key_values is not None and len(past_key_values) != self.n_caches:
-            raise ValueError(f"MoMLayer: past_key_values has {len(past_key_values)} entries, expected "
-                             f"{self.n_caches} (depth + anchor)")
+        if past_key_values is not None:  # count, batch, heads, head size, equal lengths, dtype, device
+            check_chunk_cache(past_key_values, cfg, x)
         ops = ops if ops is not None else get_ops(cfg.backend, x.device)
         B, T, D = x.shape
         E_a, E_f = cfg.n_attn, cfg.n_ffn
