@@ -1,0 +1,417 @@
+"""Mutation check: do the tests catch the bugs that matter?
+
+    python tests/mutations.py                     # every mutation (long: see DEVELOPERS.md)
+    python tests/mutations.py --list              # names, files and the tests each one runs
+    python tests/mutations.py --only router_temperature_ignored plan_torch_offsets_shifted
+    python tests/mutations.py --rev HEAD          # the last commit, not the working tree
+
+For each mutation: copy the repository's files (`git ls-files`, tracked and untracked-but-not-ignored, as
+they are in the working tree; or a commit's with --rev) into a temporary directory, make one literal text
+substitution there (file, old -> new), run that mutation's test files in the copy (`pytest -x -q`,
+PYTHONPATH = the copy) and report KILLED (a test failed: the first failing test is named) or SURVIVED
+(every test passed: the tests do not notice this bug). Exit code 1 if any mutation survived or could not
+be applied.
+
+A substitution whose `old` text is not found exactly once in its file is an error, not a skip: a refactor
+that moves the text must update the mutation here, never disable it silently. A test file that does not
+exist is left out with a note (some are still being written). Before the mutations, the same test files
+run once on the unmutated copy; tests that fail there are deselected in every mutation run (and listed),
+so a mutation is only counted as KILLED by a test that passes without it. Each run also records where
+`mom` / `mom_kernels` were imported from and checks that it was the copy, not the checkout.
+
+Not part of CI: a whole run took about 25 minutes on 2 busy cores at commit 73ccd45 (41 mutations, all
+killed, most within seconds; a survivor runs its test files to the end, minutes each under the Triton
+interpreter). Run it before a release and after changing the tests. It never edits the checkout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 1800  # one mutation's test run; a hang counts as KILLED (timeout)
+
+# Test files per area, fastest first (with -x the first failure ends the run).
+ROUTING_TESTS = ["tests/test_oracle_routing.py", "tests/test_kernels_route.py", "tests/test_oracle_step.py"]
+STEP_TESTS = ["tests/test_oracle_step.py", "tests/test_model.py"]
+PLAN_TESTS = ["tests/test_kernels_routing.py", "tests/test_kernels_route.py", "tests/test_kernels_multitile.py"]
+KERNEL_TESTS = ["tests/test_kernels_routed_linear.py", "tests/test_kernels_routed_ffn.py",
+                "tests/test_kernels_multitile.py", "tests/test_kernels_weight_grad.py",
+                "tests/test_kernels_residual.py", "tests/test_kernels_gemm_modes.py"]
+LN_FUSED_TESTS = ["tests/test_kernels_weight_grad.py", "tests/test_kernels_multitile.py"]
+TORCH_TESTS = ["tests/test_oracle_step.py", "tests/test_model.py"]
+GATHER_TESTS = ["tests/test_kernels_gathers.py"] + KERNEL_TESTS
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str  # the bug, in words
+    path: str  # file, relative to the repository root
+    old: str   # literal text that must occur exactly once in the file
+    new: str
+    tests: Tuple[str, ...]
+
+
+GEMM = "mom_kernels/gemm.py"            # the grouped GEMM and its epilogue
+COMMON = "mom_kernels/common.py"        # GELU and its derivative
+GA = "mom_kernels/gathers.py"           # sorted rows, the forward's LayerNorm, LayerNorm statistics
+WG = "mom_kernels/weight_grads.py"      # dW, db
+RED = "mom_kernels/reductions.py"       # combine, LayerNorm affine gradients
+
+MUTATIONS: List[Mutation] = [
+    # ---- routers (mom/routers.py) ----
+    Mutation("router_weights_swapped", "the K weights reversed after renormalisation", "mom/routers.py",
+             "weights = weights / weights.sum(dim=-1, keepdim=True)",
+             "weights = (weights / weights.sum(dim=-1, keepdim=True)).flip(-1)", tuple(ROUTING_TESTS)),
+    Mutation("router_renormalisation_dropped", "top-K weights not renormalised", "mom/routers.py",
+             "weights = weights / weights.sum(dim=-1, keepdim=True)", "weights = weights", tuple(ROUTING_TESTS)),
+    Mutation("router_temperature_ignored", "softmax of the raw logits", "mom/routers.py",
+             "torch.softmax(logits / config.router_temperature, dim=-1)", "torch.softmax(logits, dim=-1)",
+             tuple(ROUTING_TESTS)),
+    Mutation("router_skip_not_clamped", "SKIP slot ids >= n_modules not clamped to the SKIP id",
+             "mom/routers.py", "ids = slots.clamp(max=n_modules)", "ids = slots", tuple(ROUTING_TESTS)),
+    Mutation("router_straight_through_no_gradient", "straight-through weights: value 1 but no gradient",
+             "mom/routers.py", "weights = weights - weights.detach() + 1.0",
+             "weights = weights.detach() * 0.0 + 1.0", tuple(ROUTING_TESTS)),
+    Mutation("balance_loss_missing_n", "balance loss without its factor n", "mom/routers.py",
+             "return f.numel() * (f * P).sum()", "return (f * P).sum()", tuple(ROUTING_TESTS)),
+    # ---- the step loop (mom/layer.py) ----
+    Mutation("layer_ffn_gru_state_not_carried", "the FFN router's GRU state restarts at every step",
+             "mom/layer.py", "self.ffn_router(xf, state_f", "self.ffn_router(xf, None", tuple(STEP_TESTS)),
+    Mutation("layer_attn_gru_state_not_carried", "the attention router's GRU state restarts at every step",
+             "mom/layer.py", "self.attn_router(xf, state_a", "self.attn_router(xf, None", tuple(STEP_TESTS)),
+    Mutation("layer_weighted_qkv_ignored", "config.weighted_qkv has no effect", "mom/layer.py",
+             "ra.weights if cfg.weighted_qkv else None", "None", tuple(STEP_TESTS)),
+    Mutation("layer_attn_residual_dropped", "x = attention output instead of x + attention output",
+             "mom/layer.py", "residual=xf)                      # xf + the routed projection",
+             "residual=None)                      # xf + the routed projection", tuple(STEP_TESTS)),
+    Mutation("layer_ffn_residual_dropped", "x = FFN output instead of x + FFN output", "mom/layer.py",
+             "plan=plan, residual=xf)  # xf + FFN", "plan=plan, residual=None)  # xf + FFN", tuple(STEP_TESTS)),
+    Mutation("layer_aux_loss_summed", "aux loss summed over routers and steps instead of averaged", "mom/layer.py",
+             "return torch.stack(losses).mean()", "return torch.stack(losses).sum()", tuple(STEP_TESTS)),
+    Mutation("layer_pooled_balance_last_step", "pooled balance loss uses the last step's f only", "mom/layer.py",
+             "f = torch.stack([t[i].f for t in terms]).mean(0)", "f = terms[-1][i].f",
+             tuple(ROUTING_TESTS[:1] + STEP_TESTS)),
+    Mutation("layer_kv_cache_wrong_step", "every step attends over the first step's KV cache", "mom/layer.py",
+             "past = past_key_values[h] if", "past = past_key_values[0] if",
+             ("tests/test_generate.py", "tests/test_oracle_step.py")),
+    # ---- plans: mom_kernels/routing.py (the torch plan, the reference) and route.py (the Triton plan) ----
+    Mutation("plan_torch_tile_row_start_off_by_one_tile", "every tile starts one tile late (torch plan)",
+             "mom_kernels/routing.py", "tile_row_start = offsets[m] + (i - (tile_end - tiles)[m]) * block_m",
+             "tile_row_start = offsets[m] + (i + 1 - (tile_end - tiles)[m]) * block_m", tuple(PLAN_TESTS)),
+    Mutation("plan_torch_offsets_shifted", "module offsets one row late (torch plan)", "mom_kernels/routing.py",
+             "offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)",
+             "offsets = torch.searchsorted(sorted_key, bounds, out_int32=True) + 1", tuple(PLAN_TESTS)),
+    Mutation("plan_triton_tile_row_start_off_by_one_tile", "every tile starts one tile late (Triton plan)",
+             "mom_kernels/route.py", "row0 + (i - t0) * BLOCK_M", "row0 + (i - t0 + 1) * BLOCK_M",
+             tuple(PLAN_TESTS + KERNEL_TESTS[:1])),
+    Mutation("plan_triton_later_tiles_overlap", "a module's 2nd, 3rd.. tiles start one row early: its last "
+             "rows are never computed (Triton plan)", "mom_kernels/route.py", "row0 + (i - t0) * BLOCK_M",
+             "row0 + (i - t0) * (BLOCK_M - 1)", tuple(PLAN_TESTS + KERNEL_TESTS[:1])),
+    Mutation("plan_triton_offsets_shifted", "module offsets one row late (Triton plan)", "mom_kernels/route.py",
+             "tl.store(offsets_ptr + offs_e, starts, mask=mask_e)",
+             "tl.store(offsets_ptr + offs_e, starts + 1, mask=mask_e)", tuple(PLAN_TESTS + KERNEL_TESTS[:1])),
+    # ---- kernel epilogues and reductions (mom_kernels/gemm.py, common.py, reductions.py, weight_grads.py) ----
+    Mutation("gemm_bias_dropped", "grouped GEMM epilogue: bias not added", GEMM,
+             "acc += bias.to(cdt)", "acc += 0.0 * bias.to(cdt)", tuple(KERNEL_TESTS)),
+    Mutation("gelu_constant_wrong", "GELU's cubic coefficient 0.045 instead of 0.044715", COMMON,
+             "return 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))",
+             "return 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.045 * u * u * u)))", tuple(KERNEL_TESTS)),
+    Mutation("gelu_grad_constant_wrong", "GELU derivative's coefficient 0.134 instead of 0.134145", COMMON,
+             "(1.0 + 0.134145 * u * u)", "(1.0 + 0.134 * u * u)", tuple(KERNEL_TESTS)),
+    Mutation("gemm_weights_not_applied", "grouped GEMM epilogue: routing weight g not applied", GEMM,
+             "acc = acc * g[:, None]", "acc = acc", tuple(KERNEL_TESTS)),
+    Mutation("gemm_pre_not_saved", "FFN up GEMM stores zeros as the saved pre-activation", GEMM,
+             "_cast(acc, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)",
+             "_cast(acc * 0.0, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)", tuple(KERNEL_TESTS)),
+    Mutation("gemm_tile_row_start_ignored", "grouped GEMM reads row 0 as every tile's first row", GEMM,
+             "row_start = tl.load(tile_row_start_ptr + tile)",
+             "row_start = tl.load(tile_row_start_ptr + tile) * 0", tuple(KERNEL_TESTS)),
+    Mutation("combine_skips_last_pick", "combine sums only the first K-1 picks of a token", RED,
+             "for k in range(0, TOP_K):", "for k in range(0, TOP_K - 1):", tuple(KERNEL_TESTS)),
+    Mutation("combine_includes_skip", "combine also sums the slots of SKIP picks", RED,
+             "valid = mask_t & (mod >= 0) & (mod < N_MOD)", "valid = mask_t & (mod >= 0) & (mod <= N_MOD)",
+             tuple(KERNEL_TESTS)),
+    Mutation("gather_rows_weights_ignored", "the _grouped_mm dW path's gathered dY rows miss the routing weights",
+             GA, "v = _cast(v, out_ptr.dtype.element_ty, RTNE).to(cdt) * g[:, None]",
+             "v = _cast(v, out_ptr.dtype.element_ty, RTNE).to(cdt)",
+             ("tests/test_kernels_weight_grad.py",) + tuple(KERNEL_TESTS[:3])),
+    Mutation("ffn_dg_rowdot_without_gelu", "FFN routing-weight gradient dots G with pre instead of gelu(pre)",
+             GEMM, "uu = _gelu(pre)", "uu = pre", tuple(KERNEL_TESTS)),
+    Mutation("ln_stats_eps_outside_sqrt", "LayerNorm statistics kernel (fused path, backward): 1/sqrt(var) + eps "
+             "instead of 1/sqrt(var + eps)", GA, "rstd = 1.0 / tl.sqrt(acc / D + eps)",
+             "rstd = 1.0 / tl.sqrt(acc / D) + eps", tuple(KERNEL_TESTS)),
+    Mutation("combine_residual_dropped", "the residual= stream is not added in the combine", RED,
+             "acc += tl.load(res_ptr", "acc += 0.0 * tl.load(res_ptr",
+             ("tests/test_kernels_residual.py",) + tuple(KERNEL_TESTS) + ("tests/test_oracle_step.py",)),
+    # ---- the forward's sorted LayerNorm buffer (mom_kernels/gathers.py, the default path) ----
+    Mutation("ln_gather_mean_ignored", "sorted LayerNorm rows ignore the mean", GA,
+             "u = (v - mean[:, None]) * rstd[:, None] * ga + be", "u = v * rstd[:, None] * ga + be",
+             tuple(GATHER_TESTS)),
+    Mutation("ln_gather_no_shift", "variance from E[x^2] - E[x]^2 without the shift (cancels for a large mean)",
+             GA, "shift = tl.load(x_ptr + rows, mask=mask_r, other=0.0).to(cdt)",
+             "shift = tl.load(x_ptr + rows, mask=mask_r, other=0.0).to(cdt) * 0.0", tuple(GATHER_TESTS)),
+    Mutation("ln_gather_module_off_by_one_row", "each module's first row gets the previous module's gamma/beta",
+             GA, "mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)\n"
+                 "        mod64 = mod.to(tl.int64) * stride_ge",
+             "mod += (offs_s > tl.load(offsets_ptr + e)).to(tl.int32)\n"
+                 "        mod64 = mod.to(tl.int64) * stride_ge",
+             tuple(GATHER_TESTS)),
+    Mutation("ln_gather_eps_outside_sqrt", "1/sqrt(var) + eps instead of 1/sqrt(var + eps)", GA,
+             "rstd = 1.0 / tl.sqrt(tl.maximum(s2 / N - m1 * m1, 0.0) + eps)",
+             "rstd = 1.0 / tl.sqrt(tl.maximum(s2 / N - m1 * m1, 0.0)) + eps", tuple(GATHER_TESTS)),
+    Mutation("dw_gather_ln_mean_ignored", "the _grouped_mm dW path's gathered LayerNorm rows ignore the mean", GA,
+             "v = (v - mu[:, None]) * rs[:, None] * ga.to(cdt) + be.to(cdt)",
+             "v = v * rs[:, None] * ga.to(cdt) + be.to(cdt)", tuple(KERNEL_TESTS)),
+    Mutation("ln_mean_ignored_fused_prologue", "the fused LayerNorm prologue (MOM_KERNELS_LN=fused) ignores the "
+             "mean", GEMM,
+             "u = (a.to(cdt) - mu[:, None]) * rs[:, None] * ga.to(cdt)[None, :] + be.to(cdt)[None, :]",
+             "u = a.to(cdt) * rs[:, None] * ga.to(cdt)[None, :] + be.to(cdt)[None, :]", tuple(LN_FUSED_TESTS)),
+    Mutation("dw_row_mask_off_by_one", "dW kernel's row mask drops each module's last row", WG,
+             "offs_s = start + i * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]\n        mask_r = offs_s < end",
+             "offs_s = start + i * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]\n        mask_r = offs_s < end - 1",
+             tuple(KERNEL_TESTS)),
+    Mutation("segment_sum_weights_ignored", "db of the weighted layers summed without the routing weights", WG,
+             "dy = _cast(dy.to(cdt) * g[:, None], dy_ptr.dtype.element_ty, RTNE)\n        acc += dy.to(cdt)",
+             "dy = dy\n        acc += dy.to(cdt)", tuple(KERNEL_TESTS)),
+    Mutation("ln_affine_dbeta_zero", "d beta of the per-module LayerNorms is zero", RED,
+             "accb += tl.sum(du, axis=0)", "accb += 0.0 * tl.sum(du, axis=0)", tuple(KERNEL_TESTS)),
+    # ---- the torch backend (mom/routed.py) ----
+    Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
+             "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",
+             "return per_pick.sum(dim=1)", tuple(TORCH_TESTS)),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------------------
+
+# A pytest plugin written into the copy: records the files `mom`, `mom_kernels` and the mutated module were
+# imported from (None: never imported).
+_PLUGIN = '''
+import json, os, sys
+def pytest_sessionfinish(session, exitstatus):
+    names = ["mom", "mom_kernels"] + [n for n in [os.environ.get("MUTATION_MODULE")] if n]
+    out = {n: getattr(sys.modules.get(n), "__file__", None) for n in names}
+    with open(os.environ["MUTATION_IMPORTS_JSON"], "w") as f:
+        json.dump(out, f)
+'''
+
+
+def repo_files() -> List[str]:
+    """Tracked files plus untracked ones git does not ignore, as in the working tree (deleted ones left out)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, check=True).stdout.decode()
+    return sorted({f for f in out.split("\0") if f and os.path.isfile(os.path.join(ROOT, f))})
+
+
+def snapshot(rev: Optional[str]) -> str:
+    """One copy of the working tree (rev None) or of a commit, taken once: every run copies it, so edits made
+    in the checkout while the check runs do not leak into some mutations and not others."""
+    dst = tempfile.mkdtemp(prefix="mom_mutation_snapshot_")
+    if rev:
+        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", dst], input=archive, check=True)
+    else:
+        for f in repo_files():
+            os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
+    with open(os.path.join(dst, "_mutation_imports.py"), "w") as fh:
+        fh.write(_PLUGIN)
+    return dst
+
+
+def make_copy(snap: str) -> str:
+    dst = tempfile.mkdtemp(prefix="mom_mutation_")
+    shutil.copytree(snap, dst, dirs_exist_ok=True)
+    return dst
+
+
+class MutationError(Exception):
+    pass
+
+
+def apply(m: Mutation, root: str) -> None:
+    """Make the substitution in the copy; `old` must occur exactly once."""
+    path = os.path.join(root, m.path)
+    if not os.path.isfile(path):
+        raise MutationError(f"{m.name}: {m.path} does not exist")
+    text = open(path).read()
+    n = text.count(m.old)
+    if n != 1:
+        raise MutationError(f"{m.name}: the text to replace occurs {n} times in {m.path} (must be exactly once; "
+                            f"update this mutation in tests/mutations.py):\n    {m.old!r}")
+    with open(path, "w") as fh:
+        fh.write(text.replace(m.old, m.new))
+
+
+def existing(tests: Sequence[str], root: str) -> Tuple[List[str], List[str]]:
+    have = [t for t in tests if os.path.isfile(os.path.join(root, t))]
+    return have, [t for t in tests if t not in have]
+
+
+def run_pytest(root: str, tests: Sequence[str], stop_first: bool, deselect: Sequence[str] = (),
+               timeout: int = TIMEOUT_S, module: str = "") -> dict:
+    """Run pytest in the copy. Returns rc, failed node ids, seconds, the import check and the output tail."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["MUTATION_IMPORTS_JSON"] = os.path.join(root, "_imports.json")
+    env["MUTATION_MODULE"] = module
+    env.pop("PYTEST_ADDOPTS", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "_mutation_imports", "-rfE",
+           *(["-x"] if stop_first else []), *tests]
+    for d in deselect:
+        cmd += ["--deselect", d]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out = None, ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes)
+                         else (e.stdout or ""))
+    seconds = time.time() - t0
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
+    imports = {}
+    try:
+        imports = json.load(open(env["MUTATION_IMPORTS_JSON"]))
+        os.remove(env["MUTATION_IMPORTS_JSON"])
+    except (OSError, ValueError):
+        pass
+    bad = [f"{n} from {f}" for n, f in imports.items() if f and not os.path.realpath(f).startswith(
+        os.path.realpath(root) + os.sep)]
+    return dict(rc=rc, failed=failed, seconds=seconds, imports=imports, bad_imports=bad, tail=out[-3000:])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip the unmutated run (then a test that fails anyway counts as a kill)")
+    ap.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per test run (default %(default)s)")
+    ap.add_argument("--rev", help="mutate this commit (git archive) instead of the working tree")
+    ap.add_argument("--json", help="also write the results to this file")
+    a = ap.parse_args(argv)
+
+    names = [m.name for m in MUTATIONS]
+    assert len(set(names)) == len(names), "duplicate mutation names"
+    chosen = MUTATIONS
+    if a.only:
+        unknown = [n for n in a.only if n not in names]
+        if unknown:
+            ap.error(f"unknown mutation(s): {', '.join(unknown)} (see --list)")
+        chosen = [m for m in MUTATIONS if m.name in a.only]
+    if a.list:
+        for m in MUTATIONS:
+            print(f"{m.name:46s} {m.path}: {m.what}\n{'':46s} tests: {' '.join(m.tests)}")
+        return 0
+
+    if a.rev:
+        print(f"tree: commit {a.rev} = " + subprocess.run(["git", "rev-parse", "--short", a.rev], cwd=ROOT,
+                                                          capture_output=True, text=True).stdout.strip())
+    else:
+        print("tree: the working tree, HEAD " + subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                                              capture_output=True, text=True).stdout.strip()
+              + " plus uncommitted changes and untracked files")
+    snap = snapshot(a.rev)
+    try:
+        return _run(a, chosen, snap)
+    finally:
+        shutil.rmtree(snap, ignore_errors=True)
+
+
+def _run(a, chosen: Sequence[Mutation], snap: str) -> int:
+    # Every mutation's text is checked before anything runs: a stale mutation fails at once, loudly.
+    errors = []
+    for m in chosen:
+        path = os.path.join(snap, m.path)
+        n = open(path).read().count(m.old) if os.path.isfile(path) else None
+        if n != 1:
+            errors.append(f"{m.name}: " + (f"{m.path} does not exist" if n is None else
+                                           f"the text to replace occurs {n} times in {m.path} (must be exactly "
+                                           f"once; update tests/mutations.py):\n    {m.old!r}"))
+    if errors:
+        print("CANNOT APPLY (a refactor moved the text these mutations replace):", file=sys.stderr)
+        for e in errors:
+            print("  " + e, file=sys.stderr)
+        return 1
+
+    missing_all = sorted({t for m in chosen for t in m.tests if t not in existing(m.tests, snap)[0]})
+    for t in missing_all:
+        print(f"note: {t} does not exist here; left out of every run")
+
+    deselect: List[str] = []
+    if not a.no_baseline:
+        tests = sorted({t for m in chosen for t in existing(m.tests, snap)[0]})
+        base = make_copy(snap)
+        try:
+            print(f"baseline: {len(tests)} test files on the unmutated copy ...", flush=True)
+            r = run_pytest(base, tests, stop_first=False, timeout=max(a.timeout, 3600))
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        if r["bad_imports"]:
+            print("the tests imported the checkout, not the copy: " + "; ".join(r["bad_imports"]), file=sys.stderr)
+            return 1
+        if r["rc"] is None:
+            print("baseline timed out", file=sys.stderr)
+            return 1
+        deselect = r["failed"]
+        print(f"baseline: {r['seconds']:.0f} s, {len(deselect)} failing test(s) deselected below"
+              + "".join(f"\n    {d}" for d in deselect), flush=True)
+        if r["rc"] not in (0, 1):
+            print("baseline did not run cleanly:\n" + r["tail"], file=sys.stderr)
+            return 1
+
+    results = []
+    for m in chosen:
+        tests, _ = existing(m.tests, snap)
+        copy = make_copy(snap)
+        try:
+            apply(m, copy)
+            print(f"{m.name} ...", end=" ", flush=True)
+            module = m.path[:-3].replace("/", ".")
+            r = run_pytest(copy, tests, stop_first=True, deselect=deselect, timeout=a.timeout, module=module)
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+        if r["bad_imports"]:
+            verdict, by = "ERROR", "imported the checkout: " + "; ".join(r["bad_imports"])
+        elif r["rc"] is None:
+            verdict, by = "KILLED", f"timeout after {a.timeout} s"
+        elif r["rc"] < 0:  # the test process died (e.g. an out-of-bounds access under the interpreter)
+            verdict, by = "KILLED", f"crash (signal {-r['rc']}) while running {' '.join(tests)}"
+        elif r["rc"] == 0:
+            verdict, by = "SURVIVED", "" if r["imports"].get(module) else f"(the tests never imported {module})"
+        elif r["failed"]:
+            verdict, by = "KILLED", r["failed"][0]
+        else:
+            verdict, by = "ERROR", f"pytest exit code {r['rc']} without a failing test:\n{r['tail']}"
+        print(f"{verdict} ({r['seconds']:.0f} s) {by}", flush=True)
+        results.append(dict(name=m.name, what=m.what, file=m.path, verdict=verdict, by=by,
+                            seconds=round(r["seconds"]), tests=tests))
+
+    print("\n| mutation | file | result | killed by | s |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['file']} | {r['verdict']} | {r['by'].splitlines()[0] if r['by'] else ''} "
+              f"| {r['seconds']} |")
+    n_killed = sum(r["verdict"] == "KILLED" for r in results)
+    print(f"\n{n_killed} of {len(results)} killed")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(dict(deselected=deselect, missing=missing_all, results=results), fh, indent=1)
+    return 0 if all(r["verdict"] == "KILLED" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
