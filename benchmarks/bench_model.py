@@ -12,8 +12,8 @@ with `--backend` (default "auto": Triton on CUDA, "torch" on the CPU) and with t
 loop (the authors' style). On CUDA the peak allocated memory of forward+backward is recorded too, and with
 --graph both models also run replayed from CUDA graphs (`mom.cuda_graphs.GraphedTrainStep` for training, a
 captured no-grad forward for inference): the GPU time without Python and launch overhead.
-Medians of round-robin repeats; rows appended to benchmarks/results/bench_model.csv with hardware, commit,
-date. Issue 4's GPU targets: per-FLOP throughput within 15% of GPT-2, forward+backward >= 5x the loop.
+Medians of round-robin repeats; rows appended to benchmarks/out/bench_model.csv (--csv) with hardware, commit,
+date. GPU targets: per-FLOP throughput within 15% of GPT-2, forward+backward >= 5x the loop.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from mom import MoMConfig, MoMForCausalLM
 from mom.flops import count
 from mom.routed import get_ops
 
-from .common import RESULTS, append_csv, stamp, time_interleaved
+from .common import OUT, append_csv, stamp, time_interleaved
 
 
 def _runner(model, ids, backward: bool, device):
@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--no-loop", action="store_true")
     p.add_argument("--graph", action="store_true", help="CUDA: also replay both models from CUDA graphs")
     p.add_argument("--quick", action="store_true", help="tiny presets, batch 2 x 64")
-    p.add_argument("--csv", default=os.path.join(RESULTS, "bench_model.csv"))
+    p.add_argument("--csv", default=os.path.join(OUT, "bench_model.csv"))
     a = p.parse_args(argv)
     overrides = {}
     if a.quick:

@@ -14,8 +14,8 @@ Implementations (same inputs, bf16 on a GPU):
   torch   mom.routed.torch_routed_ffn (the lead's vectorised PyTorch path), when `mom` imports
 FLOPs counted: forward 4*S*D*F (the two GEMMs), forward + backward 3x that. Times are medians of
 triton.testing.do_bench (p20 / p80 kept) on CUDA, of a perf_counter loop on a CPU. Rows are appended
-to benchmarks/results/routed_ffn.csv with the device name, commit and date.
-GPU targets (issue 3): triton forward >= 85% of dense, forward + backward >= 75%, >= 3x the loop.
+to benchmarks/out/routed_ffn.csv (--csv) with the device name, commit and date.
+GPU targets: triton forward >= 85% of dense, forward + backward >= 75%, >= 3x the loop.
 """
 import argparse
 import csv
@@ -29,10 +29,10 @@ import time
 import torch
 import torch.nn.functional as F_
 
-from .common import commit, env_override, hardware
+from .common import OUT, append_csv, commit, env_override, hardware
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSV_PATH = os.path.join(HERE, "results", "routed_ffn.csv")
+CSV_PATH = os.path.join(OUT, "routed_ffn.csv")
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -206,16 +206,6 @@ def tile_sweep(device, dtype, cfg=None):
     return "\n".join(lines)
 
 
-def append_csv(rows, path=CSV_PATH):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
 def summary(rows):
     """Short table: per configuration, triton TFLOP/s, % of dense and x the loop, fwd and fwd+bwd."""
     lines = [f"{'T':>6} {'D':>5} {'E':>3} {'K':>2} {'routing':<8} {'skip':>4} | "
@@ -295,7 +285,7 @@ def main(argv=None):
     for cfg in sweep(name):
         t0 = time.time()
         rows = [dict(stamp, **r) for r in run_config(cfg, a.device, dtype, impls, quick=name != "full")]
-        append_csv(rows, a.csv)
+        append_csv(a.csv, rows)
         all_rows += rows
         brief = ", ".join(f"{r['impl']}/{r['mode']} {r['tflops']:.2f}" for r in rows)
         print(f"{cfg} ({time.time() - t0:.1f}s): TFLOP/s {brief}", flush=True)

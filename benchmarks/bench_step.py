@@ -3,7 +3,7 @@
     python -m benchmarks.bench_step                 # CPU: D 768, E 8, K 2, T 2048 (GPT-2-small width)
     python -m benchmarks.bench_step --quick         # T 512, fewer repeats
     python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 --modules 16 \
-        --batch 8 --tokens 1024 --graph            # issue 4's point on a GPU, also replayed from CUDA graphs
+        --batch 8 --tokens 1024 --graph            # the GPU point, also replayed from CUDA graphs
 
 The routed step is an `MoMLayer` with one step (depth 1, no anchor, no SKIP; by default uniform routing from
 fixed random logits) run by the "torch" backend (and "triton" on CUDA) and by the "reference" loop (the
@@ -11,8 +11,8 @@ authors' style: one gather / matmul / index_add per module). The dense equivalen
 as a step whose K picks are all real modules: a GPT-2 block whose c_attn, c_proj and FFN are K times wider
 (the K partial QKVs summed, so attention runs once on [T, D] like the routed step). Ratios are of medians
 measured round-robin in one run. On CUDA it also records the activations each candidate's forward leaves
-for the backward, and the peak of forward+backward. Targets: issue 2, the "torch" step costs <= 1.1x the
-dense equivalent and no more than the loop; issue 4, the "triton" step forward+backward >= 5x faster than
+for the backward, and the peak of forward+backward. Targets: on a CPU, the "torch" step costs <= 1.1x the
+dense equivalent and no more than the loop; on a GPU, the "triton" step forward+backward >= 5x faster than
 the loop, saved activations <= the dense block's, GRU routing <= 5% of a step.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from mom.blocks import causal_attention, merge_heads, split_heads
 from mom.routers import make_router
 from mom_kernels.launches import count_launches
 
-from .common import RESULTS, append_csv, stamp, time_interleaved
+from .common import OUT, append_csv, stamp, time_interleaved
 
 
 class UniformRouter(nn.Module):
@@ -197,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-loop", action="store_true", help="leave out the reference loop")
     p.add_argument("--graph", action="store_true",
                    help="CUDA: also time dense, triton and the routers replayed from a CUDA graph (no host overhead)")
-    p.add_argument("--csv", default=os.path.join(RESULTS, "bench_step.csv"))
+    p.add_argument("--csv", default=os.path.join(OUT, "bench_step.csv"))
     return p
 
 

@@ -13,7 +13,11 @@ from typing import Callable, Dict, List
 
 import torch
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# RESULTS: the committed reference results (written only when asked, e.g. efficiency --update-results).
+# OUT: where every benchmark writes by default; git ignores it, so running a benchmark leaves a checkout clean.
+RESULTS = os.path.join(HERE, "results")
+OUT = os.environ.get("MOM_BENCH_OUT") or os.path.join(HERE, "out")
 
 
 def hardware(device=None) -> str:
