@@ -107,6 +107,8 @@ class MoMConfig:
     renormalize: bool = True         # top-K weights renormalised over the K picks (authors' default;
                                      # with top_k=1 the LM loss then gives the router no gradient)
     straight_through: bool = False   # forward uses weight 1 per pick, backward the soft weight's gradient
+    straight_through_clamp: bool = False  # with straight_through: the weights' gradient clamped to [-1, 1], as
+                                     # the authors' code does (paper.md describes the plain estimator)
     weighted_qkv: bool = False       # QKV = sum of g_m * (LN_m(x) W_qkv[m] + b) instead of the plain sum
     dense_routing: bool = False      # ablation: every slot is used, weighted by the full softmax (top_k unused)
 
@@ -138,9 +140,11 @@ class MoMConfig:
         need(self.initializer_range > 0, "initializer_range", "must be > 0")
         for name in ("n_bottom", "chunks", "n_top"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
-        for name in ("anchor", "skip", "shared_slots", "renormalize", "straight_through", "weighted_qkv",
-                     "dense_routing", "balance_skip", "checkpoint_chunks"):
+        for name in ("anchor", "skip", "shared_slots", "renormalize", "straight_through", "straight_through_clamp",
+                     "weighted_qkv", "dense_routing", "balance_skip", "checkpoint_chunks"):
             need.bool(name)
+        need(self.straight_through or not self.straight_through_clamp, "straight_through_clamp",
+             "clamps the straight-through estimator's gradient: set straight_through=True too")
         need.choice("router", ROUTERS)
         need.choice("backend", BACKENDS)
         need.choice("balance_loss", BALANCE_MODES)

@@ -376,5 +376,6 @@ def _triton_route(logits, n_modules: int, config):
 
     r = kernel_route(logits, n_modules, top_k=config.top_k, temperature=config.router_temperature,
                      renormalize=config.renormalize, straight_through=config.straight_through,
-                     dense=config.dense_routing, balance_skip=config.balance_skip)
+                     dense=config.dense_routing, balance_skip=config.balance_skip,
+                     straight_through_clamp=config.straight_through_clamp)
     return Routing(r.ids, r.weights, r.probs, r.slots, r.f, r.P, r.balance), r.plan

@@ -80,6 +80,8 @@ def route(logits: torch.Tensor, n_modules: int, config: MoMConfig) -> Routing:
         if config.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
     if config.straight_through:  # value 1 per pick forward, the soft weight's gradient backward
+        if config.straight_through_clamp and weights.requires_grad:  # the authors' clamp to [-1, 1]
+            weights.register_hook(lambda g: g.clamp(-1.0, 1.0))
         weights = weights - weights.detach() + 1.0
     ids = slots.clamp(max=n_modules)
     f, P = balance_terms(slots, probs, n_modules, config)

@@ -58,6 +58,7 @@ ROUTED_CASES = [
     dict(top_k=3, n_attn=2, n_ffn=3),                              # K = every slot of the attention pool
     dict(shared_slots=True, n_attn=2, n_ffn=4, top_k=2),           # authors' slot layout: several SKIP slots
     dict(weighted_qkv=True, straight_through=True),
+    dict(straight_through=True, straight_through_clamp=True, router_temperature=0.2),  # the authors' estimator
     dict(dense_routing=True, balance_loss="pooled", balance_skip=True),
     dict(n_embd=24, n_head=3, n_inner=41, depth=3, anchor=False, n_bottom=0, n_top=0),  # odd sizes
 ]
