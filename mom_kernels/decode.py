@@ -1,0 +1,191 @@
+"""Routed linear / FFN for few tokens (decoding): one pass over each picked module's weights, no sorted plan.
+
+    T tokens, K picks per token, P = T*K picks, E modules (SKIP = id E), N_in / N_out the layer's widths
+
+    routed_linear(x, W, b, ids, g, gamma, beta)[t] = sum_{k: ids[t,k] < E} g[t,k] (LN_m(x[t]) @ W[m] + b[m])
+    routed_ffn(...)[t] = sum_{k: ids[t,k] < E} g[t,k] (gelu_tanh(LN_m(x[t]) @ W1[m] + b1[m]) @ W2[m] + b2[m])
+    (the math of mom_kernels.reference; same signatures, plus residual= as the fused ops take it)
+
+Why: a decode step routes B tokens (often 1). The grouped GEMM tiles BLOCK_M = 128 rows per module and first
+builds a module-sorted plan; with a few picks a tile is almost all padding and the plan is pure overhead. Here
+program (m, n-tile) of a grid (E, N_out / BLOCK_N) checks whether any pick chose module m (else it returns at
+once: unpicked modules cost nothing and their weights are never read), then streams W[m][:, n-tile] once over
+N_in (split along K in BLOCK_K chunks) and multiplies it with all P pick rows at once, the rows of other modules
+masked to zero (P <= BLOCK_P = 64 rows fit one tl.dot; more picks loop over blocks of 64, re-reading W[m] per
+block). Each pick row lands in its own slot [P, N_out]; the combine (reductions.combine: fp32 sum over the K
+slots, SKIP masked, + residual) makes [T, N_out]. The FFN is two such launches (h slots [P, F] with b1 + GELU,
+then rows per pick through W2 with b2 and g) and the combine. LayerNorm statistics come from one F.layer_norm
+without affine in the accumulation dtype; the kernel applies gamma[m], beta[m]. No host sync: capturable.
+
+Forward only (decoding runs under no_grad). `routed_linear` / `routed_ffn` below dispatch: this path when
+torch.is_grad_enabled() is False and T <= DECODE_MAX_TOKENS (16: with K <= 3 that is <= 48 picks, one pick
+block, so each picked module's weights are read exactly once; above that the tiled grouped GEMM reuses its
+weight tiles better. Not yet measured on a GPU: the threshold comes from the tile sizes, not a timing), else
+mom_kernels.routed_linear / routed_ffn. Tests: tests/test_decode_kernels.py (vs mom_kernels.reference, T = 1..64,
+K = 1..3, SKIP, fp32 / bf16 by the 2x rule).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import checks
+from .common import _cast, _check_device, _gelu, _mma, _p2, acc_dtype, interpreting, slot_dtype
+from .reductions import combine
+
+__all__ = ["decode_routed_linear", "decode_routed_ffn", "routed_linear", "routed_ffn", "use_decode",
+           "DECODE_MAX_TOKENS"]
+
+DECODE_MAX_TOKENS = 16  # tokens per call up to which the no-grad dispatch takes this path (module docstring)
+
+
+@triton.jit
+def _decode_gemv_kernel(a_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, out_ptr,
+                        P, N_in, N_out, K_PICKS, E,
+                        stride_am, stride_ak, stride_ge, stride_gk, stride_we, stride_wk, stride_wn,
+                        stride_be, stride_bn, stride_om, stride_on,
+                        ROW_PER_PICK: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_G: tl.constexpr, GELU: tl.constexpr, ACC_F64: tl.constexpr, UPCAST: tl.constexpr,
+                        IEEE: tl.constexpr, RTNE: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    m = tl.program_id(0)                                       # module
+    pid_n = tl.program_id(1)                                   # output columns tile
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_out
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)                    # [BLOCK_P] picks p = t * K + k
+        ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=E)
+        sel = ids == m                                         # picks of module m (SKIP never matches)
+        if tl.sum(sel.to(tl.int32), axis=0) > 0:               # module m unpicked here: its weights stay unread
+            if ROW_PER_PICK:
+                rows = offs_p                                  # input row per pick (the FFN's h slots)
+            else:
+                rows = offs_p // K_PICKS                       # input row per token
+            if ACC_F64:
+                acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float64)
+            else:
+                acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, N_in, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < N_in
+                a_mask = sel[:, None] & k_mask[None, :]
+                a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
+                if HAS_LN:                                     # x_hat * gamma[m] + beta[m], in acc precision
+                    gam = tl.load(gamma_ptr + m * stride_ge + offs_k * stride_gk, mask=k_mask, other=0.0)
+                    bet = tl.load(beta_ptr + m * stride_ge + offs_k * stride_gk, mask=k_mask, other=0.0)
+                    a = a * gam[None, :] + bet[None, :]
+                    a = tl.where(a_mask, a, 0.0)
+                w = tl.load(w_ptr + m * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)   # [BLOCK_K, BLOCK_N], once
+                acc = _mma(_cast(a, w.dtype, RTNE), w, acc, UPCAST, IEEE)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + m * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
+                acc += bias[None, :].to(acc.dtype)
+            if GELU:
+                acc = _gelu(acc)
+            if HAS_G:
+                g = tl.load(g_ptr + offs_p, mask=sel, other=0.0)
+                acc = acc * g[:, None].to(acc.dtype)
+            tl.store(out_ptr + offs_p[:, None] * stride_om + offs_n[None, :] * stride_on,
+                     _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=sel[:, None] & n_mask[None, :])
+
+
+def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_per_pick: bool, gelu: bool):
+    """out[p] (only picks of modules 0..E-1 written) = [gelu](U_m(a[row(p)]) @ W[m] + b[m]) [* g[p]]."""
+    P, n_out = out.shape
+    E, n_in, _ = weight.shape
+    if P == 0:
+        return out
+    interp = interpreting()
+    BLOCK_P = min(_p2(P), 64)
+    BLOCK_K = min(_p2(n_in), 128 if interp else 64)
+    BLOCK_N = min(_p2(n_out), 128 if interp else 64)
+    dummy = weight.new_empty(1, 1)
+    gm = gamma if gamma is not None else dummy
+    bt = beta if beta is not None else dummy
+    bs = bias if bias is not None else dummy
+    gp = g_flat if g_flat is not None else dummy.view(-1)
+    lowp = weight.dtype in (torch.float16, torch.bfloat16)
+    grid = (E, triton.cdiv(n_out, BLOCK_N))
+    _decode_gemv_kernel[grid](
+        a, gm, bt, weight, bs, gp, ids_flat, out, P, n_in, n_out, top_k, E,
+        a.stride(0), a.stride(1), gm.stride(0), gm.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+        bs.stride(0), bs.stride(1), out.stride(0), out.stride(1),
+        ROW_PER_PICK=row_per_pick, HAS_LN=gamma is not None, HAS_BIAS=bias is not None, HAS_G=g_flat is not None,
+        GELU=gelu, ACC_F64=weight.dtype == torch.float64, UPCAST=interp and lowp, IEEE=not lowp, RTNE=interp,
+        BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=4)
+    return out
+
+
+def _x_hat(x, eps):
+    """(x - mean) * rstd per token, in the accumulation dtype (fp32 for 16-bit x): [T, D]."""
+    return F.layer_norm(x.to(acc_dtype(x.dtype)), (x.shape[1],), eps=eps)
+
+
+def decode_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
+                         plan=None, residual=None):
+    """routed_linear for few tokens, forward only (module docstring). x [T, N_in] -> [T, N_out] (+ residual).
+    `plan` is accepted and ignored (no sorted plan is needed)."""
+    x, weight, bias, ln_weight, ln_bias, residual = checks.autocast_inputs(x, weight, bias, ln_weight, ln_bias,
+                                                                           residual)
+    _check_device(x)
+    T, K = ids.shape
+    E, n_in, n_out = weight.shape
+    if ln_weight is not None:
+        a = _x_hat(x, eps)
+        beta = ln_bias if ln_bias is not None else torch.zeros_like(ln_weight)
+    else:
+        a, beta = x, None
+    ids_flat = ids.reshape(-1).contiguous()
+    g = weights.reshape(-1).contiguous() if weights is not None else None
+    buf = torch.empty(T * K, n_out, device=x.device, dtype=slot_dtype(x.dtype))   # per-pick slots
+    _gemv(a, weight, bias, ln_weight, beta, ids_flat, g, buf, K, row_per_pick=False, gelu=False)
+    y = x.new_empty(T, n_out)
+    return combine(buf, ids, E, y, res=residual)
+
+
+def decode_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5, plan=None, residual=None):
+    """routed_ffn for few tokens, forward only (module docstring). x [T, D] -> [T, D] (+ residual)."""
+    x, ln_weight, ln_bias, w1, b1, w2, b2, residual = checks.autocast_inputs(x, ln_weight, ln_bias, w1, b1, w2,
+                                                                             b2, residual)
+    _check_device(x)
+    T, K = ids.shape
+    E, D, Fw = w1.shape
+    ids_flat = ids.reshape(-1).contiguous()
+    h = torch.empty(T * K, Fw, device=x.device, dtype=x.dtype)                # gelu(LN_m(x) W1 + b1) per pick
+    _gemv(_x_hat(x, eps), w1, b1, ln_weight, ln_bias, ids_flat, None, h, K, row_per_pick=False, gelu=True)
+    buf = torch.empty(T * K, D, device=x.device, dtype=slot_dtype(x.dtype))
+    _gemv(h, w2, b2, None, None, ids_flat, weights.reshape(-1).contiguous(), buf, K, row_per_pick=True,
+          gelu=False)
+    y = x.new_empty(T, D)
+    return combine(buf, ids, E, y, res=residual)
+
+
+def use_decode(ids) -> bool:
+    """This path is taken when nothing needs a gradient, T <= DECODE_MAX_TOKENS and torch.compile is not
+    tracing (the launchers here are not custom ops)."""
+    return (not torch.is_grad_enabled() and ids.shape[0] <= DECODE_MAX_TOKENS
+            and not torch.compiler.is_compiling())
+
+
+def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5, plan=None,
+                  residual=None):
+    """mom_kernels.routed_linear, or decode_routed_linear under no_grad with T <= DECODE_MAX_TOKENS."""
+    if use_decode(ids):
+        return decode_routed_linear(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, residual=residual)
+    from .routed_linear import routed_linear as grouped
+
+    kw = {"residual": residual} if residual is not None else {}
+    return grouped(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan=plan, **kw)
+
+
+def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5, plan=None, residual=None):
+    """mom_kernels.routed_ffn, or decode_routed_ffn under no_grad with T <= DECODE_MAX_TOKENS."""
+    if use_decode(ids):
+        return decode_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, residual=residual)
+    from .routed_ffn import routed_ffn as grouped
+
+    kw = {"residual": residual} if residual is not None else {}
+    return grouped(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan=plan, **kw)

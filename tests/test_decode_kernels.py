@@ -1,0 +1,63 @@
+"""mom_kernels.decode (the few-token GEMV path) against mom_kernels.reference: T = 1..64, K = 1..3, SKIP,
+empty modules, residual, fp64 / fp32 tight, bf16 by the 2x rule; the no-grad dispatch."""
+import pytest
+import torch
+
+from mom_kernels import decode, reference
+from mom_kernels.testing import assert_2x_rule, assert_close_verbose, ffn_inputs, linear_inputs
+
+SHAPES = [(1, 1), (1, 2), (3, 3), (7, 2), (16, 1), (33, 3), (64, 2)]  # (T, K): T*K up to 128 (two pick blocks)
+
+
+@pytest.mark.parametrize("T,K", SHAPES)
+@pytest.mark.parametrize("ln,g", [(True, False), (False, True)])
+def test_decode_routed_linear_matches_reference(T, K, ln, g):
+    E, N_in, N_out = 4, 24, 40
+    x, w, b, ids, gw, lw, lb = linear_inputs(T, K, E, N_in, N_out, seed=T * 10 + K, empty=(2,))
+    args = lambda t: (t(x), t(w), t(b), ids, t(gw) if g else None, t(lw) if ln else None, t(lb) if ln else None)
+    want = reference.routed_linear(*args(lambda t: t))
+    res = torch.randn(T, N_out, dtype=torch.float64)
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
+        c = lambda t: t.to(dtype)
+        got = decode.decode_routed_linear(*args(c), residual=c(res))
+        assert_close_verbose(f"linear {dtype}", got, want + res, tol, tol)
+    bf = lambda t: t.to(torch.bfloat16)
+    got = decode.decode_routed_linear(*args(bf))
+    assert_2x_rule("linear bf16", got, reference.routed_linear(*args(bf)), want, 1e-2)
+
+
+@pytest.mark.parametrize("T,K", SHAPES)
+def test_decode_routed_ffn_matches_reference(T, K):
+    E, D, Fw = 3, 24, 40
+    inputs = ffn_inputs(T, K, E, D, Fw, seed=T * 10 + K)
+    want = reference.routed_ffn(*inputs)
+    res = torch.randn(T, D, dtype=torch.float64)
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
+        c = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+        got = decode.decode_routed_ffn(*c, residual=res.to(dtype))
+        assert_close_verbose(f"ffn {dtype}", got, want + res, tol, tol)
+    c = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs]
+    assert_2x_rule("ffn bf16", decode.decode_routed_ffn(*c), reference.routed_ffn(*c), want, 1e-2)
+
+
+def test_all_skip_gives_zero_and_the_residual():
+    x, w, b, ids, gw, lw, lb = linear_inputs(5, 2, 3, 16, 16, seed=1, skip_frac=1.0)
+    assert bool((ids == 3).all())
+    assert torch.equal(decode.decode_routed_linear(x, w, b, ids, gw, lw, lb), torch.zeros(5, 16, dtype=x.dtype))
+    inputs = ffn_inputs(4, 2, 3, 16, 16, seed=2, skip_frac=1.0)
+    assert torch.equal(decode.decode_routed_ffn(*inputs, residual=inputs[0]), inputs[0])
+
+
+def test_dispatch_takes_the_decode_path_only_without_grad_and_few_tokens(monkeypatch):
+    calls = []
+    monkeypatch.setattr(decode, "decode_routed_ffn", lambda *a, **k: calls.append(a[7].shape[0]) or a[0])
+    inputs = ffn_inputs(4, 2, 3, 16, 16, seed=3)
+    with torch.no_grad():
+        decode.routed_ffn(*inputs)
+        want = reference.routed_ffn(*inputs)
+        big = ffn_inputs(decode.DECODE_MAX_TOKENS + 1, 2, 3, 16, 16, seed=4)
+        assert_close_verbose("grouped path", decode.routed_ffn(*big), reference.routed_ffn(*big), 1e-10, 1e-10)
+    assert calls == [4]
+    decode.routed_ffn(*inputs)                                   # grad enabled: the grouped (autograd) path
+    assert calls == [4]
+    del want
