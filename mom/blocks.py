@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from .config import MoMConfig
 
@@ -38,15 +39,23 @@ class Conv1D(nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
 
-def causal_attention(q, k, v, past: Optional[KVCache] = None):
+def causal_attention(q, k, v, past=None, mask: Optional[torch.Tensor] = None):
     """Causal multi-head attention of T new queries over P cached + T new keys.
 
-    q, k, v: [B, n_head, T, head_dim]; past: (k, v) [B, n_head, P, head_dim] or None.
-    Returns o [B, n_head, T, head_dim] and the new cache (k, v) [B, n_head, P + T, head_dim].
+    q, k, v: [B, n_head, T, head_dim]; past: (k, v) [B, n_head, P, head_dim], a static cache layer
+    (mom.cache.StaticLayerCache: written in place, all L positions attended under `mask`) or None.
+    mask: [B, 1, T, S] bool (True = may attend; S = P + T, or L with a static cache) for padded batches and
+    static caches; None = plain causal. Returns o [B, n_head, T, head_dim] and the new cache: (k, v)
+    [B, n_head, P + T, head_dim], or the static layer itself.
     """
+    if past is not None and hasattr(past, "update"):  # static cache: fixed shapes, masked
+        k, v = past.update(k, v)                       # [B, n_head, L, head_dim]
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask), past
     if past is not None:
         k = torch.cat([past[0], k], dim=2)
         v = torch.cat([past[1], v], dim=2)
+    if mask is not None:                               # padding (attention_mask) with a dynamic cache
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (k, v)
     T, S = q.shape[2], k.shape[2]
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         # flash-attn >= 2.1 aligns the causal mask bottom-right: query i sees keys 0 .. S - T + i, as below
@@ -62,14 +71,12 @@ def causal_attention(q, k, v, past: Optional[KVCache] = None):
     return o, (k, v)
 
 
-def split_heads(x, n_head):  # [B, T, D] -> [B, n_head, T, head_dim]
-    B, T, D = x.shape
-    return x.view(B, T, n_head, D // n_head).transpose(1, 2)
+def split_heads(x, n_head):  # [B, T, D] -> [B, n_head, T, head_dim] (a view)
+    return rearrange(x, "b t (h d) -> b h t d", h=n_head)
 
 
 def merge_heads(x):  # [B, n_head, T, head_dim] -> [B, T, D]
-    B, H, T, hd = x.shape
-    return x.transpose(1, 2).reshape(B, T, H * hd)
+    return rearrange(x, "b h t d -> b t (h d)")
 
 
 class Attention(nn.Module):
@@ -80,10 +87,10 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(D, 3 * D)
         self.c_proj = Conv1D(D, D)
 
-    def forward(self, x, past: Optional[KVCache] = None):  # x [B, T, D]
+    def forward(self, x, past: Optional[KVCache] = None, mask=None):  # x [B, T, D]
         q, k, v = self.c_attn(x).split(x.shape[-1], dim=-1)
         o, present = causal_attention(split_heads(q, self.n_head), split_heads(k, self.n_head),
-                                      split_heads(v, self.n_head), past)
+                                      split_heads(v, self.n_head), past, mask)
         return self.c_proj(merge_heads(o)), present
 
 
@@ -107,8 +114,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, past: Optional[KVCache] = None):  # x [B, T, D]
-        a, present = self.attn(self.ln_1(x), past)
+    def forward(self, x, past: Optional[KVCache] = None, mask=None):  # x [B, T, D]; mask: causal_attention's
+        a, present = self.attn(self.ln_1(x), past, mask)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present

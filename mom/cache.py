@@ -111,3 +111,133 @@ def check_chunk_cache(past: Sequence, cfg: MoMConfig, x: torch.Tensor, name: str
     the chunk's input x [B, T, D]; returns P."""
     return check_past_key_values(past, cfg, x.shape[0], x.dtype, x.device, n_entries=cfg.depth + int(cfg.anchor),
                                  name=name, locate=lambda i: "anchor" if i == cfg.depth else f"step {i}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Static KV cache: preallocated, written in place, fixed shapes (CUDA-graph friendly)
+# ----------------------------------------------------------------------------------------------------------
+class StaticLayerCache:
+    """One attention call's slice of a StaticCache: k, v [B, n_head, L, head_dim] written in place at the
+    positions `cache.write_index` (a device tensor), so a step never changes a shape."""
+
+    def __init__(self, cache: "StaticCache", k: torch.Tensor, v: torch.Tensor):
+        self.cache, self.k, self.v = cache, k, v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Write the T new keys / values [B, n_head, T, head_dim] at the cache's write positions; returns the
+        whole buffers (k, v) [B, n_head, L, head_dim] (unwritten positions are masked by the caller)."""
+        idx = self.cache.write_index
+        self.k.index_copy_(2, idx, k.to(self.k.dtype))
+        self.v.index_copy_(2, idx, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class StaticCache:
+    """A KV cache of fixed size: one StaticLayerCache per attention call (graph order, as past_key_values),
+    each [B, n_head, max_length, head_dim], plus the device-side bookkeeping a step needs:
+
+        length   []     long   positions written so far (the same for every row: batches are left-padded)
+        n_valid  [B]    long   real (unpadded) tokens per row so far: the next token's position id
+        key_mask [B, L] bool   which written positions hold real tokens (False: left padding)
+
+    A forward with `past_key_values=cache` writes its T tokens at positions length .. length + T - 1, attends
+    over all L positions under a mask (causal, written, not padding) and advances `length` / `n_valid` in place.
+    Nothing is read back to the host, so a one-token step has fixed shapes and can be captured in a CUDA graph.
+    `seen` is a host-side mirror of `length` (for error messages and bounds checks outside a captured step).
+    """
+
+    def __init__(self, config: MoMConfig, batch: int, max_length: int, dtype: torch.dtype = torch.float32,
+                 device=None):
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"StaticCache: batch must be an int >= 1, got {batch!r}")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"StaticCache: max_length must be an int >= 1, got {max_length!r}")
+        if max_length > config.n_positions:
+            raise ValueError(f"StaticCache: max_length={max_length} is longer than config.n_positions="
+                             f"{config.n_positions}")
+        self.config, self.batch, self.max_length = config, batch, max_length
+        shape = (batch, config.n_head, max_length, config.head_dim)
+        self.layers = [StaticLayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
+                                        torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(config.n_cache_layers)]
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.n_valid = torch.zeros(batch, dtype=torch.long, device=device)
+        self.key_mask = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
+        self.write_index = torch.zeros(0, dtype=torch.long, device=device)  # set per forward (T positions)
+        self.seen = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].k.device
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def reset(self):
+        """Empty the cache (buffers kept; no allocation)."""
+        self.length.zero_()
+        self.n_valid.zero_()
+        self.key_mask.zero_()
+        self.seen = 0
+
+    def nbytes(self) -> int:
+        return sum(2 * layer.k.numel() * layer.k.element_size() for layer in self.layers)
+
+    def check(self, batch: int, new_tokens: int, dtype: torch.dtype, device, name: str = "past_key_values"):
+        """Host-side checks before a forward (not inside a captured step): batch, room, dtype, device."""
+        if batch != self.batch:
+            raise ValueError(f"{name}: static cache was made for batch {self.batch}, input_ids has batch {batch}")
+        if self.seen + new_tokens > self.max_length:
+            raise ValueError(f"{name}: static cache holds max_length={self.max_length} positions; "
+                             f"{self.seen} cached + {new_tokens} new exceed it")
+        if self.device != torch.device(device) and not (self.device.type == torch.device(device).type
+                                                        and torch.device(device).index is None):
+            raise ValueError(f"{name}: static cache is on {self.device}, the model computes on {device}")
+        if dtype is not None and self.dtype != dtype and self.dtype != _autocast_dtype(self.device):
+            raise TypeError(f"{name}: static cache has dtype {self.dtype}, the model computes in {dtype}")
+
+    def begin(self, new_mask: torch.Tensor):
+        """Start a forward of T tokens whose padding mask is new_mask [B, T] (bool): set the write positions,
+        record the mask, return (position ids [B, T], attention mask [B, 1, T, L] bool). Device ops only."""
+        B, T = new_mask.shape
+        self.write_index = self.length + torch.arange(T, device=self.device)              # [T]
+        self.key_mask.index_copy_(1, self.write_index, new_mask)
+        pos = (self.n_valid[:, None] + new_mask.long().cumsum(1) - 1).clamp_(min=0)        # [B, T]
+        keys = torch.arange(self.max_length, device=self.device)                          # [L]
+        causal = keys[None, :] <= self.write_index[:, None]                               # [T, L]
+        own = keys[None, :] == self.write_index[:, None]                                  # [T, L]: a pad query
+        mask = causal[None] & (self.key_mask[:, None, :] | own[None])                     # sees itself at least
+        return pos, mask[:, None]                                                         # [B, 1, T, L]
+
+    def end(self, new_mask: torch.Tensor):
+        """Advance the counters after a forward of new_mask [B, T] (in place, device ops only)."""
+        self.length.add_(new_mask.shape[1])
+        self.n_valid.add_(new_mask.long().sum(1))
+
+
+def is_static(past) -> bool:
+    return isinstance(past, StaticCache)
+
+
+def padding_attention(attention_mask: torch.Tensor, P: int, T: int):
+    """For a dynamic cache of P positions and T new tokens with attention_mask [B, P + T] (1 = real token,
+    0 = padding): position ids [B, T] (real tokens before, GPT-2 / HF style) and the attention mask
+    [B, 1, T, P + T] bool (causal, real keys; a padding query sees itself so its softmax stays finite)."""
+    m = attention_mask.bool()
+    S = P + T
+    pos = (m.long().cumsum(1) - 1).clamp_(min=0)[:, P:]                                    # [B, T]
+    q = torch.arange(P, S, device=m.device)
+    keys = torch.arange(S, device=m.device)
+    causal = keys[None, :] <= q[:, None]                                                   # [T, S]
+    own = keys[None, :] == q[:, None]
+    return pos, (causal[None] & (m[:, None, :] | own[None]))[:, None]

@@ -67,11 +67,15 @@ class MoMLayer(nn.Module):
         return self.config.depth + int(self.config.anchor)
 
     def forward(self, x, past_key_values: Optional[List[KVCache]] = None, use_cache: bool = False,
-                ops: Optional[Ops] = None) -> MoMLayerOutput:
+                ops: Optional[Ops] = None, attn_mask: Optional[torch.Tensor] = None) -> MoMLayerOutput:
+        """x [B, T, D]; past_key_values: depth (+1 anchor) (k, v) pairs or static cache layers
+        (mom.cache.StaticLayerCache, written in place); attn_mask [B, 1, T, S] bool for padded batches and
+        static caches (mom.blocks.causal_attention)."""
         cfg = self.config
         if x.dim() != 3 or x.shape[-1] != cfg.n_embd:
             raise ValueError(f"MoMLayer: x must be [B, T, n_embd={cfg.n_embd}], got {tuple(x.shape)}")
-        if past_key_values is not None:  # count, batch, heads, head size, equal lengths, dtype, device
+        static = isinstance(past_key_values, (list, tuple)) and all(hasattr(p, "update") for p in past_key_values)
+        if past_key_values is not None and not static:  # count, batch, heads, head size, lengths, dtype, device
             check_chunk_cache(past_key_values, cfg, x)
         ops = ops if ops is not None else get_ops(cfg.backend, x.device)
         B, T, D = x.shape
@@ -91,7 +95,7 @@ class MoMLayer(nn.Module):
             q, k, v = qkv.view(B, T, 3 * D).split(D, dim=-1)
             past = past_key_values[h] if past_key_values is not None else None
             o, present = causal_attention(split_heads(q, cfg.n_head), split_heads(k, cfg.n_head),
-                                          split_heads(v, cfg.n_head), past)
+                                          split_heads(v, cfg.n_head), past, attn_mask)
             o = merge_heads(o).reshape(B * T, D)                     # [N, D]
             xf = ops.routed_linear(o, pa.c_proj_weight, pa.c_proj_bias, ra.ids, ra.weights, plan=plan,
                                    residual=xf)                      # xf + the routed projection
@@ -107,7 +111,7 @@ class MoMLayer(nn.Module):
                 presents.append(present)
         x = xf.view(B, T, D)
         if self.anchor is not None:
-            x, present = self.anchor(x, past_key_values[-1] if past_key_values is not None else None)
+            x, present = self.anchor(x, past_key_values[-1] if past_key_values is not None else None, attn_mask)
             if use_cache:
                 presents.append(present)
         return MoMLayerOutput(x, routing, self._aux_loss(terms), presents if use_cache else None)

@@ -4,11 +4,14 @@
     [B, T, vocab] (LM head tied to wte). With chunks=0 this is exactly GPT-2.
 
 past_key_values: a list with one (k, v) per attention call in graph order (bottom blocks, then each chunk's
-steps and anchor, then top blocks), each [B, n_head, P, head_dim]; `graph_depth` entries in all.
+steps and anchor, then top blocks), each [B, n_head, P, head_dim]; `graph_depth` entries in all. Or a
+mom.cache.StaticCache (preallocated for max_length, written in place; fixed shapes for CUDA graphs).
+attention_mask [B, P + T] (1 = token, 0 = left padding): position ids count real tokens only, padding is never
+attended. Generation (static cache, left-padded batches, sampling, stop tokens, CUDA graphs): mom/generate.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List, Optional
 
 import torch
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import Block, KVCache, init_weights
-from .cache import check_cache_matches, check_past_key_values
+from .cache import StaticCache, check_cache_matches, check_past_key_values, padding_attention
 from .config import MoMConfig
 from .layer import MoMLayer, StepRouting
 from .routed import get_ops
@@ -31,6 +34,25 @@ class MoMOutput:
     past_key_values: Optional[List[KVCache]] = None  # graph_depth caches, when use_cache
     routing: Optional[List[List[StepRouting]]] = None  # routing[chunk][step]
     lm_loss: Optional[torch.Tensor] = None           # the cross-entropy alone
+
+    # transformers' ModelOutput conventions: out["logits"], out[0] (the fields that are set, loss first)
+    _ORDER = ("loss", "logits", "past_key_values", "aux_loss", "routing", "lm_loss")
+
+    def keys(self):
+        return [k for k in self._ORDER if getattr(self, k) is not None]
+
+    def to_tuple(self):
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(f"MoMOutput has no (set) field {key!r}; set fields: {self.keys()}")
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key):
+        return key in self.keys()
 
 
 class MoMForCausalLM(nn.Module):
@@ -76,7 +98,7 @@ class MoMForCausalLM(nn.Module):
         return from_pretrained(directory, **config_overrides)
 
     # --- forward ----------------------------------------------------------------------------------------------
-    def _check_inputs(self, input_ids, labels, past_key_values):
+    def _check_inputs(self, input_ids, labels, past_key_values, attention_mask=None):
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -93,84 +115,107 @@ class MoMForCausalLM(nn.Module):
             raise ValueError(f"input_ids holds token ids in [{lo}, {hi}], outside the vocabulary "
                              f"[0, {cfg.vocab_size}) (config.vocab_size)")
         P = 0
-        if past_key_values is not None:  # entry by entry: count, batch, heads, head size, lengths, dtype, device
+        if isinstance(past_key_values, StaticCache):  # batch, room, dtype, device
+            past_key_values.check(B, T, self.wte.weight.dtype, input_ids.device)
+            P = past_key_values.seen
+        elif past_key_values is not None:  # entry by entry: count, batch, heads, head size, lengths, dtype, device
             P = check_past_key_values(past_key_values, cfg, B, device=input_ids.device)
         if P + T > cfg.n_positions:
             raise ValueError(f"sequence of {P + T} tokens ({P} cached + {T} new) is longer than "
                              f"config.n_positions={cfg.n_positions}")
         if labels is not None and tuple(labels.shape) != (B, T):
             raise ValueError(f"labels must have input_ids' shape {(B, T)}, got {tuple(labels.shape)}")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype.is_floating_point:
+                raise TypeError(f"attention_mask must be a bool or integer tensor of 0/1, got "
+                                f"{getattr(attention_mask, 'dtype', type(attention_mask).__name__)}")
+            ok = [(B, P + T)] + ([(B, T)] if isinstance(past_key_values, StaticCache) else [])
+            if tuple(attention_mask.shape) not in ok:
+                raise ValueError(f"attention_mask must be [batch, cached + new] = {ok[0]} (one entry per cached "
+                                 f"and new token), got {tuple(attention_mask.shape)}")
+            if attention_mask.device != input_ids.device:
+                raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
         return P
 
-    def forward(self, input_ids, labels=None, past_key_values=None, use_cache: bool = False) -> MoMOutput:
-        """input_ids [B, T] int; labels [B, T] (shifted inside, -100 ignored) -> MoMOutput."""
+    def forward(self, input_ids, labels=None, past_key_values=None, use_cache: bool = False,
+                attention_mask=None, logits_to_keep: int = 0) -> MoMOutput:
+        """input_ids [B, T] int; labels [B, T] (shifted inside, -100 ignored) -> MoMOutput.
+
+        attention_mask [B, P + T] (1 = token, 0 = left padding; [B, T] with a StaticCache also accepted);
+        past_key_values: a list of (k, v) from an earlier forward, or a StaticCache (updated in place and
+        returned as past_key_values); logits_to_keep: > 0 computes the logits of the last that many positions
+        only (generation needs the last one; saves the [B, T, vocab] tensor of a long prompt)."""
+        P = self._check_inputs(input_ids, labels, past_key_values, attention_mask)
+        if isinstance(past_key_values, StaticCache):
+            out = self._forward(input_ids, labels, past_key_values, use_cache, attention_mask, P, logits_to_keep)
+            past_key_values.seen += input_ids.shape[1]
+            return out
+        return self._forward(input_ids, labels, past_key_values, use_cache, attention_mask, P, logits_to_keep)
+
+    def _forward(self, input_ids, labels, past_key_values, use_cache, attention_mask, P: int,
+                 logits_to_keep: int = 0) -> MoMOutput:
+        """The forward after the checks. With a StaticCache it reads nothing back to the host (a decode step
+        runs it inside a CUDA graph capture: mom/generate.py)."""
         cfg = self.config
-        P = self._check_inputs(input_ids, labels, past_key_values)
         B, T = input_ids.shape
-        pos = torch.arange(P, P + T, device=input_ids.device)
+        static = isinstance(past_key_values, StaticCache)
+        mask = new_mask = None
+        if static:
+            new_mask = (attention_mask[:, -T:].bool() if attention_mask is not None
+                        else torch.ones(B, T, dtype=torch.bool, device=input_ids.device))
+            pos, mask = past_key_values.begin(new_mask)                # [B, T], [B, 1, T, L]
+        elif attention_mask is not None:
+            pos, mask = padding_attention(attention_mask, P, T)        # [B, T], [B, 1, T, P + T]
+        else:
+            pos = torch.arange(P, P + T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)                       # [B, T, D]
-        if past_key_values is not None:  # the cache is concatenated with this dtype's keys and values
+        if past_key_values is not None and not static:  # the cache is concatenated with this dtype's keys
             check_cache_matches(past_key_values, x.dtype, None)
         ops = get_ops(cfg.backend, x.device)
         past = iter(past_key_values) if past_key_values is not None else None
         presents, routing, aux = [], [], []
 
         for block in self.bottom:
-            x, kv = block(x, next(past) if past else None)
+            x, kv = block(x, next(past) if past else None, mask)
             presents.append(kv)
         for chunk in self.chunks:
             chunk_past = [next(past) for _ in range(chunk.n_caches)] if past else None
             if cfg.checkpoint_chunks and self.training and not use_cache and torch.is_grad_enabled():
-                out = checkpoint(chunk, x, chunk_past, False, ops, use_reentrant=False)
+                out = checkpoint(chunk, x, chunk_past, False, ops, mask, use_reentrant=False)
             else:
-                out = chunk(x, chunk_past, use_cache, ops)
+                out = chunk(x, chunk_past, use_cache, ops, mask)
             x = out.hidden_states
             routing.append(out.routing)
             aux.append(out.aux_loss)
             if use_cache:
                 presents.extend(out.present)
         for block in self.top:
-            x, kv = block(x, next(past) if past else None)
+            x, kv = block(x, next(past) if past else None, mask)
             presents.append(kv)
+        if static:
+            past_key_values.end(new_mask)
 
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         logits = F.linear(self.ln_f(x), self.wte.weight)              # [B, T, vocab], tied head
         aux_loss = torch.stack(aux).mean() if aux else logits.new_zeros(())
         loss = lm_loss = None
         if labels is not None:
+            if logits_to_keep > 0:
+                raise ValueError("labels need every position's logits: logits_to_keep must be 0")
             lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                       labels[:, 1:].reshape(-1), ignore_index=-100)
             loss = lm_loss + cfg.aux_loss_coef * aux_loss
-        return MoMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
-                         past_key_values=presents if use_cache else None, routing=routing, lm_loss=lm_loss)
+        cache = past_key_values if static else (presents if use_cache else None)
+        return MoMOutput(logits=logits, loss=loss, aux_loss=aux_loss, past_key_values=cache, routing=routing,
+                         lm_loss=lm_loss)
 
     # --- generation ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None):
-        """Sample max_new_tokens after input_ids [B, T] with a KV cache per attention call (one per routed
-        step). temperature 0 = greedy. Returns [B, T + max_new_tokens]."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be None or >= 1, got {top_k}")
-        if input_ids.dim() == 2 and input_ids.shape[1] + max_new_tokens > self.config.n_positions:
-            raise ValueError(f"{input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed "
-                             f"config.n_positions={self.config.n_positions}")
-        out, past, ids = input_ids, None, input_ids
-        for _ in range(max_new_tokens):
-            res = self(ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            logits = res.logits[:, -1, :].float()                      # [B, vocab]
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-            out = torch.cat([out, nxt.to(out.dtype)], dim=1)
-            ids = nxt.to(out.dtype)
-        return out
+    def generate(self, input_ids, max_new_tokens: Optional[int] = None, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None, **kwargs):
+        """Generate after input_ids [B, T] with a static KV cache (one per attention call, i.e. per routed step);
+        temperature 0 = greedy. Returns [B, T + new tokens]. Every option (attention_mask for left-padded
+        batches, do_sample, top_p, eos_token_id, pad_token_id, max_length, cuda_graph, ...): mom.generate."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        generator=generator, **kwargs)
