@@ -10,10 +10,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mom", "mom.*", "mom_kernels", "mom_kernels.*"]),
     # torch: the README's commands pin torch==2.13.0, a CPU build on these machines, so pip pulls no CUDA build.
-    install_requires=["torch>=2.4", "triton>=3.0", "einops", "numpy", "safetensors", "tqdm", "regex",
+    # einops: head split/merge (mom.blocks); tokenizers: every BPE (mom.tokenizer); tqdm: progress bars.
+    install_requires=["torch>=2.4", "triton>=3.0", "einops>=0.7", "numpy", "safetensors", "tqdm", "tokenizers>=0.15",
                       "matplotlib"],
     package_data={"mom": ["assets/*.txt"]},
     extras_require={
+        # pytest-benchmark: benchmarks/test_bench.py; hypothesis: property tests; transformers: GPT-2 parity tests.
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
         "flash": ["flash-attn"],
     },

@@ -208,8 +208,8 @@ def main(argv=None):
     s = build(a)
     dev, x, g, cands, params = s.dev, s.x, s.g, s.cands, s.params
     D, K, E, T, B, loads = s.D, s.K, s.E, s.T, s.B, s.loads
-    res_f = time_interleaved({k: fwd(s, f) for k, f in cands.items()}, a.repeats, dev)
-    res_b = time_interleaved({k: fwd_bwd(s, f) for k, f in cands.items()}, a.repeats, dev)
+    res_f = time_interleaved({k: fwd(s, f) for k, f in cands.items()}, a.repeats, dev, desc="forward")
+    res_b = time_interleaved({k: fwd_bwd(s, f) for k, f in cands.items()}, a.repeats, dev, desc="forward+backward")
     host = {("forward", k): host_and_launches(s, fwd(s, f), a.repeats) for k, f in cands.items()}
     host.update({("forward+backward", k): host_and_launches(s, fwd_bwd(s, f), a.repeats) for k, f in cands.items()})
 

@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -72,16 +73,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device="cpu", warmup: int = 1
-                     ) -> Dict[str, Dict[str, float]]:
+def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device="cpu", warmup: int = 1,
+                     desc: str = "timing") -> Dict[str, Dict[str, float]]:
     """Median / p20 / p80 seconds of each fn, run round-robin (A B C A B C ...) so that drifts of a noisy
-    machine hit every candidate alike."""
+    machine hit every candidate alike. A tqdm bar (stderr, named desc) counts the rounds."""
+    from tqdm import tqdm
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
+    for _ in tqdm(range(repeats), desc=desc, unit="round", leave=False, file=sys.stderr):
         for name, fn in fns.items():
             sync(device)
             t0 = time.perf_counter()

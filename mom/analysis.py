@@ -39,9 +39,12 @@ def _model(ckpt: str):
     return MoMForCausalLM.from_pretrained(ckpt)
 
 
-def _windows(data: TokenData, n: Optional[int], batch_size: int):
+def _windows(data: TokenData, n: Optional[int], batch_size: int, desc: str = "windows"):
+    """Batches of the first n windows, with a tqdm bar (stderr) named desc."""
+    from tqdm import tqdm
+
     n = data.n_windows if n is None else min(n, data.n_windows)
-    for i in range(0, n, batch_size):
+    for i in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False, file=sys.stderr):
         yield torch.stack([torch.from_numpy(data.window(j)) for j in range(i, min(i + batch_size, n))])
 
 
@@ -50,7 +53,7 @@ def evaluate(model, data: TokenData, n_windows: Optional[int] = None, batch_size
     """Mean LM loss over the first n_windows windows (the same windows mom.train validates on)."""
     model.eval()
     total, count = 0.0, 0
-    for x in _windows(data, n_windows, batch_size):
+    for x in _windows(data, n_windows, batch_size, "validation loss"):
         total += float(model(x.to(model.device), labels=x.to(model.device)).lm_loss) * len(x)
         count += len(x)
     return total / count
@@ -66,7 +69,7 @@ def pick_frequencies(model, data: TokenData, n_windows: Optional[int] = None, ba
     model.eval()
     counts = {"attn": np.zeros((cfg.chunks, cfg.depth, cfg.n_attn + 1)),
               "ffn": np.zeros((cfg.chunks, cfg.depth, cfg.n_ffn + 1))}
-    for x in _windows(data, n_windows, batch_size):
+    for x in _windows(data, n_windows, batch_size, "routing statistics"):
         out = model(x.to(model.device))
         for c, steps in enumerate(out.routing):
             for h, r in enumerate(steps):  # ids [B, T, K], pool size = SKIP
@@ -191,7 +194,7 @@ batches and schedule (warmup 10% of the steps, cosine to 0.1 x retrain_lr)."""
                              out_dir=os.path.join(out, name), max_steps=retrain_steps, lr=retrain_lr,
                              warmup_steps=max(1, retrain_steps // 10), eval_interval=retrain_steps,
                              eval_windows=n_windows, ckpt_interval=0, log_interval=10, batch_size=16, seed=3,
-                             threads=torch.get_num_threads(), progress=False)
+                             threads=torch.get_num_threads(), progress=True)
             res[f"val_loss_{'after' if name == 'retrain' else 'full'}_retrain"] = train(tc)["val_loss"]
         res["retrain_steps"] = retrain_steps
     atomic_write_json(os.path.join(out, "removal.json"), res)

