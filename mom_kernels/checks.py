@@ -115,3 +115,6 @@ def check_plan(plan, ids, E):
                          f"but the call has T={T}, K={K}, E={E}")
     if plan.device != ids.device:
         raise ValueError(f"plan is on {plan.device} but ids is on {ids.device}")
+    if not _compiling() and not plan.built_from(ids):
+        raise ValueError("plan was built from other ids (or ids changed in place since): pass the ids tensor the "
+                         "plan was built from, or build it with make_plan(ids, E)")

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import checks
 from .common import _p2, acc_dtype, interpreting
-from .routing import RoutingPlan, default_block_m
+from .routing import RoutingPlan, _identity, default_block_m
 
 Tensor = torch.Tensor
 
@@ -498,8 +498,8 @@ def route(logits: Tensor, n_modules: int, top_k: int = 1, temperature: float = 1
     ids, weights, probs, slots, f, pm, loss, sorted_pick, offsets, tile_module, tile_row_start = out
     T, K = ids.shape
     plan = RoutingPlan(n_tokens=T, top_k=K, n_modules=n_modules, block_m=block_m, sorted_pick=sorted_pick,
-                       offsets=offsets, tile_module=tile_module,
-                       tile_row_start=tile_row_start)
+                       offsets=offsets, tile_module=tile_module, tile_row_start=tile_row_start,
+                       source=None if torch.compiler.is_compiling() else _identity(ids))
     return Route(ids, weights, probs, slots, f, pm, loss, plan)
 
 

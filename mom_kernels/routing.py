@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -53,6 +54,12 @@ class RoutingPlan:
     offsets: torch.Tensor  # [E+1] int32, start of each module's rows in sorted order; offsets[E] = S
     tile_module: torch.Tensor  # [n_tiles] int32, module of each tile (E = spare tile)
     tile_row_start: torch.Tensor  # [n_tiles] int32, first sorted row of each tile
+    source: Optional[tuple] = None  # (data_ptr, version) of the ids it was built from (see `built_from`)
+
+    def built_from(self, ids: torch.Tensor) -> bool:
+        """False when this plan was built from another ids tensor, or from ids changed in place since (a host
+        check of the tensor's identity and version counter, no sync; True when the plan does not know)."""
+        return self.source is None or self.source == _identity(ids)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -71,6 +78,10 @@ class RoutingPlan:
     def tensors(self):
         """The plan's tensors in the order the custom ops take them."""
         return self.sorted_pick, self.offsets, self.tile_module, self.tile_row_start
+
+
+def _identity(ids: torch.Tensor) -> tuple:
+    return (ids.data_ptr(), ids._version, tuple(ids.shape), ids.dtype)
 
 
 def _check_plan_args(ids, n_modules, block_m):
@@ -101,7 +112,8 @@ def make_plan(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> 
     block_m = int(block_m or default_block_m(ids.device))
     sorted_pick, offsets, tile_module, tile_row_start = torch.ops.mom_kernels.make_plan(ids, n_modules, block_m)
     return RoutingPlan(n_tokens=T, top_k=K, n_modules=n_modules, block_m=block_m, sorted_pick=sorted_pick,
-                       offsets=offsets, tile_module=tile_module, tile_row_start=tile_row_start)
+                       offsets=offsets, tile_module=tile_module, tile_row_start=tile_row_start,
+                       source=None if torch.compiler.is_compiling() else _identity(ids))
 
 
 def make_plan_torch(ids: torch.Tensor, n_modules: int, block_m: int | None = None) -> RoutingPlan:

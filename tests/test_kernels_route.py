@@ -164,3 +164,20 @@ def test_straight_through_clamp_changes_the_gradient():
         (r.weights * torch.tensor([5.0, -0.5], dtype=torch.float64, device=DEVICE)).sum().backward()
         grads.append(lg.grad)
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_plan_of_other_ids_is_refused():
+    """A plan is tied to the ids tensor it was built from: other ids of the same shape, or the same ids changed
+    in place, are refused by the routed ops (a host check, no sync)."""
+    import mom_kernels as mk
+    from mom_kernels.testing import linear_inputs
+
+    x, w, b, ids, g, lw, lb = linear_inputs(12, 2, 3, 8, 8, device=DEVICE)
+    plan = mk.make_plan(ids, 3)
+    mk.routed_linear(x, w, b, ids, g, plan=plan)  # its own ids: fine
+    other = torch.flip(ids, (0,)).contiguous()
+    with pytest.raises(ValueError, match="plan was built from other ids"):
+        mk.routed_linear(x, w, b, other, g, plan=plan)
+    ids[0, 0] = 3  # in place, after the plan was built
+    with pytest.raises(ValueError, match="plan was built from other ids"):
+        mk.routed_linear(x, w, b, ids, g, plan=plan)
