@@ -104,6 +104,28 @@ def autocast_inputs(x, *tensors):
     return tuple(cast(t) for t in (x, *tensors))
 
 
+_INT32_SPAN = 2**31
+
+
+def int32_safe(t):
+    """t, or a contiguous copy of it when a kernel's int32 column offsets could overflow on it.
+
+    The kernels compute row offsets (token, sorted row, module) in int64, and offsets along a tensor's other
+    dims as int32 index * stride products: those stay below 2^31 when stride * (size - 1) does for every dim
+    but the first. A tensor that breaks this (a column-major x of over 2^31 / width rows, a permuted weight
+    whose inner stride is huge) is copied into the row-major layout, where the inner strides are the row's
+    own sizes. None passes through."""
+    if t is None or t.dim() < 2:
+        return t
+    if all(t.stride(d) * (t.shape[d] - 1) < _INT32_SPAN for d in range(1, t.dim())):
+        return t
+    t = t.contiguous()
+    if not all(t.stride(d) * (t.shape[d] - 1) < _INT32_SPAN for d in range(1, t.dim())):
+        raise ValueError(f"a tensor of shape {list(t.shape)} has rows of 2^31 elements or more; the kernels "
+                         f"index within a row in int32")
+    return t
+
+
 def check_plan(plan, ids, E):
     if plan is None:
         return

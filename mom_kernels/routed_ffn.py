@@ -180,6 +180,8 @@ def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
     x, ln_weight, ln_bias, w1, b1, w2, b2, residual = checks.autocast_inputs(x, ln_weight, ln_bias, w1, b1, w2,
                                                                              b2, residual)
     checks.check_x(x)
+    x, ln_weight, ln_bias, w1, b1, w2, b2, residual = map(checks.int32_safe, (x, ln_weight, ln_bias, w1, b1, w2,
+                                                                              b2, residual))
     T, D = x.shape
     dev, dt = x.device, x.dtype
     checks.check_tensor("w1", w1, (None, D, None), dt, dev)

@@ -210,6 +210,8 @@ def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=No
     x, weight, bias, ln_weight, ln_bias, residual = checks.autocast_inputs(x, weight, bias, ln_weight, ln_bias,
                                                                            residual)
     checks.check_x(x)
+    x, weight, bias, ln_weight, ln_bias, residual = map(checks.int32_safe, (x, weight, bias, ln_weight, ln_bias,
+                                                                            residual))
     T, n_in = x.shape
     dev, dt = x.device, x.dtype
     checks.check_tensor("weight", weight, (None, n_in, None), dt, dev)

@@ -65,3 +65,19 @@ def test_all_skip_token_gets_zero_input_gradient_whatever_its_x():
     yl = mk.routed_linear(xl, w, b, ids_l, None, lwl, lbl)
     dxl, = torch.autograd.grad(yl, xl, torch.randn_like(yl))
     assert torch.equal(dxl[7], torch.zeros_like(dxl[7])) and torch.isfinite(dxl).all()
+
+
+def test_int32_safe_copies_layouts_whose_column_offsets_overflow():
+    """The kernels index within a row in int32 (rows in int64): a layout whose stride x extent along a non-row
+    dim reaches 2^31 is copied to row-major first (meta tensors: no memory needed to build such a layout)."""
+    from mom_kernels.checks import int32_safe
+
+    col_major = torch.empty_strided((3 * 2**20, 1024), (1, 3 * 2**20), device="meta")  # x.t() of a tall x
+    safe = int32_safe(col_major)
+    assert safe.stride() == (1024, 1)
+    kept = torch.empty(5120, 16, 1280, device="meta").permute(1, 0, 2)  # [E, N_in, N_out] from [N_in, E, N_out]
+    assert int32_safe(kept) is kept  # 16 * 1280 * 5119 < 2^31: no copy
+    huge = torch.empty(4096, 64, 8192, device="meta").permute(1, 0, 2)  # 64 * 8192 * 4095 >= 2^31
+    assert int32_safe(huge).is_contiguous() and not huge.is_contiguous()
+    x = torch.randn(4, 6)
+    assert int32_safe(x) is x and int32_safe(None) is None
