@@ -77,7 +77,7 @@ def test_int32_safe_copies_layouts_whose_column_offsets_overflow():
     assert safe.stride() == (1024, 1)
     kept = torch.empty(5120, 16, 1280, device="meta").permute(1, 0, 2)  # [E, N_in, N_out] from [N_in, E, N_out]
     assert int32_safe(kept) is kept  # 16 * 1280 * 5119 < 2^31: no copy
-    huge = torch.empty(4096, 64, 8192, device="meta").permute(1, 0, 2)  # 64 * 8192 * 4095 >= 2^31
+    huge = torch.empty(4097, 64, 8192, device="meta").permute(1, 0, 2)  # 64 * 8192 * 4096 = 2^31
     assert int32_safe(huge).is_contiguous() and not huge.is_contiguous()
     x = torch.randn(4, 6)
     assert int32_safe(x) is x and int32_safe(None) is None
