@@ -16,10 +16,14 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads the option into its session
 def pytest_configure(config):
     opt = config.option
     if hasattr(opt, "benchmark_disable") and not (opt.benchmark_only or getattr(opt, "benchmark_enable", False)):
         opt.benchmark_disable = True  # a plain `pytest` run: smoke tests, not timings
+        session = getattr(config, "_benchmarksession", None)
+        if session is not None:  # this conftest was loaded after the plugin configured itself
+            session.disabled = True
 
 
 @pytest.fixture

@@ -1,9 +1,16 @@
 """The paper's efficiency claim, measured: forward TFLOPs, time and memory of MoM presets against GPT-2.
 
-    python -m benchmarks.efficiency                      # CPU, width / vocab / length x 1/4, batch 4 (minutes)
+    python -m benchmarks.efficiency                      # CPU, the claim's pair at width / vocab / length x 1/8
+    python -m benchmarks.efficiency --all                # every preset at x 1/4 (about 20 min on 2 CPU cores)
     python -m benchmarks.efficiency --device cuda --full # GPU, full sizes (batch 16 x 1024 tokens, bf16)
 
-For GPT-2 small / medium / large and the MoM presets (plus one labelled extra row: mom-large-efficient
+By default it measures what the claim needs: mom-large-efficient and gpt2-large (the deep MoM's claim,
+parameters and depth, comes from the configs) and ends with a verdict table: each claim, the paper's figure,
+ours, whether it holds, and why. The quality part of the claim (equal quality at those FLOPs) is not shown
+by this job: the models are untrained. Results go to --out (benchmarks/out/, ignored by git);
+--update-results also writes them into benchmarks/results/, the committed reference.
+
+With --all, for GPT-2 small / medium / large and the MoM presets (plus one labelled extra row: mom-large-efficient
 with the paper's module removal, -50% attention and -25% FFN modules) it prints, writes as CSV + Markdown
 and draws as a PNG: parameters, graph depth, K, forward FLOPs (analytic from the config and counted from
 the routers' picks, mom.flops), the best-of-N forward time and the peak memory of a training forward, an
@@ -23,8 +30,10 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import io
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -32,7 +41,7 @@ from mom import flops
 from mom.config import MoMConfig
 from mom.memory import MODES, ROUTINGS, Spec, measure_isolated
 
-from .common import commit, hardware
+from .common import OUT, RESULTS, append_csv, commit, hardware
 
 # (row name, MoMConfig.from_name preset, overrides, note)
 ROWS = [
@@ -132,14 +141,24 @@ def measure(args):
     order = [r[0] for r in ROWS]
     names = sorted(dict.fromkeys(names), key=lambda n: order.index(n) if n in order else len(order))
     results = {}
-    tasks = [(n, m) for n in names for m in args.modes]
-    bar = tqdm(tasks, desc="efficiency", unit="forward", file=sys.stderr)
-    for name, mode in bar:
-        bar.set_postfix_str(f"{name} {mode}")
+    # mode-major order: with --jobs 2 the two forwards that run side by side are the same mode of a MoM and
+    # its GPT-2 (or of two models), so both see the same machine.
+    tasks = [(n, m) for m in args.modes for n in names]
+
+    def run(task):
+        name, mode = task
         cfg = scaled(row_config(name), args.scale, args.seq_len)
         spec = Spec(cfg.to_dict(), args.batch, args.seq_len, mode, dtype=args.dtype, device=args.device,
                     routing=args.routing, repeats=args.repeats, seed=args.seed)
-        results[(name, mode)] = (cfg, measure_isolated(spec))
+        return task, measure_isolated(spec)
+
+    bar = tqdm(total=len(tasks), desc=f"measuring ({args.jobs} at a time)", unit="forward", file=sys.stderr)
+    with ThreadPoolExecutor(args.jobs) as pool:  # each worker is its own process (fresh interpreter)
+        for task, r in pool.map(run, tasks):
+            results[task] = r
+            bar.set_postfix_str(f"{task[0]} {task[1]} done")
+            bar.update(1)
+    bar.close()
     rows = []
     for name in names:
         cfg = scaled(row_config(name), args.scale, args.seq_len)
@@ -147,7 +166,7 @@ def measure(args):
                    K=cfg.top_k if cfg.chunks else 1,
                    GFLOPs_analytic=flops.expected(cfg, args.batch, args.seq_len) / 1e9)
         for mode in args.modes:
-            r = results[(name, mode)][1]
+            r = results[(name, mode)]
             if mode != "decode":  # the whole-sequence forward's count (train and prefill see the same picks)
                 row["GFLOPs_counted"] = r["flops"]["total"] / 1e9
                 row["skip_share"] = r["skip_share"]
@@ -169,56 +188,181 @@ def measure(args):
     return rows
 
 
+# --- the verdict -------------------------------------------------------------------------------------------------
+CLAIM_MOM, CLAIM_BASE, DEEP = "mom-large-efficient", "gpt2-large", "mom-large-deep"
+
+
+def layout(name: str) -> str:
+    c = row_config(name)
+    return (f"{c.n_bottom} + {c.chunks} chunks x ({c.depth} routed steps, top-{c.top_k} of {c.n_attn}/{c.n_ffn} "
+            f"modules, + anchor) + {c.n_top} blocks")
+
+
+def verdict(arows, rows, modes, settings="") -> list:
+    """The paper's claims (paper.md), each with its figure, ours, whether it holds and why, from this run's
+    tables. Lower is better for every ratio; a claim holds when ours is at or below the paper's figure (at or
+    above for depth). `rows` may be None (analytic only)."""
+    a = {r["model"]: r for r in arows}
+    m = {r["model"]: r for r in rows or []}
+    eff, deep = a[CLAIM_MOM], a[DEEP]
+    out = []
+    ours = f"{eff['flops_ratio']:.3f}x (full size, 1 x 1024, analytic)"
+    if CLAIM_MOM in m and CLAIM_BASE in m:
+        ours += f"; {m[CLAIM_MOM]['flops_ratio']:.3f}x counted from the routers' picks here"
+    out.append(dict(claim="efficient MoM: forward TFLOPs / GPT-2-large's", paper=f"{PAPER['flops_ratio']}x",
+                    ours=ours, holds="yes" if eff["flops_ratio"] <= PAPER["flops_ratio"] else "no",
+                    why=f"graph depth {eff['depth']} vs 36, {layout(CLAIM_MOM)}; every pick runs a module "
+                        f"(no SKIP), the costliest case"))
+    for mode in modes:
+        if CLAIM_MOM not in m or CLAIM_BASE not in m:
+            break
+        r, b = m[CLAIM_MOM], m[CLAIM_BASE]
+        ratio = r[f"{mode}_mem_ratio"]
+        pm, wm, pb, wb = (r[f"{mode}_peak_MB"], r[f"{mode}_weights_MB"], b[f"{mode}_peak_MB"],
+                          b[f"{mode}_weights_MB"])
+        ok = ratio <= PAPER["memory_ratio"]
+        what = {"train": "training forward (activations kept for backward)",
+                "prefill": "inference prefill (KV cache built)",
+                "decode": "one-token decode (KV cache read)"}[mode]
+        why = (f"= weights {wm / pb:.2f} (all of GPT-2-large's are kept) + the rest {(pm - wm) / pb:.2f} of "
+               f"GPT-2-large's peak; the rest (activations, KV caches: 14 steps vs 36 layers) is "
+               f"{(pm - wm) / max(pb - wb, 1e-9):.2f}x GPT-2-large's")
+        out.append(dict(claim=f"efficient MoM: peak memory / GPT-2-large's, {what}",
+                        paper=f"{PAPER['memory_ratio']}x", ours=f"{ratio:.3f}x", holds="yes" if ok else "no",
+                        why=why + (f"; {settings}" if settings else "")))
+    out.append(dict(claim="deep MoM: same parameters as GPT-2-large", paper="774M (1.0x)",
+                    ours=f"{deep['params_M']:.1f}M ({deep['params_ratio']:.3f}x)",
+                    holds="yes" if deep["params_ratio"] <= 1.02 else "no",
+                    why=f"all of GPT-2-large's weights plus {deep['router_params_M']:.1f}M router parameters"))
+    out.append(dict(claim="deep MoM: graph over 38% deeper", paper=f">= {PAPER['deep_depth']} vs 36",
+                    ours=f"{deep['depth']} vs 36 ({deep['depth_ratio']:.2f}x)",
+                    holds="yes" if deep["depth"] >= PAPER["deep_depth"] else "no",
+                    why=layout(DEEP)))
+    out.append(dict(claim="efficient MoM: at most 14 steps deep", paper="<= 14 vs 36", ours=f"{eff['depth']} vs 36",
+                    holds="yes" if eff["depth"] <= 14 else "no", why=layout(CLAIM_MOM)))
+    out.append(dict(claim="... and it matches GPT-2-large's quality at those FLOPs and memory",
+                    paper="matches (GLUE, XSUM)", ours="not measured", holds="not shown",
+                    why="the models here are untrained (routers as initialised); showing it needs pre-training "
+                        "at 774M parameters (docs/training.md: the one tiny run, MoM 0.026 nats worse)"))
+    return out
+
+
+VERDICT_COLS = ["claim", "paper", "ours", "holds", "why"]
+
+
+def verdict_text(vrows) -> str:
+    """The verdict as lines a terminal shows whole (the 'why' on its own indented line)."""
+    w = max(len(v["claim"]) for v in vrows)
+    p = max(len(v["paper"]) for v in vrows)
+    h = max(len(v["holds"]) for v in vrows)
+    lines = [f"{'claim':<{w}}  {'paper':<{p}}  {'holds':<{h}}  ours / why"]
+    for v in vrows:
+        lines.append(f"{v['claim']:<{w}}  {v['paper']:<{p}}  {v['holds']:<{h}}  {v['ours']}")
+        lines.append(f"{'':<{w}}  {'':<{p}}  {'':<{h}}  why: {v['why']}")
+    return "\n".join(lines)
+
+
+# --- charts ------------------------------------------------------------------------------------------------------
+PAPER_LINE = dict(color="black", ls="--", lw=1.2)   # the paper's figures: black dashed, no bar is black
+EVEN_LINE = dict(color="0.5", lw=0.8)               # 1.0 = the GPT-2 of the same width
+
+
+def _labels(ax, bars, fmt="{:.2f}"):
+    for b in bars:
+        ax.annotate(fmt.format(b.get_height()), (b.get_x() + b.get_width() / 2, b.get_height()),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+
+
+def claim_chart(arows, rows, modes, path, title):
+    """mom-large-efficient / gpt2-large: the forward FLOPs and each peak-memory ratio, with the paper's
+    0.84 over the FLOPs bars and 0.58 over the memory bars only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = {r["model"]: r for r in arows}
+    m = {r["model"]: r for r in rows or []}
+    bars = [("FLOPs\n(full size)", a[CLAIM_MOM]["flops_ratio"], "flops")]
+    if CLAIM_MOM in m:
+        bars.append(("FLOPs\n(counted here)", m[CLAIM_MOM]["flops_ratio"], "flops"))
+        bars += [(f"memory\n{mode}", m[CLAIM_MOM][f"{mode}_mem_ratio"], "mem") for mode in modes]
+    fig, ax = plt.subplots(figsize=(1.3 * len(bars) + 3, 4.4))
+    colors = {"flops": "tab:blue", "mem": "tab:orange"}
+    xs = range(len(bars))
+    b = ax.bar(xs, [v for _, v, _ in bars], 0.6, color=[colors[k] for _, _, k in bars])
+    _labels(ax, b, "{:.3f}x")
+    ax.axhline(1.0, **EVEN_LINE)
+    nf = sum(k == "flops" for _, _, k in bars)
+    ax.hlines(PAPER["flops_ratio"], -0.4, nf - 0.6, **PAPER_LINE)
+    ax.text(-0.4, PAPER["flops_ratio"], f"paper {PAPER['flops_ratio']}x", va="bottom", ha="left", fontsize=8)
+    if len(bars) > nf:
+        ax.hlines(PAPER["memory_ratio"], nf - 0.4, len(bars) - 0.6, **PAPER_LINE)
+        ax.text(nf - 0.4, PAPER["memory_ratio"], f"paper {PAPER['memory_ratio']}x", va="bottom",
+                ha="left", fontsize=8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([n for n, _, _ in bars], fontsize=8)
+    ax.set_ylim(0, max(1.15, max(v for _, v, _ in bars) * 1.15))
+    ax.set_ylabel(f"{CLAIM_MOM} / {CLAIM_BASE} (lower is better)")
+    ax.set_title(f"The paper's claim: {CLAIM_MOM} against {CLAIM_BASE} (1.0 = {CLAIM_BASE}; dashed: the paper)\n"
+                 + title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def chart(rows, modes, path, title):
+    """Every MoM against the GPT-2 of its width: one panel each for time, FLOPs and peak memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     moms = [r for r in rows if not r["model"].startswith("gpt2")]
-    metrics = [("flops_ratio", "forward FLOPs")] + [(f"{m}_time_ratio", f"{m} time") for m in modes] + \
-        [(f"{m}_mem_ratio", f"{m} peak memory") for m in modes]
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(moms) + 3), 4.8))
-    w = 0.8 / len(metrics)
-    for i, (key, label) in enumerate(metrics):
-        xs = [j + (i - (len(metrics) - 1) / 2) * w for j in range(len(moms))]
-        ax.bar(xs, [r[key] for r in moms], w, label=label)
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.axhline(PAPER["flops_ratio"], color="tab:blue", ls="--", lw=0.8, label="paper: 0.84x TFLOPs")
-    ax.axhline(PAPER["memory_ratio"], color="tab:red", ls="--", lw=0.8, label="paper: 0.58x memory")
-    ax.set_xticks(range(len(moms)))
-    ax.set_xticklabels([r["model"] for r in moms], rotation=15, fontsize=8)
-    ax.set_ylabel("ratio to the GPT-2 of the same width")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    panels = [("forward time", [(f"{m}_time_ratio", m) for m in modes], None),
+              ("forward FLOPs", [("flops_ratio", "FLOPs")], PAPER["flops_ratio"]),
+              ("peak memory", [(f"{m}_mem_ratio", m) for m in modes], PAPER["memory_ratio"])]
+    width = max(3.2, 0.9 * len(moms) + 1.5)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * width, 4.6), sharey=False)
+    for ax, (name, metrics, paper) in zip(axes, panels):
+        w = 0.8 / len(metrics)
+        top = 1.0
+        for i, (key, label) in enumerate(metrics):
+            xs = [j + (i - (len(metrics) - 1) / 2) * w for j in range(len(moms))]
+            vals = [r[key] for r in moms]
+            top = max(top, *vals)
+            _labels(ax, ax.bar(xs, vals, w, label=label), "{:.2f}")
+        ax.axhline(1.0, **EVEN_LINE)
+        if paper is not None and any(r["model"] == CLAIM_MOM for r in moms):  # the paper's figure: one pair only
+            j = [r["model"] for r in moms].index(CLAIM_MOM)
+            ax.hlines(paper, j - 0.45, j + 0.45, label=f"paper, {CLAIM_MOM}: {paper}x", **PAPER_LINE)
+        ax.set_xticks(range(len(moms)))
+        ax.set_xticklabels([r["model"] for r in moms], rotation=20, ha="right", fontsize=7)
+        ax.set_ylim(0, top * 1.18)
+        ax.set_title(f"{name} (lower is better)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("ratio to the GPT-2 of the same width (1.0)")
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def append_csv(path, rows):
-    """Append rows to a CSV kept across runs; a new column rewrites the file with the union of columns."""
-    old, fields = [], []
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            old, fields = list(reader), list(reader.fieldnames or [])
-    new_fields = list(dict.fromkeys(fields + [k for r in rows for k in r]))
-    if new_fields == fields:
-        with open(path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=fields).writerows(rows)
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=new_fields)
-        w.writeheader()
-        w.writerows(old + rows)
+def write(folder, name, text):
+    from mom.io import atomic_write_text
+
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_text(os.path.join(folder, name), text)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--full", action="store_true", help="full sizes (scale 1, 1024 tokens)")
-    ap.add_argument("--scale", type=float, default=None, help="width/vocab/length factor (default 0.25; 1 with --full)")
+    ap.add_argument("--all", action="store_true",
+                    help=f"every preset and the pruned row against its GPT-2, 2 timed forwards each (about\n"
+                         f"20 min on 2 CPU cores); default: only what the claim needs, {CLAIM_MOM} and {CLAIM_BASE}")
+    ap.add_argument("--full", action="store_true", help="full sizes (scale 1, 1024 tokens; for a GPU)")
+    ap.add_argument("--scale", type=float, default=None, help="width/vocab/length factor (default 0.125; 0.25 with --all; 1 with --full)")
     ap.add_argument("--batch", type=int, default=None, help="default 4 on cpu, 16 on cuda")
     ap.add_argument("--seq-len", type=int, default=None, help="default 1024 x scale")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)")
@@ -226,19 +370,36 @@ def main(argv=None):
                     help="no-skip: SKIP slots masked, every pick runs a module (worst case);\n"
                          "init: routers as initialised (seeded), SKIP picked when they pick it")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    ap.add_argument("--models", nargs="+", default=[r[0] for r in ROWS], help="rows (presets or extra rows)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed forwards per measurement (default 2 cpu, 10 cuda)")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help=f"rows to measure (presets or extra rows: {', '.join(r[0] for r in ROWS)});\n"
+                         f"each MoM brings its GPT-2")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed forwards per measurement (default: 1 on cpu, 2 with --all, 10 on cuda)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="forwards measured at the same time, each in its own process with cores / jobs threads\n"
+                         "(default: 2 on a CPU with 2+ cores, 1 with --all or on CUDA; memory is per process,\n"
+                         "times are of forwards that shared the machine: --jobs 1 for timings)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    ap.add_argument("--analytic-only", action="store_true", help="only the full-size analytic table")
+    ap.add_argument("--out", default=OUT, help=f"output folder (default {os.path.relpath(OUT)}, ignored by git)")
+    ap.add_argument("--update-results", action="store_true",
+                    help=f"also write the tables and charts into {os.path.relpath(RESULTS)} (the committed\n"
+                         f"reference results; CSV rows appended)")
+    ap.add_argument("--analytic-only", action="store_true", help="only the full-size analytic table and verdict")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.scale = args.scale if args.scale is not None else (1.0 if args.full else 0.25)
+    # scale 1/8 by default: ratios within 0.01 of scale 1/4's (2026-11-29, b4: FLOPs 0.690 vs 0.689, peak memory
+    # train 0.663 vs 0.670, prefill 0.788 vs 0.785, decode 0.692 vs 0.701) at half the CPU time
+    args.scale = args.scale if args.scale is not None else (1.0 if args.full else (0.25 if args.all else 0.125))
     args.seq_len = args.seq_len or max(8, round(1024 * args.scale))
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.batch = args.batch or (16 if cuda else 4)
-    args.repeats = args.repeats if args.repeats is not None else (10 if cuda else 2)
-    os.makedirs(args.out, exist_ok=True)
+    args.repeats = args.repeats if args.repeats is not None else (10 if cuda else (2 if args.all else 1))
+    ncpu = os.cpu_count() or 1
+    args.jobs = max(1, args.jobs if args.jobs is not None else (2 if not cuda and not args.all and ncpu >= 2 else 1))
+    if args.jobs > 1 and not cuda and "OMP_NUM_THREADS" not in os.environ:  # the workers inherit it
+        os.environ["OMP_NUM_THREADS"] = str(max(1, ncpu // args.jobs))
+    args.models = args.models or ([r[0] for r in ROWS] if args.all else [CLAIM_BASE, CLAIM_MOM])
+    folders = [args.out] + ([RESULTS] if args.update_results and os.path.abspath(args.out) != RESULTS else [])
     stamp = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit(),
                  hardware=f"{hardware(args.device)} (torch {torch.__version__}"
                           f"{', CUDA ' + torch.version.cuda if args.device.startswith('cuda') else ''})")
@@ -248,36 +409,52 @@ def main(argv=None):
     head = (f"Analytic forward cost at full size: batch 1 x 1024 tokens, no SKIP (worst case), full-square "
             f"attention core (flops_ratio_causal: causal core); kv_cache_ratio = graph depth ratio.\n"
             f"{stamp['date']}, commit {stamp['commit']}")
-    print(head + "\n" + text_table(arows, ANALYTIC_COLS) + "\n")
-    with open(os.path.join(args.out, "efficiency_analytic.md"), "w") as f:
-        f.write(f"# Analytic forward cost, full size\n\n{head}\n\n{markdown(arows, ANALYTIC_COLS)}\n")
-    with open(os.path.join(args.out, "efficiency_analytic.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(arows[0]) + list(stamp))
+    print(head + "\n" + text_table(arows, ANALYTIC_COLS) + "\n", flush=True)
+    for folder in folders:
+        write(folder, "efficiency_analytic.md", f"# Analytic forward cost, full size\n\n{head}\n\n"
+                                                f"{markdown(arows, ANALYTIC_COLS)}\n")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(arows[0]) + list(stamp))
         w.writeheader()
         w.writerows({**r, **stamp} for r in arows)
+        write(folder, "efficiency_analytic.csv", buf.getvalue())
     if args.analytic_only:
+        vrows = verdict(arows, None, args.modes)
+        print("Verdict (lower is better for every ratio):\n" + verdict_text(vrows))
         return arows, None
 
     # 2. measured
     settings = (f"device {args.device} ({stamp['hardware']}), dtype {args.dtype}, batch {args.batch}, "
                 f"seq_len {args.seq_len}, scale {args.scale} (n_embd, vocab, router_dim x scale), routing "
-                f"{args.routing}, time = best of {args.repeats} timed forwards; memory = peak of all tensors of the "
+                f"{args.routing}, time = best of {args.repeats} timed forwards ({args.jobs} measured at a time, "
+                f"{os.environ.get('OMP_NUM_THREADS', 'all')} threads each); memory = peak of all tensors of the "
                 f"forward incl. weights ({'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of a fresh process, VmHWM'}); "
                 f"decode = 1 token after {args.seq_len - 1} cached; {stamp['date']}, commit {stamp['commit']}")
     rows = measure(args)
     cols = measured_cols(args.modes)
-    print("Measured forwards: " + settings + "\n" + text_table(rows, cols))
+    short = ["model", "params_M", "depth", "K", "flops_ratio"] + [f"{m}_mem_ratio" for m in args.modes] + \
+        [f"{m}_time_ratio" for m in args.modes]
+    print("\nMeasured forwards (ratios to the GPT-2 of the same width; full columns in the .md/.csv): "
+          + settings + "\n" + text_table(rows, short))
     tag = f"{args.device.split(':')[0]}_" + ("full" if args.scale == 1.0 else f"scale{args.scale:g}") + \
         f"_b{args.batch}x{args.seq_len}" + ("" if args.routing == "no-skip" else f"_{args.routing}")
-    with open(os.path.join(args.out, f"efficiency_{tag}.md"), "w") as f:
-        f.write(f"# Measured forwards ({tag})\n\n{settings}\n\n{markdown(rows, cols)}\n")
-    append_csv(os.path.join(args.out, f"efficiency_{tag}.csv"),
-               [{**r, "batch": args.batch, "seq_len": args.seq_len, "scale": args.scale, "dtype": args.dtype,
-                 "routing": args.routing, "device": args.device, **stamp} for r in rows])
-    chart(rows, args.modes, os.path.join(args.out, f"efficiency_{tag}.png"),
-          f"MoM / GPT-2: {args.device} {args.dtype}, batch {args.batch} x {args.seq_len}, scale {args.scale:g}, "
-          f"routing {args.routing}\n{stamp['hardware']}, {stamp['date']}, {stamp['commit']}")
-    print(f"\nwrote {args.out}/efficiency_{tag}.{{csv,md,png}} and efficiency_analytic.{{csv,md}}")
+    where = f"measured at {args.device}, scale {args.scale:g}, batch {args.batch} x {args.seq_len}"
+    vrows = verdict(arows, rows, args.modes, where)
+    title = (f"{args.device} {args.dtype}, batch {args.batch} x {args.seq_len}, scale {args.scale:g}, routing "
+             f"{args.routing}; {stamp['hardware']}, {stamp['date']}, {stamp['commit']}")
+    for folder in folders:
+        write(folder, f"efficiency_{tag}.md",
+              f"# Measured forwards ({tag})\n\n{settings}\n\n{markdown(rows, cols)}\n\n"
+              f"## Verdict (lower is better for every ratio)\n\n{markdown(vrows, VERDICT_COLS)}\n")
+        append_csv(os.path.join(folder, f"efficiency_{tag}.csv"),
+                   [{**r, "batch": args.batch, "seq_len": args.seq_len, "scale": args.scale, "dtype": args.dtype,
+                     "routing": args.routing, "device": args.device, **stamp} for r in rows])
+        if any(not r["model"].startswith("gpt2") for r in rows):
+            chart(rows, args.modes, os.path.join(folder, f"efficiency_{tag}.png"), "MoM / GPT-2: " + title)
+        claim_chart(arows, rows, args.modes, os.path.join(folder, f"efficiency_claim_{tag}.png"), title)
+        print(f"wrote {os.path.relpath(folder)}/efficiency_{tag}.{{csv,md,png}}, efficiency_claim_{tag}.png and "
+              f"efficiency_analytic.{{csv,md}}")
+    print("\nVerdict: the paper's claims against this run (lower is better for every ratio)\n" + verdict_text(vrows))
     return arows, rows
 
 

@@ -70,8 +70,9 @@ class TrainConfig:
     data: str = "data/sample"           # a folder written by `python -m mom.data`
     block_size: Optional[int] = None    # T, tokens per sequence (None: the model's n_positions)
     batch_size: int = 8                 # sequences per micro-batch and rank
-    global_batch_size: Optional[int] = None  # sequences per optimiser step over all ranks (None: batch_size);
-                                        # grad_accum = global_batch_size / (batch_size * world size)
+    global_batch_size: Optional[int] = None  # sequences per optimiser step over all ranks (None: batch_size x
+                                        # world size, one micro-batch per rank); grad_accum =
+                                        # global_batch_size / (batch_size * world size)
     seed: int = 1234                    # model init and data order
     # --- optimisation (paper.md) ------------------------------------------------------------------------------
     max_steps: int = 1000               # the schedule's length
@@ -402,13 +403,18 @@ def init_model(tc: TrainConfig, cfg: MoMConfig):
 # --- evaluation --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, val: TokenData, tc: TrainConfig, d: Dist, device, autocast) -> float:
-    """Mean LM loss over the first eval_windows validation windows (batches spread round-robin over ranks)."""
+    """Mean LM loss over the first eval_windows validation windows (batches spread round-robin over ranks);
+    a tqdm bar on rank 0 when tc.progress."""
     model.eval()
     n = val.n_windows if tc.eval_windows is None else min(tc.eval_windows, val.n_windows)
     total = torch.zeros(2, dtype=torch.float64, device=device)   # [sum of window losses, windows]
     batches = [list(range(i, min(i + tc.batch_size, n))) for i in range(0, n, tc.batch_size)]
     rounds = -(-len(batches) // d.world)  # every rank runs as many forwards (FSDP's all-gathers need lockstep)
-    for b in range(d.rank, rounds * d.world, d.world):
+    steps = range(d.rank, rounds * d.world, d.world)
+    if tc.progress and d.main and rounds > 1:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="validation", unit="batch", leave=False, dynamic_ncols=True)
+    for b in steps:
         idx = batches[b] if b < len(batches) else batches[0]           # a padding forward, not counted
         x = torch.stack([torch.from_numpy(val.window(i)) for i in idx]).to(device)
         with autocast():
@@ -440,10 +446,11 @@ def prepare_run(tc: TrainConfig, d: Dist):
     T = tc.block_size or cfg.n_positions
     if T > cfg.n_positions or T < 2:
         raise RunError(f"block_size={T} must be in [2, n_positions={cfg.n_positions}]")
-    gbs = tc.global_batch_size or tc.batch_size
+    gbs = tc.global_batch_size or tc.batch_size * d.world  # unset: one micro-batch of batch_size per rank
     if gbs % (tc.batch_size * d.world):
         raise RunError(f"global_batch_size={gbs} is not a multiple of batch_size={tc.batch_size} x "
-                       f"world size {d.world}")
+                       f"world size {d.world}; set --global_batch_size to a multiple of "
+                       f"{tc.batch_size * d.world} or --batch_size to a divisor of {gbs // d.world or 1}")
     if os.path.lexists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         raise RunError(f"out_dir={tc.out_dir} exists and is not a folder")
     ident = _identity(dataclasses.replace(tc, global_batch_size=gbs, block_size=T), cfg, meta)

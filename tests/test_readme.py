@@ -1,0 +1,40 @@
+"""Every ```python block of README.md runs verbatim (on the CPU, in seconds), and the README's first lines are
+the two commands. The blocks run in order, each in a fresh namespace, with the repository as the working
+folder; a block may read what the README says to prepare before it, nothing else."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+
+
+def _blocks(lang: str):
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+PY = _blocks("python")
+
+
+def test_readme_starts_with_the_two_commands():
+    first = _blocks("bash")[0].strip().splitlines()
+    assert first[:2] == ['pip install torch==2.13.0 -e . && python -m benchmarks.efficiency',
+                         'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q']
+
+
+def test_readme_has_python_blocks():
+    assert len(PY) >= 2
+
+
+@pytest.mark.parametrize("i", range(len(PY)))
+def test_readme_python_block_runs(i, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    torch.manual_seed(0)
+    code = compile(PY[i], f"README.md python block {i + 1}", "exec")
+    exec(code, {"__name__": f"readme_block_{i + 1}"})
