@@ -38,3 +38,26 @@ def test_readme_python_block_runs(i, monkeypatch):
     torch.manual_seed(0)
     code = compile(PY[i], f"README.md python block {i + 1}", "exec")
     exec(code, {"__name__": f"readme_block_{i + 1}"})
+
+
+@pytest.mark.slow
+def test_readme_torchrun_line_runs_with_the_tiny_config(tmp_path):
+    """The README's torchrun command as written (2 processes, configs/tiny.json), on the shipped sample text
+    instead of the downloaded one, for 2 steps."""
+    import shlex
+    import subprocess
+    import sys
+
+    from mom.data import prepare
+
+    line = next(ln for b in _blocks("bash") for ln in b.splitlines() if ln.startswith("torchrun "))
+    args = shlex.split(line.split("#")[0])
+    assert args[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"] and "configs/tiny.json" in args
+    prepare("sample", str(tmp_path / "data"), "bpe:512", cache=str(tmp_path / "cache"))
+    args[args.index("--data") + 1] = str(tmp_path / "data")
+    args[args.index("--out_dir") + 1] = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run"] + args[1:] + ["--max_steps", "2", "--eval_interval", "2"]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '"step": 2' in r.stdout
