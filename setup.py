@@ -17,6 +17,6 @@ setup(
     extras_require={
         # pytest-benchmark: benchmarks/test_bench.py; hypothesis: property tests; transformers: GPT-2 parity tests.
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
-        "flash": ["flash-attn"],
+        "flash": ["flash-attn"], "hf": ["transformers"],
     },
 )

@@ -159,17 +159,21 @@ class MoMForCausalLM(nn.Module):
         cfg = self.config
         B, T = input_ids.shape
         static = isinstance(past_key_values, StaticCache)
+        # cache layers with update(k, v) -> (k_all, v_all) (transformers' Cache through mom.hf): P given, masked
+        layered = (not static and isinstance(past_key_values, (list, tuple)) and len(past_key_values) > 0
+                   and hasattr(past_key_values[0], "update"))
         mask = new_mask = None
         if static:
             new_mask = (attention_mask[:, -T:].bool() if attention_mask is not None
                         else torch.ones(B, T, dtype=torch.bool, device=input_ids.device))
             pos, mask = past_key_values.begin(new_mask)                # [B, T], [B, 1, T, L]
-        elif attention_mask is not None:
-            pos, mask = padding_attention(attention_mask, P, T)        # [B, T], [B, 1, T, P + T]
+        elif attention_mask is not None or layered:
+            am = attention_mask if attention_mask is not None else input_ids.new_ones(B, P + T)
+            pos, mask = padding_attention(am, P, T)                    # [B, T], [B, 1, T, P + T]
         else:
             pos = torch.arange(P, P + T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(pos)                       # [B, T, D]
-        if past_key_values is not None and not static:  # the cache is concatenated with this dtype's keys
+        if past_key_values is not None and not static and not layered:  # the cache is concatenated with this dtype's keys
             check_cache_matches(past_key_values, x.dtype, None)
         ops = get_ops(cfg.backend, x.device)
         past = iter(past_key_values) if past_key_values is not None else None
@@ -206,7 +210,7 @@ class MoMForCausalLM(nn.Module):
             lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                       labels[:, 1:].reshape(-1), ignore_index=-100)
             loss = lm_loss + cfg.aux_loss_coef * aux_loss
-        cache = past_key_values if static else (presents if use_cache else None)
+        cache = past_key_values if static or layered else (presents if use_cache else None)
         return MoMOutput(logits=logits, loss=loss, aux_loss=aux_loss, past_key_values=cache, routing=routing,
                          lm_loss=lm_loss)
 
