@@ -111,6 +111,11 @@ class MoMConfig:
                                      # the authors' code does (paper.md describes the plain estimator)
     weighted_qkv: bool = False       # QKV = sum of g_m * (LN_m(x) W_qkv[m] + b) instead of the plain sum
     dense_routing: bool = False      # ablation: every slot is used, weighted by the full softmax (top_k unused)
+    routing_prior: float = 0.0       # function-preserving cut (mom/cut.py): a per-step logit bias added after
+                                     # each router's forward; at step h module h gets 2*P*tau, the SKIP slot
+                                     # P*tau, the rest 0, so g = 1 on module h exactly. 0: none (the paper's cut)
+    routing_prior_steps: int = 0     # after the first training forward the prior drops to routing_prior_from
+    routing_prior_from: float = 4.0  # (nats, P's unit) and decays linearly to 0 over this many training forwards
 
     # --- load-balancing loss (Switch style: n * sum_e f_e * P_e) ---------------------------------------
     aux_loss_coef: float = 0.01      # paper.md
@@ -149,6 +154,15 @@ class MoMConfig:
         need.choice("backend", BACKENDS)
         need.choice("balance_loss", BALANCE_MODES)
         need(self.router_temperature > 0, "router_temperature", "must be > 0")
+        need(isinstance(self.routing_prior, (int, float)) and not isinstance(self.routing_prior, bool)
+             and self.routing_prior >= 0 and self.routing_prior == self.routing_prior, "routing_prior",
+             "must be a number >= 0 (0: no prior)")
+        need(isinstance(self.routing_prior_steps, int) and not isinstance(self.routing_prior_steps, bool)
+             and self.routing_prior_steps >= 0, "routing_prior_steps", "must be an int >= 0")
+        need(isinstance(self.routing_prior_from, (int, float)) and not isinstance(self.routing_prior_from, bool)
+             and self.routing_prior_from >= 0, "routing_prior_from", "must be a number >= 0")
+        need(self.routing_prior == 0 or self.routing_prior_steps >= 1, "routing_prior_steps",
+             "must be >= 1 with a routing_prior (the prior decays to 0 over these training forwards)")
         need(self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
         need(self.graph_depth >= 1, "n_bottom", "the model needs at least one block (n_bottom + chunks * "
              "(depth + anchor) + n_top >= 1)")

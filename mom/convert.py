@@ -10,6 +10,9 @@ modules. With M = max(n_attn, n_ffn), the checkpoint's layers are consumed botto
     the last n_top layers                     -> top blocks
     wte, wpe, ln_f copied; routers stay freshly initialised (N(0, 0.02)).
 
+`from_gpt2(..., preserving=True)` (or a config with routing_prior > 0) is the function-preserving cut
+(mom/cut.py): a decaying per-step routing prior makes the MoM compute the vanilla exactly at phase 2's start.
+
 Hugging Face's GPT-2 keeps Conv1D weights as [in, out], the layout of our blocks and stacked pools, so no
 weight is transposed.
 
@@ -124,9 +127,19 @@ def gpt2_to_mom_state_dict(sd: Dict[str, torch.Tensor], config: MoMConfig) -> Di
     return out
 
 
-def from_gpt2(state_dict_or_path: Union[str, Dict[str, torch.Tensor]], config: MoMConfig):
-    """A MoMForCausalLM initialised from a GPT-2 checkpoint in HF's layout (routers new)."""
+def from_gpt2(state_dict_or_path: Union[str, Dict[str, torch.Tensor]], config: MoMConfig,
+              preserving: bool = False, prior_steps: int = None):
+    """A MoMForCausalLM initialised from a GPT-2 checkpoint in HF's layout (routers new).
+
+    preserving=True: the function-preserving cut (mom/cut.py): config gets a routing prior (routing_prior 50
+    unless set, routing_prior_steps `prior_steps`, else config's, else 1000) under which the MoM computes the
+    vanilla's logits until training moves it; ValueError names why when config cannot (cut.preserving_problems).
+    A config that already sets routing_prior > 0 (e.g. mom.train's model_overrides) is cut the same way."""
     from .model import MoMForCausalLM
+
+    if preserving:
+        from .cut import preserving_config
+        config = preserving_config(config, prior_steps)
 
     sd = load_state_dict(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) \
         else state_dict_or_path

@@ -9,6 +9,18 @@
               slot ids >= E become the SKIP id E (what the routed ops expect).
     balance:  Switch-style  n * sum_e f_e * P_e  (f_e: share of the N*K top-K assignments to slot e,
               P_e: mean probability of slot e), over the n slots balanced (modules, plus SKIP if balance_skip).
+Routing prior (config.routing_prior = P > 0, the function-preserving cut, mom/cut.py): after the router's
+forward (any backend, the fused Triton GRU included) logits[:, s] += scale * prior[h, s], h the step:
+prior[h] = 2 P tau on module h (on SKIP when h >= the pool), P tau on the SKIP slot, 0 elsewhere. With
+P = 50, module h leads every other slot by >= 50 nats (less the router's own small logits), so its softmax
+weight renormalised over the picks {h, SKIP} rounds to exactly 1 in fp64 (exp(-50) < 2^-53) and the step is
+the cut layer h. t = training forwards of this router's chunk so far (the `prior_t` buffer, saved in
+checkpoints; eval forwards do not count): scale = 1 before any (t = 0, the vanilla's function), then
+(routing_prior_from / P) * max(0, 1 - t / routing_prior_steps): module h leads SKIP by routing_prior_from nats
+(default 4: weight 0.98, the function barely moves, and the softmax passes the routers a gradient), decaying
+to 0 after routing_prior_steps micro-batches (with activation checkpointing a recomputed forward counts too).
+The step h is the router's own call count in the chunk (reset by the GRU's state None at the chunk's first
+step; the MLP router counts calls modulo depth).
 This file is the plain PyTorch spec; the Triton backend does route + plan + balance terms in three launches
 (mom_kernels/route.py), tested against it.
 """
@@ -24,31 +36,68 @@ import torch.nn.functional as F
 from .config import MoMConfig
 
 
-class GRURouter(nn.Module):
+class _Prior:
+    """The decaying per-step logit bias of the function-preserving cut (module docstring); mixed into routers."""
+
+    def _init_prior(self, config: MoMConfig, n_slots: int):
+        self._prior_steps, self._depth, self._h = config.routing_prior_steps, config.depth, -1
+        self._prior_from = min(1.0, config.routing_prior_from / config.routing_prior) if config.routing_prior else 0.0
+        if not config.routing_prior:
+            self.prior = None
+            return
+        pool = n_slots - int(config.skip)  # slots >= pool are SKIP; the first SKIP slot is `pool`
+        P = float(config.routing_prior) * config.router_temperature
+        prior = torch.zeros(config.depth, n_slots, dtype=torch.float64)
+        for h in range(config.depth):
+            if h < pool:
+                prior[h, h] = 2 * P
+                if config.skip:
+                    prior[h, pool] = P
+            elif config.skip:
+                prior[h, pool] = 2 * P
+        self.register_buffer("prior", prior, persistent=False)
+        self.register_buffer("prior_t", torch.zeros((), dtype=torch.int64))  # training forwards so far
+
+    def _add_prior(self, logits, first: bool):
+        if self.prior is None:
+            return logits
+        self._h = 0 if first else (self._h + 1) % self._depth
+        if self._h == 0 and self.training:
+            self.prior_t += 1
+        t = (self.prior_t - 1 if self.training else self.prior_t).to(self.prior.dtype)
+        scale = torch.where(t < 1, 1.0, self._prior_from * (1.0 - t / self._prior_steps).clamp(min=0.0))
+        return logits + (scale * self.prior[self._h]).to(logits.dtype)
+
+
+class GRURouter(_Prior, nn.Module):
     def __init__(self, config: MoMConfig, n_slots: int):
         super().__init__()
         self.cell = nn.GRUCell(config.n_embd, config.router_dim)
         self.head = nn.Linear(config.router_dim, n_slots)
+        self._init_prior(config, n_slots)
 
     def forward(self, x, state: Optional[torch.Tensor], gru_router=None):
         """x [N, D], state [N, r] or None (= zeros) -> logits [N, S], state [N, r]. gru_router: a fused cell +
         head taking (x, state, w_ih, w_hh, b_ih, b_hh, w_head, b_head) -> (logits, state) (the Triton
         backend's, mom_kernels.gru.gru_router), else nn.GRUCell then nn.Linear."""
+        first = state is None
         if gru_router is None:
             state = self.cell(x, state)
-            return self.head(state), state
+            return self._add_prior(self.head(state), first), state
         c, h = self.cell, self.head
-        return gru_router(x, state, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh, h.weight, h.bias)
+        logits, state = gru_router(x, state, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh, h.weight, h.bias)
+        return self._add_prior(logits, first), state
 
 
-class MLPRouter(nn.Module):
+class MLPRouter(_Prior, nn.Module):
     def __init__(self, config: MoMConfig, n_slots: int):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, config.router_dim)
         self.head = nn.Linear(config.router_dim, n_slots)
+        self._init_prior(config, n_slots)
 
     def forward(self, x, state=None, gru_cell=None):  # x [N, D] -> logits [N, S]; no state
-        return self.head(F.relu(self.fc(x))), None
+        return self._add_prior(self.head(F.relu(self.fc(x))), False), None
 
 
 def make_router(config: MoMConfig, n_slots: int) -> nn.Module:
