@@ -61,3 +61,30 @@ def test_dispatch_takes_the_decode_path_only_without_grad_and_few_tokens(monkeyp
     decode.routed_ffn(*inputs)                                   # grad enabled: the grouped (autograd) path
     assert calls == [4]
     del want
+
+
+def test_model_decoding_through_the_decode_path_equals_the_torch_backend(monkeypatch):
+    """The Triton Ops with mom_kernels.decode's dispatch (the line mom/routed.py `_triton_ops` would use) in a
+    static-cache decode: the same logits as the torch backend."""
+    import mom.model
+    from helpers import make_model, small_config
+    from mom.cache import StaticCache
+    from mom.routed import Ops, _triton_ops
+
+    tri = _triton_ops(torch.device("cpu"))
+    ops = Ops("triton", tri.make_plan, decode.routed_linear, decode.routed_ffn, tri._route, tri.gru_router,
+              fused_residual=True)
+    cfg = small_config(backend="torch")
+    model = make_model(cfg, dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    want = model(ids).logits
+    calls = []
+    real = decode.decode_routed_ffn
+    monkeypatch.setattr(decode, "decode_routed_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(mom.model, "get_ops", lambda backend, device: ops)
+    cache = StaticCache(cfg, 2, 6, torch.float32)
+    with torch.no_grad():
+        got = [model(ids[:, :3], past_key_values=cache).logits]
+        got += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(3, 6)]
+    assert len(calls) == 4 * cfg.chunks * cfg.depth
+    assert_close_verbose("decode-path logits", torch.cat(got, 1), want, 1e-4, 1e-4)
