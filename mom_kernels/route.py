@@ -276,10 +276,10 @@ def _block_t(n_cols: int) -> int:
     return max(16, min(128, 4096 // n_cols))
 
 
-def _scan_and_scatter(ids, cnt, psum, T, K, E, S, n_bal, block_m, f=None, pm=None, loss=None):
-    """Launches 2 and 3 (see the module docstring); returns the RoutingPlan."""
+def _scan_and_scatter(ids, cnt, psum, T, K, E, S, n_bal, block_m, BT, f=None, pm=None, loss=None):
+    """Launches 2 and 3 (see the module docstring) for the per-block counts cnt [n_blocks, S] of launch 1 (blocks
+    of BT tokens: the scatter must use the same blocks); returns the RoutingPlan."""
     dev = ids.device
-    BT = _block_t(_p2(S, 16))
     n_blocks = cnt.shape[0]
     n_tiles = triton.cdiv(T * K, block_m) + E
     base = torch.empty(n_blocks, E, device=dev, dtype=torch.int32)
@@ -318,7 +318,7 @@ def plan_from_ids(ids: Tensor, n_modules: int, block_m: int) -> RoutingPlan:
             dummy, ids, ids, dummy, dummy, cnt, dummy, T, E, E, 1.0, 0, 0,
             FROM_LOGITS=False, K=K, DENSE=False, RENORM=False, STRAIGHT=False,
             BLOCK_T=BT, BLOCK_S=_p2(E, 16), BLOCK_K=max(2, triton.next_power_of_2(K)), num_warps=4)
-    return _scan_and_scatter(ids, cnt, cnt, T, K, E, E, E, block_m)
+    return _scan_and_scatter(ids, cnt, cnt, T, K, E, E, E, block_m, BT)
 
 
 def route_fwd(logits: Tensor, n_modules: int, top_k: int, temperature: float, renormalize: bool,
@@ -347,7 +347,7 @@ def route_fwd(logits: Tensor, n_modules: int, top_k: int, temperature: float, re
             logits.stride(0), logits.stride(1),
             FROM_LOGITS=True, K=K, DENSE=dense, RENORM=renormalize and not dense, STRAIGHT=straight_through,
             BLOCK_T=BT, BLOCK_S=BS, BLOCK_K=max(2, triton.next_power_of_2(K)), num_warps=4)
-    plan = _scan_and_scatter(ids, cnt, psum, T, K, E, S, n_bal, block_m, f=f, pm=pm, loss=loss)
+    plan = _scan_and_scatter(ids, cnt, psum, T, K, E, S, n_bal, block_m, BT, f=f, pm=pm, loss=loss)
     return ids, weights, probs, slots, f, pm, loss, plan
 
 
