@@ -19,9 +19,9 @@ run once on the unmutated copy; tests that fail there are deselected in every mu
 so a mutation is only counted as KILLED by a test that passes without it. Each run also records where
 `mom` / `mom_kernels` were imported from and checks that it was the copy, not the checkout.
 
-Not part of CI: a whole run took about 25 minutes on 2 busy cores at commit 73ccd45 (41 mutations, all
-killed, most within seconds; a survivor runs its test files to the end, minutes each under the Triton
-interpreter). Run it before a release and after changing the tests. It never edits the checkout.
+Not part of CI: a whole run took 25-30 minutes on 2 busy cores at commits 73ccd45 and d9c440c (41
+mutations, all killed, most within seconds; a survivor runs its test files to the end, minutes each under
+the Triton interpreter). Run it before a release and after changing the tests. It never edits the checkout.
 """
 from __future__ import annotations
 
