@@ -50,3 +50,19 @@ except ImportError:  # the dev extra is not installed: run each benchmark's func
     @pytest.fixture
     def benchmark():
         return _Once()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The saved JSON names the libraries the measured code runs on (and the device)."""
+    import importlib
+
+    import torch
+
+    versions = {}
+    for lib in ("torch", "triton", "einops", "tokenizers", "pytest_benchmark"):
+        try:
+            versions[lib] = importlib.import_module(lib).__version__
+        except Exception:  # not installed (triton on some CPU machines)
+            versions[lib] = None
+    machine_info["libraries"] = versions
+    machine_info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
