@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 

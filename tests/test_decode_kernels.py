@@ -54,13 +54,11 @@ def test_dispatch_takes_the_decode_path_only_without_grad_and_few_tokens(monkeyp
     inputs = ffn_inputs(4, 2, 3, 16, 16, seed=3)
     with torch.no_grad():
         decode.routed_ffn(*inputs)
-        want = reference.routed_ffn(*inputs)
         big = ffn_inputs(decode.DECODE_MAX_TOKENS + 1, 2, 3, 16, 16, seed=4)
         assert_close_verbose("grouped path", decode.routed_ffn(*big), reference.routed_ffn(*big), 1e-10, 1e-10)
     assert calls == [4]
     decode.routed_ffn(*inputs)                                   # grad enabled: the grouped (autograd) path
     assert calls == [4]
-    del want
 
 
 def test_model_decoding_through_the_decode_path_equals_the_torch_backend(monkeypatch):
