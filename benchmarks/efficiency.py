@@ -356,7 +356,8 @@ def write(folder, name, text):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.efficiency", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                 formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--all", action="store_true",
                     help=f"every preset and the pruned row against its GPT-2, 2 timed forwards each (about\n"
