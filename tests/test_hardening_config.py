@@ -16,8 +16,9 @@ from mom.config import BACKENDS, BALANCE_MODES, ROUTERS, ConfigError
 from mom.train import TrainConfig, load_config, main
 
 MOM_INT = ("vocab_size", "n_positions", "n_embd", "n_head", "n_bottom", "chunks", "n_attn", "n_ffn", "depth",
-           "top_k", "n_top", "router_dim", "n_inner")
-MOM_FLOAT = ("layer_norm_epsilon", "initializer_range", "router_temperature", "aux_loss_coef")
+           "top_k", "n_top", "router_dim", "n_inner", "routing_prior_steps")
+MOM_FLOAT = ("layer_norm_epsilon", "initializer_range", "router_temperature", "aux_loss_coef", "routing_prior",
+             "routing_prior_from")
 MOM_BOOL = ("anchor", "skip", "shared_slots", "renormalize", "straight_through", "straight_through_clamp",
             "weighted_qkv", "dense_routing",
             "balance_skip", "checkpoint_chunks")
