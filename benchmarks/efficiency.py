@@ -356,17 +356,20 @@ def write(folder, name, text):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.efficiency", description="\n\n".join(__doc__.split("\n\n")[:2]),
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.efficiency",
+                                 description="\n\n".join(__doc__.split("\n\n")[:2]),
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--all", action="store_true",
                     help=f"every preset and the pruned row against its GPT-2, 2 timed forwards each (about\n"
                          f"20 min on 2 CPU cores); default: only what the claim needs, {CLAIM_MOM} and {CLAIM_BASE}")
     ap.add_argument("--full", action="store_true", help="full sizes (scale 1, 1024 tokens; for a GPU)")
-    ap.add_argument("--scale", type=float, default=None, help="width/vocab/length factor (default 0.125; 0.25 with --all; 1 with --full)")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="width/vocab/length factor (default 0.125; 0.25 with --all; 1 with --full)")
     ap.add_argument("--batch", type=int, default=None, help="default 4 on cpu, 16 on cuda")
     ap.add_argument("--seq-len", type=int, default=None, help="default 1024 x scale")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)")
+    ap.add_argument("--dtype", default=None,
+                    help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)")
     ap.add_argument("--routing", default="no-skip", choices=ROUTINGS,
                     help="no-skip: SKIP slots masked, every pick runs a module (worst case);\n"
                          "init: routers as initialised (seeded), SKIP picked when they pick it")
@@ -429,7 +432,8 @@ def main(argv=None):
                 f"seq_len {args.seq_len}, scale {args.scale} (n_embd, vocab, router_dim x scale), routing "
                 f"{args.routing}, time = best of {args.repeats} timed forwards ({args.jobs} measured at a time, "
                 f"{os.environ.get('OMP_NUM_THREADS', 'all')} threads each); memory = peak of all tensors of the "
-                f"forward incl. weights ({'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of a fresh process, VmHWM'}); "
+                f"forward incl. weights "
+                f"({'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of a fresh process, VmHWM'}); "
                 f"decode = 1 token after {args.seq_len - 1} cached; {stamp['date']}, commit {stamp['commit']}")
     rows = measure(args)
     cols = measured_cols(args.modes)
