@@ -210,6 +210,18 @@ def table(res: dict, a) -> str:
     return "\n".join(lines) + "\n"
 
 
+def header(res: dict, a) -> str:
+    st = res["settings"]
+    return (f"# benchmarks/quality.py, size {res['size']}{' (a REDUCED run, not the full size)' if res['size'] != 'full' else ''}\n\n"
+            f"date {res['date']}; {res['cpus']} CPUs ({res['host']}), torch {res['torch']}, fp32, "
+            f"{st['threads']} thread(s) per process; commit {res.get('commit', '?')}; wall {res['wall_s']} s\n\n"
+            f"    python {' '.join(res['argv'])}\n\n"
+            f"data {a.data}; width {st['n_embd']}, T {st['block_size']}, batch {st['batch_size']}, phase 1 "
+            f"{st['phase1_steps']} steps, phase 2 {st['phase2_steps']} steps, seeds {st['seeds']}, prior decays over "
+            f"{st['prior_frac']} of phase 2, flops ratio {res['flops_ratio']:.3f}, {st['eval_windows']} validation "
+            f"windows\n\n")
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
@@ -270,7 +282,7 @@ def main(argv=None) -> dict:
     with open(a.results + ".json", "w") as f:
         json.dump(res, f, indent=1)
     with open(a.results + ".md", "w") as f:
-        f.write(table(res, a))
+        f.write(header(res, a) + table(res, a))
     plot(a, cfgs, a.results + ".png")
     print(table(res, a))
     return res
