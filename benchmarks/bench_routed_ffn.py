@@ -31,7 +31,6 @@ import torch.nn.functional as F_
 
 from .common import OUT, append_csv, commit, env_override, hardware
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CSV_PATH = os.path.join(OUT, "routed_ffn.csv")
 
 
