@@ -287,7 +287,7 @@ def claim_chart(arows, rows, modes, path, title):
     if CLAIM_MOM in m:
         bars.append(("FLOPs\n(counted here)", m[CLAIM_MOM]["flops_ratio"], "flops"))
         bars += [(f"memory\n{mode}", m[CLAIM_MOM][f"{mode}_mem_ratio"], "mem") for mode in modes]
-    fig, ax = plt.subplots(figsize=(1.3 * len(bars) + 3, 4.4))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(bars) + 3), 4.4))
     colors = {"flops": "tab:blue", "mem": "tab:orange"}
     xs = range(len(bars))
     b = ax.bar(xs, [v for _, v, _ in bars], 0.6, color=[colors[k] for _, _, k in bars])
@@ -456,7 +456,8 @@ def main(argv=None):
                      "routing": args.routing, "device": args.device, **stamp} for r in rows])
         if any(not r["model"].startswith("gpt2") for r in rows):
             chart(rows, args.modes, os.path.join(folder, f"efficiency_{tag}.png"), "MoM / GPT-2: " + title)
-        claim_chart(arows, rows, args.modes, os.path.join(folder, f"efficiency_claim_{tag}.png"), title)
+        if any(r["model"] == CLAIM_MOM for r in rows):
+            claim_chart(arows, rows, args.modes, os.path.join(folder, f"efficiency_claim_{tag}.png"), title)
         print(f"wrote {os.path.relpath(folder)}/efficiency_{tag}.{{csv,md,png}}, efficiency_claim_{tag}.png and "
               f"efficiency_analytic.{{csv,md}}")
     print("\nVerdict: the paper's claims against this run (lower is better for every ratio)\n" + verdict_text(vrows))
