@@ -458,8 +458,10 @@ def main(argv=None):
             chart(rows, args.modes, os.path.join(folder, f"efficiency_{tag}.png"), "MoM / GPT-2: " + title)
         if any(r["model"] == CLAIM_MOM for r in rows):
             claim_chart(arows, rows, args.modes, os.path.join(folder, f"efficiency_claim_{tag}.png"), title)
-        print(f"wrote {os.path.relpath(folder)}/efficiency_{tag}.{{csv,md,png}}, efficiency_claim_{tag}.png and "
-              f"efficiency_analytic.{{csv,md}}")
+        names = [f"efficiency_{tag}.{ext}" for ext in ("csv", "md", "png")] + \
+            [f"efficiency_claim_{tag}.png", "efficiency_analytic.csv", "efficiency_analytic.md"]
+        print(f"wrote into {os.path.relpath(folder)}/: "
+              + ", ".join(n for n in names if os.path.exists(os.path.join(folder, n))))
     print("\nVerdict: the paper's claims against this run (lower is better for every ratio)\n" + verdict_text(vrows))
     return arows, rows
 
