@@ -39,6 +39,7 @@ import torch
 
 from mom import flops
 from mom.config import MoMConfig
+from mom.io import atomic_file
 from mom.memory import MODES, ROUTINGS, Spec, measure_isolated
 
 from .common import OUT, RESULTS, append_csv, commit, hardware
@@ -307,7 +308,8 @@ def claim_chart(arows, rows, modes, path, title):
     ax.set_title(f"The paper's claim: {CLAIM_MOM} against {CLAIM_BASE} (1.0 = {CLAIM_BASE}; dashed: the paper)\n"
                  + title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # an interrupted save keeps the previous chart
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -344,7 +346,8 @@ def chart(rows, modes, path, title):
     axes[0].set_ylabel("ratio to the GPT-2 of the same width (1.0)")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # an interrupted save keeps the previous chart
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -315,8 +315,12 @@ def main(argv=None):
     if a.json:
         import json
 
-        with open(a.json, "w") as f:
+        tmp = f"{a.json}.tmp-{os.getpid()}"  # written whole, then renamed: an interrupted run leaves the old file
+        with open(tmp, "w") as f:
             json.dump(rows, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, a.json)
     bad = [r for r in rows if r["local"]]
     gemm_no_wgmma = [r for r in rows if r["gemm"] and r["arch"] == 90 and r["dtype"] in ("bf16", "fp16") and not r["wgmma"]]
     print(f"\n{len(rows)} compiles; spills in {len(bad)}; sm_90 16-bit GEMMs without wgmma: {len(gemm_no_wgmma)}")
