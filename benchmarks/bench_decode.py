@@ -8,8 +8,11 @@
 What one row is: a model (untrained, GPT-2 init; routers forced to pick modules, never SKIP: the costliest
 case, as benchmarks/efficiency.py), a batch B, a prompt of T tokens and N new tokens, generated greedily with
 mom.generate's static KV cache (prefill, then N one-token decode steps; `--cuda-graph` replays each step from a
-CUDA graph). Reported: the prefill time, the decode time per token (median over the steps, best of --repeats
-runs), tokens/s of the decode (B / time per token), the peak memory of the whole generation and of the decode
+CUDA graph). Reported: the prefill time, the decode time per token (median over the steps) measured twice: alone
+in its own process (ms_per_token_alone, best of --repeats runs) and interleaved step by step with the paired
+model in one process (ms_per_token, the one the ratios use: a shared machine's drift hits both alike; one thread
+on a CPU), tokens/s
+of the decode (B / time per token), the peak memory of the whole generation and of the decode
 phase alone (weights, static cache, activations, logits; mom.memory's methods: CUDA's allocator peak, or the
 process's VmHWM on a CPU in a fresh interpreter with MALLOC_MMAP_THRESHOLD_ so that frees go back to the
 kernel), each as a ratio to the GPT-2 of the same width.
@@ -125,6 +128,46 @@ def worker(spec: dict) -> dict:
                 prefill_ms=prefill_s * 1e3, ms_per_token=best * 1e3, tokens_per_s=B / best)
 
 
+def pair_worker(spec: dict) -> dict:
+    """Decode time per token of a MoM and its GPT-2, interleaved step by step in one process (A B A B ...), so
+    a shared machine's drift hits both alike: {name: median ms per token}."""
+    from mom import MoMConfig, MoMForCausalLM
+    from mom.cache import StaticCache
+    from mom.generate import DecodeStep, sample_next
+    from mom.memory import force_no_skip_
+
+    dev = torch.device(spec["device"])
+    if dev.type == "cpu":
+        torch.set_num_threads(1)  # two models stepping in turn on a shared machine: no thread oversubscription
+    B, T, N, W = spec["batch"], spec["prompt"], spec["new_tokens"], 2
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    runs = {}
+    for name, cfg_dict in spec["configs"].items():
+        torch.manual_seed(0)
+        cfg = MoMConfig.from_dict(cfg_dict)
+        model = MoMForCausalLM(cfg).to(device=dev, dtype=getattr(torch, spec["dtype"])).eval()
+        if cfg.chunks:
+            force_no_skip_(model)
+        ids = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1)).to(dev)
+        cache = StaticCache(cfg, B, T + N + W, model.wte.weight.dtype, dev)
+        with torch.no_grad():
+            logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            step = DecodeStep(model, cache, cuda_graph=spec["cuda_graph"])
+            for _ in range(W):                                   # warm-up steps
+                logits = step(sample_next(logits, False))
+        runs[name] = [step, logits, []]
+    with torch.no_grad():
+        for _ in range(N):
+            for name, r in runs.items():
+                nxt = sample_next(r[1], False)
+                sync()
+                t0 = time.perf_counter()
+                r[1] = r[0](nxt)
+                sync()
+                r[2].append(time.perf_counter() - t0)
+    return {name: statistics.median(r[2]) * 1e3 for name, r in runs.items()}
+
+
 def measure_isolated(spec: dict) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +179,8 @@ def measure_isolated(spec: dict) -> dict:
 
 
 # --- the table ----------------------------------------------------------------------------------------------------
-COLS = ["model", "batch", "prompt", "new", "depth", "prefill_ms", "ms_per_token", "tokens_per_s", "time_ratio",
+COLS = ["model", "batch", "prompt", "new", "depth", "prefill_ms", "ms_per_token_alone", "ms_per_token", "tokens_per_s",
+        "time_ratio",
         "weights_MB", "cache_MB", "peak_MB", "mem_ratio", "decode_peak_MB", "decode_mem_ratio"]
 
 
@@ -193,7 +237,8 @@ def main(argv=None):
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
-        print(json.dumps(worker(json.loads(args._worker))))
+        spec = json.loads(args._worker)
+        print(json.dumps(pair_worker(spec) if "configs" in spec else worker(spec)))
         return 0
     from tqdm import tqdm
 
@@ -209,17 +254,31 @@ def main(argv=None):
     moms = list(PAIRS) if args.all else args.models
     names = list(dict.fromkeys([n for m in moms for n in (PAIRS[m], m)]))
     tasks = [(n, b, p) for b in args.batch for p in args.prompt for n in names]
-    rows = []
+    tasks += [(("pair", m), b, p) for b in args.batch for p in args.prompt for m in moms]
+    rows, paired = [], {}
     bar = tqdm(tasks, desc="bench_decode", unit="run", file=sys.stderr)
     for name, B, P in bar:
         T = max(4, round(P * scale))
-        bar.set_postfix_str(f"{name} B={B} T={T}")
-        cfg = scaled(MoMConfig.from_name(name, backend=args.backend), scale, T + args.new_tokens)
-        spec = dict(name=name, config=cfg.to_dict(), batch=B, prompt=T, new_tokens=args.new_tokens,
-                    device=args.device, dtype=dtype, cuda_graph=args.cuda_graph, repeats=args.repeats)
+        bar.set_postfix_str(f"{name if isinstance(name, str) else name[1] + ' vs ' + PAIRS[name[1]]} B={B} T={T}")
+        common = dict(batch=B, prompt=T, new_tokens=args.new_tokens, device=args.device, dtype=dtype,
+                      cuda_graph=args.cuda_graph)
+        cfg_of = lambda n: scaled(MoMConfig.from_name(n, backend=args.backend), scale, T + args.new_tokens + 2)
+        if not isinstance(name, str):                           # interleaved timing of a MoM and its GPT-2
+            m = name[1]
+            spec = dict(name=f"{m} pair", configs={m: cfg_of(m).to_dict(), PAIRS[m]: cfg_of(PAIRS[m]).to_dict()},
+                        **common)
+            for n, ms in measure_isolated(spec).items():
+                paired.setdefault((n, B, T), []).append(ms)
+            continue
+        cfg = cfg_of(name)
+        spec = dict(name=name, config=cfg.to_dict(), repeats=args.repeats, **common)
         r = measure_isolated(spec)
+        r["ms_per_token_alone"] = r.pop("ms_per_token")
         rows.append(dict(model=name, batch=B, prompt=T, new=args.new_tokens, depth=cfg.graph_depth, **r))
     by = {(r["model"], r["batch"], r["prompt"]): r for r in rows}
+    for r in rows:  # time per token: from the interleaved runs (a GPT-2 paired with several MoMs: the median)
+        r["ms_per_token"] = statistics.median(paired[(r["model"], r["batch"], r["prompt"])])
+        r["tokens_per_s"] = r["batch"] / r["ms_per_token"] * 1e3
     for r in rows:
         base = by[(PAIRS.get(r["model"], r["model"]), r["batch"], r["prompt"])]
         r["time_ratio"] = r["ms_per_token"] / base["ms_per_token"]
