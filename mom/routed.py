@@ -360,12 +360,13 @@ def _triton_ops(device) -> Ops:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 (slow; for tests); "
                            "use backend 'torch' on the CPU")
-    import mom_kernels
-    from mom_kernels import routing
+    from mom_kernels import decode, routing
     from mom_kernels.gru import gru_router
 
-    return Ops("triton", routing.make_plan, mom_kernels.routed_linear, mom_kernels.routed_ffn, _triton_route,
-               gru_router, fused_residual=True)
+    # decode.routed_*: the grouped-GEMM ops, or (no grad, at most decode.DECODE_MAX_TOKENS tokens) a pass that
+    # reads each picked module's weights once - the decoding path
+    return Ops("triton", routing.make_plan, decode.routed_linear, decode.routed_ffn, _triton_route, gru_router,
+               fused_residual=True)
 
 
 def _triton_route(logits, n_modules: int, config):
