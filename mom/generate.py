@@ -196,3 +196,68 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: Optional[int] = Non
         first = torch.isin(seqs[:, T:T + n], eos_t).int().argmax(dim=1)                    # [B]
         n = int(first.max()) + 1
     return seqs[:, :T + n]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line: sample text from a trained checkpoint with its run's tokenizer
+# ----------------------------------------------------------------------------------------------------------
+def _checkpoint_folder(path: str) -> str:
+    """A run folder (out_dir of mom.train) or its ckpt/ folder -> the folder holding config.json."""
+    import os
+
+    if os.path.isdir(os.path.join(path, "ckpt")):
+        return os.path.join(path, "ckpt")
+    if not os.path.isdir(path):
+        raise ValueError(f"--ckpt {path}: no such folder (give a run folder of mom.train or its ckpt/)")
+    return path
+
+
+def main(argv=None) -> int:
+    """`python -m mom.generate --ckpt runs/p2 --data data/shakespeare --prompt "..."`: prints the samples."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m mom.generate",
+        description="Sample text from a trained MoM or GPT-2 checkpoint (a run folder of mom.train or its ckpt/), "
+                    "tokenised with the tokenizer of the data folder the run was trained on.")
+    p.add_argument("--ckpt", required=True, help="run folder (out_dir of mom.train) or its ckpt/ folder")
+    p.add_argument("--data", required=True, help="the prepared data folder the run trained on (its tokenizer)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    try:
+        from .data import load_tokenizer
+        from .model import MoMForCausalLM
+
+        if a.max_new_tokens < 1 or a.num_samples < 1:
+            raise ValueError("--max-new-tokens and --num-samples must be >= 1")
+        tok = load_tokenizer(a.data)
+        model = MoMForCausalLM.from_pretrained(_checkpoint_folder(a.ckpt)).to(a.device).eval()
+        if tok.vocab_size > model.config.vocab_size:
+            raise ValueError(f"--data {a.data}: its tokenizer has {tok.vocab_size} ids, the checkpoint's model "
+                             f"{model.config.vocab_size}: not the data this run trained on")
+        ids = tok.encode(a.prompt) or [tok.eot_id]
+        prompt = torch.tensor([ids] * a.num_samples, device=a.device)
+        gen = torch.Generator(device=a.device).manual_seed(a.seed)
+        with torch.no_grad():
+            out = generate(model, prompt, a.max_new_tokens, do_sample=not a.greedy, temperature=a.temperature,
+                           top_k=a.top_k, top_p=a.top_p, eos_token_id=tok.eot_id, generator=gen)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        print(f"mom.generate: {e}", file=sys.stderr)
+        return 2
+    for i, row in enumerate(out.tolist()):
+        text = tok.decode([t for t in row[len(ids):] if t != tok.eot_id])
+        print(f"--- sample {i + 1}\n{a.prompt}{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
