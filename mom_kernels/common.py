@@ -103,3 +103,22 @@ def _check_device(*tensors):
         raise RuntimeError(
             "mom_kernels: CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before "
             "importing triton / mom_kernels, or use mom_kernels.reference for plain PyTorch.")
+
+
+@triton.jit
+def _row_module(offs_s, offsets_ptr, N_MOD, BLOCK: tl.constexpr):
+    """Module of each sorted row s in offs_s [BLOCK]: how many modules start at or before s (rows past S get
+    the last module; callers mask them)."""
+    mod = tl.zeros([BLOCK], dtype=tl.int32)
+    for e in range(1, N_MOD):
+        mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)
+    return mod
+
+
+def ln_pointers(ln, dummy):
+    """(mean, rstd, gamma, beta) of a per-module LayerNorm for a launch, or stand-ins (a 1-element tensor,
+    viewed [1, 1] for the strided ones) when a variant has none."""
+    if ln is not None:
+        return ln
+    return dummy, dummy, dummy.view(1, 1), dummy.view(1, 1)
+

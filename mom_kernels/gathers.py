@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _cast, _check_device, _gelu, _p2, acc_dtype, interpreting
+from .common import _cast, _check_device, _gelu, _p2, _row_module, acc_dtype, interpreting, ln_pointers
 from .routing import RoutingPlan
 
 __all__ = ["ln_gather", "ln_gather_reference", "gather_rows", "ln_stats", "ln_operand", "ln_prologue"]
@@ -45,10 +45,7 @@ def _ln_gather_kernel(
         pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_r, other=0)
         tok = pick // TOP_K
         rows = tok.to(tl.int64) * stride_xt
-        mod = tl.zeros([BLOCK_R], dtype=tl.int32)  # module of row s: how many modules start at or before s
-        for e in range(1, N_MOD):
-            mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)
-        mod64 = mod.to(tl.int64) * stride_ge
+        mod64 = _row_module(offs_s, offsets_ptr, N_MOD, BLOCK_R).to(tl.int64) * stride_ge
         cdt = mean_ptr.dtype.element_ty
         shift = tl.load(x_ptr + rows, mask=mask_r, other=0.0).to(cdt)
         s1 = tl.zeros([BLOCK_R], dtype=cdt)
@@ -167,10 +164,7 @@ def _gather_rows_kernel(
         cdt = mean_ptr.dtype.element_ty
         v = tl.load(a_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an, mask=mask, other=0.0).to(cdt)
         if A_MODE == 1:
-            mod = tl.zeros([BLOCK_R], dtype=tl.int32)  # module of row s: how many modules start at or before s
-            for e in range(1, N_MOD):
-                mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)
-            mod64 = mod.to(tl.int64)
+            mod64 = _row_module(offs_s, offsets_ptr, N_MOD, BLOCK_R).to(tl.int64)
             mu = tl.load(mean_ptr + tok, mask=mask_r, other=0.0)
             rs = tl.load(rstd_ptr + tok, mask=mask_r, other=0.0)
             ga = tl.load(gamma_ptr + mod64[:, None] * stride_ge + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
@@ -236,11 +230,7 @@ def gather_rows(a, plan: RoutingPlan, *, gather: bool, mode: int = 0, ln=None, w
     BLOCK_N = min(_p2(N), 64 if interp else 256)
     cdt = acc_dtype(a.dtype)
     dummy = torch.empty(1, device=a.device, dtype=cdt)
-    if ln is not None:
-        mean, rstd, gamma, beta = ln
-    else:
-        mean = rstd = dummy
-        gamma = beta = dummy.view(1, 1)
+    mean, rstd, gamma, beta = ln_pointers(ln, dummy)
     _gather_rows_kernel[(triton.cdiv(P, BLOCK_R), triton.cdiv(N, BLOCK_N))](
         a, out, weights if weights is not None else dummy, mean, rstd, gamma, beta,
         plan.sorted_pick, plan.offsets, N, plan.top_k, plan.n_modules,

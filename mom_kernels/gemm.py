@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _cast, _env_override, _gelu, _gelu_grad, _mma, _p2, acc_dtype, interpreting
+from .common import (_cast, _env_override, _gelu, _gelu_grad, _mma, _p2, _row_module, acc_dtype, interpreting,
+                     ln_pointers)
 from .gathers import gather_rows
 from .routing import RoutingPlan
 
@@ -200,9 +201,7 @@ def _rows_epilogue_kernel(
         mask_m = offs_s < S
         pick = tl.load(sorted_pick_ptr + offs_s, mask=mask_m, other=0)
         tok = pick // TOP_K
-        mod = tl.zeros([BLOCK_M], dtype=tl.int32)  # module of row s: how many modules start at or before s
-        for e in range(1, N_MOD):
-            mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)
+        mod = _row_module(offs_s, offsets_ptr, N_MOD, BLOCK_M)
         offs_s64 = offs_s.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_OUT
@@ -260,12 +259,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
     dummy = torch.empty(1, device=a.device, dtype=cdt)  # for pointers a variant does not use
     if ln is not None and u_ln is not None:
         raise ValueError("grouped_gemm: ln and u_ln are exclusive")
-    stats = ln if ln is not None else u_ln
-    if stats is not None:
-        mean, rstd, gamma, beta = stats
-    else:
-        mean = rstd = dummy
-        gamma = beta = dummy.view(1, 1)
+    mean, rstd, gamma, beta = ln_pointers(ln if ln is not None else u_ln, dummy)
     num_n = triton.cdiv(n_out, cfg["BLOCK_N"])
     grid = (gemm_programs(plan.n_tiles * num_n, a.device),)
     store_mode = {"sorted": 0, "pick": 1, "token": 2}[store]

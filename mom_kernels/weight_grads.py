@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _cast, _env_override, _gelu, _mma, _p2, acc_dtype, interpreting
+from .common import _cast, _env_override, _gelu, _mma, _p2, acc_dtype, interpreting, ln_pointers
 from .gathers import gather_rows
 from .routing import RoutingPlan
 
@@ -196,11 +196,7 @@ def grouped_dw(a, dy, plan: RoutingPlan, *, dw=None, db=None, a_gather: bool, a_
     cfg = dw_config(a.dtype, n_in, n_out, interp)
     cdt = acc_dtype(a.dtype)
     dummy = torch.empty(1, device=a.device, dtype=cdt)
-    if ln is not None:
-        mean, rstd, gamma, beta = ln
-    else:
-        mean = rstd = dummy
-        gamma = beta = dummy.view(1, 1)
+    mean, rstd, gamma, beta = ln_pointers(ln, dummy)
     grid = (E, triton.cdiv(n_in, cfg["BLOCK_K"]), triton.cdiv(n_out, cfg["BLOCK_N"]))
     _grouped_dw_kernel[grid](
         a, dy, weights if weights is not None else dummy, dw,

@@ -161,11 +161,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("ln_gather_no_shift", "variance from E[x^2] - E[x]^2 without the shift (cancels for a large mean)",
              GA, "shift = tl.load(x_ptr + rows, mask=mask_r, other=0.0).to(cdt)",
              "shift = tl.load(x_ptr + rows, mask=mask_r, other=0.0).to(cdt) * 0.0", tuple(GATHER_TESTS)),
-    Mutation("ln_gather_module_off_by_one_row", "each module's first row gets the previous module's gamma/beta",
-             GA, "mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)\n"
-                 "        mod64 = mod.to(tl.int64) * stride_ge",
-             "mod += (offs_s > tl.load(offsets_ptr + e)).to(tl.int32)\n"
-                 "        mod64 = mod.to(tl.int64) * stride_ge",
+    Mutation("row_module_off_by_one_row", "each module's first sorted row is given to the previous module "
+             "(gamma/beta of the LayerNorm gathers, bias of the split epilogue)",
+             COMMON, "mod += (offs_s >= tl.load(offsets_ptr + e)).to(tl.int32)",
+             "mod += (offs_s > tl.load(offsets_ptr + e)).to(tl.int32)",
              tuple(GATHER_TESTS)),
     Mutation("ln_gather_eps_outside_sqrt", "1/sqrt(var) + eps instead of 1/sqrt(var + eps)", GA,
              "rstd = 1.0 / tl.sqrt(tl.maximum(s2 / N - m1 * m1, 0.0) + eps)",
