@@ -160,9 +160,12 @@ def _input_grads(du_rows, plan: Plan, xin, rstd):
 
 
 def _bounds(plan: Plan):
+    """(module, first row, end row) of every module with rows: modules nobody picked are skipped (a decoded
+    token picks K of E modules; the E - K empty ones would cost a few ops each for nothing)."""
     lo = 0
     for m, n in enumerate(plan.sizes):
-        yield m, lo, lo + n
+        if n:
+            yield m, lo, lo + n
         lo += n
 
 
@@ -195,11 +198,10 @@ class _TorchRoutedLinear(torch.autograd.Function):
         go = grad[plan.token]                                           # [R, O]
         if weights is not None:
             go = go * weights.reshape(-1)[plan.pick].unsqueeze(1).to(go.dtype)
-        # every module's slice of these is written below (an empty module's products and sums are 0)
-        dweight = torch.empty_like(weight)
-        dbias = torch.empty_like(bias) if bias is not None else None
-        dgamma = torch.empty_like(ln_weight) if ln_weight is not None else None
-        dbeta = torch.empty_like(ln_bias) if ln_bias is not None else None
+        dweight = torch.zeros_like(weight)                              # 0 for the modules nobody picked
+        dbias = torch.zeros_like(bias) if bias is not None else None
+        dgamma = torch.zeros_like(ln_weight) if ln_weight is not None else None
+        dbeta = torch.zeros_like(ln_bias) if ln_bias is not None else None
         du_rows = _rows_buffer(go, plan, weight.shape[1])               # [R + 1, D]
         for m, lo, hi in _bounds(plan):
             u = _module_input(xin, plan, m, lo, hi, ln_weight, ln_bias)
@@ -244,10 +246,10 @@ class _TorchRoutedFFN(torch.autograd.Function):
         plan = ctx.plan
         grad = grad.contiguous()
         go = grad[plan.token] * weights.reshape(-1)[plan.pick].unsqueeze(1).to(grad.dtype)  # [R, D]
-        dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)           # every module's slice is written
-        db1 = w1.new_empty(w1.shape[0], w1.shape[2])
-        db2 = w2.new_empty(w2.shape[0], w2.shape[2])
-        dgamma, dbeta = torch.empty_like(ln_weight), torch.empty_like(ln_bias)
+        dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)           # 0 for the modules nobody picked
+        db1 = w1.new_zeros(w1.shape[0], w1.shape[2])
+        db2 = w2.new_zeros(w2.shape[0], w2.shape[2])
+        dgamma, dbeta = torch.zeros_like(ln_weight), torch.zeros_like(ln_bias)
         du_rows = _rows_buffer(go, plan, w1.shape[1])                   # [R + 1, D]
         for m, lo, hi in _bounds(plan):
             p = pre[lo:hi]
