@@ -40,7 +40,7 @@ from .common import OUT, RESULTS, append_csv, hardware, stamp
 PAIRS = {"mom-small": "gpt2", "mom-medium": "gpt2-medium", "mom-large-deep": "gpt2-large",
          "mom-large-efficient": "gpt2-large"}
 CLAIM = ("mom-large-efficient", "gpt2-large")
-TARGETS = dict(time_ratio=0.75, mem_ratio=0.55)  # the targets for the claim pair
+TARGETS = dict(time_ratio=0.75, mem_ratio=0.55)  # targets for the claim pair (generation)
 
 
 # --- one measurement, in a fresh interpreter --------------------------------------------------------------------

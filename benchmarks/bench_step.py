@@ -94,7 +94,7 @@ def build(a) -> SimpleNamespace:
         cands["triton"] = step["triton"]
     if not a.no_loop:
         cands["reference"] = step["reference"]
-    # The routing of a step alone: the paper's GRU routers (attention + FFN) and top-K (issue 4: <= 5% of a
+    # The routing of a step alone: the paper's GRU routers (attention + FFN) and top-K (target: <= 5% of a
     # step). Its output is x plus the picks' weights, so forward+backward runs through the routers.
     gru_cfg = cfg.replace(router="gru")
     routers = nn.ModuleList([make_router(gru_cfg, gru_cfg.attn_slots), make_router(gru_cfg, gru_cfg.ffn_slots)])
@@ -214,8 +214,8 @@ def main(argv=None):
     host.update({("forward+backward", k): host_and_launches(s, fwd_bwd(s, f), a.repeats) for k, f in cands.items()})
 
     # CUDA memory beyond what is already allocated (parameters, x, g):
-    #   act:  what the forward leaves allocated for the backward (saved activations + the output) - issue 4's
-    #         "activation memory per step"
+    #   act:  what the forward leaves allocated for the backward (saved activations + the output): the
+    #         activation memory per step
     #   peak: the peak of forward+backward (activations, temporaries, parameter gradients)
     peak, act = {}, {}
     if dev.type == "cuda":

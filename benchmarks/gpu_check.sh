@@ -8,7 +8,7 @@
 #                                                                               -> $OUT/model.log, bench_model.csv
 #   4. the kernel and model tests on CUDA (compiled): route + plan, GRU, launch budget, CUDA-graph capture
 #      and GraphedTrainStep                                                     -> $OUT/tests.log
-#   5. issue 3: the routed_ffn sweep "check" (bf16, against cuBLAS and the loop) -> $OUT/bench.log, routed_ffn.csv
+#   5. the routed_ffn sweep "check" (bf16, against cuBLAS and the loop) -> $OUT/bench.log, routed_ffn.csv
 #   6. the step's kernel timeline (benchmarks/profile_step.py)                  -> $OUT/profile.log
 #   7. a short table, printed last.
 # Budget: < 7 minutes in all (about 4 when nothing times out); every stage has its own timeout
@@ -36,13 +36,13 @@ print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "
 PY
 } 2>&1
 
-stage "routed step (issue 4: bf16, D 1280, E 16, K 2, 8 x 1024)"
+stage "routed step (bf16, D 1280, E 16, K 2, 8 x 1024)"
 timeout 80 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
   --modules 16 --top-k 2 --batch 8 --tokens 1024 --repeats 10 --graph --csv "$OUT/bench_step.csv" \
   > "$OUT/step.log" 2>&1 \
   || echo "bench_step failed or timed out (rc $?)"
 
-stage "whole model (issue 4: mom-large-efficient vs gpt2-large, bf16, 8 x 1024)"
+stage "whole model (mom-large-efficient vs gpt2-large, bf16, 8 x 1024)"
 timeout 100 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
   --repeats 5 --graph --pairs mom-large-efficient:gpt2-large --csv "$OUT/bench_model.csv" > "$OUT/model.log" 2>&1 \
   || echo "bench_model failed or timed out (rc $?)"
@@ -59,7 +59,7 @@ timeout 120 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tes
 TEST_RC=$?
 tail -n 1 "$OUT/tests.log"
 
-stage "routed_ffn sweep (issue 3: check)"
+stage "routed_ffn sweep (check)"
 rm -f "$OUT/routed_ffn.csv"
 timeout 50 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
 BENCH_RC=$?

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from mom.io import atomic_file, atomic_write_json, atomic_write_text
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = ("plain", "preserving", "vanilla", "vanilla_flops")
 
@@ -94,8 +96,7 @@ def finished(cfg: dict) -> bool:
 
 def run_arm(name: str, cfg: dict, cfg_dir: str, log_dir: str, in_process: bool):
     path = os.path.join(cfg_dir, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=1)
+    atomic_write_json(path, cfg, indent=1)
     cmd = [sys.executable, "-m", "mom.train", "--config", path, "--progress", "false"]
     if finished(cfg):
         print(f"[quality] {name}: done already", flush=True)
@@ -183,7 +184,8 @@ def plot(a, cfgs: dict, png: str):
     ax.set_title("MoM phase 2 arms, one line per seed")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -253,9 +255,8 @@ def main(argv=None) -> dict:
     for d in (cfg_dir, log_dir, os.path.dirname(a.results) or "."):
         os.makedirs(d, exist_ok=True)
     cfgs = arm_configs(a, vocab)
-    with open(os.path.join(a.out, "commands.sh"), "w") as f:
-        f.write("# one command per arm (phase1 first)\n" + "".join(
-            f"python -m mom.train --config {cfg_dir}/{n}.json --progress false\n" for n in cfgs))
+    atomic_write_text(os.path.join(a.out, "commands.sh"), "# one command per arm (phase1 first)\n" + "".join(
+        f"python -m mom.train --config {cfg_dir}/{n}.json --progress false\n" for n in cfgs))
     t0 = time.time()
     order = ["phase1"] + [f"{arm}_s{s}" for s in a.seeds for arm in ARMS]  # seed-major: partial runs are usable
     for name in order:
@@ -276,13 +277,11 @@ def main(argv=None) -> dict:
                cpus=os.cpu_count(), torch=torch.__version__)
     try:
         res["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout.strip()
-    except OSError:
-        pass
-    with open(a.results + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    with open(a.results + ".md", "w") as f:
-        f.write(header(res, a) + table(res, a))
+                                       cwd=ROOT).stdout.strip() or "unknown"
+    except OSError:  # no git on this machine
+        res["commit"] = "unknown"
+    atomic_write_json(a.results + ".json", res, indent=1)  # an interrupted run keeps the previous results
+    atomic_write_text(a.results + ".md", header(res, a) + table(res, a))
     plot(a, cfgs, a.results + ".png")
     print(table(res, a))
     return res

@@ -78,8 +78,10 @@ class MoMHFForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = model if model is not None else MoMForCausalLM(config.to_mom())
         self.post_init()
 
-    def _init_weights(self, module):  # MoMForCausalLM initialises itself (GPT-2's scheme, mom.blocks)
-        pass
+    def _init_weights(self, module):
+        """A no-op on purpose: MoMForCausalLM initialises its own weights (GPT-2's scheme, mom.blocks), and
+        loading overwrites them; transformers' default would re-initialise what was loaded."""
+        return None
 
     @classmethod
     def from_mom(cls, model: MoMForCausalLM) -> "MoMHFForCausalLM":

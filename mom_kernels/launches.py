@@ -110,8 +110,8 @@ def _patch_triton(count: LaunchCount):
     try:
         from triton.runtime.interpreter import InterpretedFunction
         classes.append(InterpretedFunction)
-    except ImportError:  # pragma: no cover
-        pass
+    except ImportError:  # pragma: no cover - a triton without the interpreter: compiled kernels only
+        InterpretedFunction = None
     saved = []
     for cls in classes:
         original = cls.run

@@ -13,7 +13,7 @@ from mom import MoMConfig, MoMForCausalLM
 from mom import flops
 from helpers import make_model, small_config
 
-RTOL = 0.01  # the bound; on these configs the two counts agree exactly
+RTOL = 0.01  # the bound we hold the count to; on these configs the two counts agree exactly
 
 CONFIGS = {
     "vanilla-tiny-gpt2": lambda: MoMConfig.from_name("tiny-gpt2"),

@@ -1,5 +1,5 @@
 """CUDA only: the routing plan and the routed kernels need no host sync, so a routed step can be captured in a
-CUDA graph once and replayed on new inputs and new picks (issue 3: "capturable in a CUDA graph"). Replays
+CUDA graph once and replayed on new inputs and new picks. Replays
 are checked against the reference on the inputs of each replay."""
 import pytest
 import torch
