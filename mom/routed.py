@@ -27,6 +27,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from . import few_tokens
+
 
 def gelu(x):
     return F.gelu(x, approximate="tanh")  # GPT-2's GELU
@@ -281,17 +283,30 @@ def _autocast(*tensors):
 
 
 def torch_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
-                        plan: Optional[Plan] = None):
-    plan = plan if plan is not None else make_plan(ids, weight.shape[0])
+                        plan: Optional[Plan] = None, residual: Optional[torch.Tensor] = None):
+    """[residual +] the routed linear; a few tokens without autograd take mom.few_tokens (no plan)."""
     x, weight, bias, ln_weight, ln_bias = _autocast(x, weight, bias, ln_weight, ln_bias)
-    return _TorchRoutedLinear.apply(x, weight, bias, weights, ln_weight, ln_bias, eps, plan)
+    if plan is None and few_tokens.applies(ids.shape[0]):
+        return few_tokens.routed_linear(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, residual=residual)
+    plan = plan if plan is not None else make_plan(ids, weight.shape[0])
+    y = _TorchRoutedLinear.apply(x, weight, bias, weights, ln_weight, ln_bias, eps, plan)
+    return y if residual is None else residual + y
 
 
 def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
-                     plan: Optional[Plan] = None):
-    plan = plan if plan is not None else make_plan(ids, w1.shape[0])
+                     plan: Optional[Plan] = None, residual: Optional[torch.Tensor] = None):
+    """[residual +] the routed FFN; a few tokens without autograd take mom.few_tokens (no plan)."""
     x, ln_weight, ln_bias, w1, b1, w2, b2 = _autocast(x, ln_weight, ln_bias, w1, b1, w2, b2)
-    return _TorchRoutedFFN.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan)
+    if plan is None and few_tokens.applies(ids.shape[0]):
+        return few_tokens.routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, residual=residual)
+    plan = plan if plan is not None else make_plan(ids, w1.shape[0])
+    y = _TorchRoutedFFN.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan)
+    return y if residual is None else residual + y
+
+
+def _torch_plan(ids: torch.Tensor, n_modules: int) -> Optional[Plan]:
+    """The torch backend's plan of a router call: none when its routed ops will take mom.few_tokens."""
+    return None if few_tokens.applies(ids.shape[0]) else make_plan(ids, n_modules)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,7 +344,7 @@ class Ops:
 
 
 REFERENCE = Ops("reference", lambda ids, n_modules: None, reference_routed_linear, reference_routed_ffn)
-TORCH = Ops("torch", make_plan, torch_routed_linear, torch_routed_ffn)
+TORCH = Ops("torch", _torch_plan, torch_routed_linear, torch_routed_ffn, fused_residual=True)
 
 
 def triton_available() -> bool:

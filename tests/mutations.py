@@ -189,6 +189,15 @@ MUTATIONS: List[Mutation] = [
     Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
              "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",
              "return per_pick.sum(dim=1)", tuple(TORCH_TESTS)),
+    # ---- the torch backend's few-token path (mom/few_tokens.py) ----
+    Mutation("few_tokens_slot_of_first_pick", "a lone pick lands in slot k = 0 whatever its k", "mom/few_tokens.py",
+             "slots[toks[0], ks[0]] = y[0]", "slots[toks[0], 0] = y[0]", ("tests/test_few_tokens.py",)),
+    Mutation("few_tokens_skip_counted", "SKIP picks run module E - 1", "mom/few_tokens.py",
+             "            if m < n_modules:\n", "            if True:\n                m = min(m, n_modules - 1)\n",
+             ("tests/test_few_tokens.py",)),
+    Mutation("few_tokens_residual_dropped", "the fused residual is not added", "mom/few_tokens.py",
+             "return torch.baddbmm(residual.unsqueeze(1), g, slots).squeeze(1)", "return torch.bmm(g, slots).squeeze(1)",
+             ("tests/test_few_tokens.py",)),
 ]
 
 
