@@ -77,7 +77,7 @@ class DecodeStep:
                 self.logits = self._run()
 
     def _run(self) -> torch.Tensor:
-        out = self.model._forward(self.tok, None, self.cache, False, None, 0, 1)
+        out = self.model._forward(self.tok, None, self.cache, False, None, 0, 1, balance=False)  # no aux loss
         return out.logits[:, -1]                                                          # [B, V]
 
     def __call__(self, next_tokens: torch.Tensor) -> torch.Tensor:

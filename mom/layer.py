@@ -44,7 +44,7 @@ class StepRouting:
 class MoMLayerOutput:
     hidden_states: torch.Tensor             # [B, T, D]
     routing: List[StepRouting]              # one per step
-    aux_loss: torch.Tensor                  # scalar: mean load-balancing loss of this chunk's routers
+    aux_loss: torch.Tensor                  # scalar: mean load-balancing loss of this chunk's routers (0: balance off)
     present: Optional[List[KVCache]] = None  # depth (+1 anchor) KV caches, when use_cache
 
 
@@ -67,10 +67,12 @@ class MoMLayer(nn.Module):
         return self.config.depth + int(self.config.anchor)
 
     def forward(self, x, past_key_values: Optional[List[KVCache]] = None, use_cache: bool = False,
-                ops: Optional[Ops] = None, attn_mask: Optional[torch.Tensor] = None) -> MoMLayerOutput:
+                ops: Optional[Ops] = None, attn_mask: Optional[torch.Tensor] = None,
+                balance: bool = True) -> MoMLayerOutput:
         """x [B, T, D]; past_key_values: depth (+1 anchor) (k, v) pairs or static cache layers
         (mom.cache.StaticLayerCache, written in place); attn_mask [B, 1, T, S] bool for padded batches and
-        static caches (mom.blocks.causal_attention)."""
+        static caches (mom.blocks.causal_attention); balance=False skips the balance terms (aux_loss 0: a
+        decode step)."""
         cfg = self.config
         if x.dim() != 3 or x.shape[-1] != cfg.n_embd:
             raise ValueError(f"MoMLayer: x must be [B, T, n_embd={cfg.n_embd}], got {tuple(x.shape)}")
@@ -88,7 +90,7 @@ class MoMLayer(nn.Module):
         for h in range(cfg.depth):
             # --- assembled attention ---
             logits, state_a = self.attn_router(xf, state_a, ops.gru_router)  # [N, S_a]
-            ra, plan = ops.route(logits, E_a, cfg)                   # plan: shared by QKV and output projection
+            ra, plan = ops.route(logits, E_a, cfg, balance)                 # plan: shared by QKV and output projection
             qkv = ops.routed_linear(xf, pa.c_attn_weight, pa.c_attn_bias, ra.ids,
                                     ra.weights if cfg.weighted_qkv else None, pa.ln_weight, pa.ln_bias, eps,
                                     plan=plan)                       # [N, 3D]
@@ -101,7 +103,7 @@ class MoMLayer(nn.Module):
                                    residual=xf)                      # xf + the routed projection
             # --- assembled FFN ---
             logits, state_f = self.ffn_router(xf, state_f, ops.gru_router)   # [N, S_f]
-            rf, plan = ops.route(logits, E_f, cfg)
+            rf, plan = ops.route(logits, E_f, cfg, balance)
             xf = ops.routed_ffn(xf, pf.ln_weight, pf.ln_bias, pf.c_fc_weight, pf.c_fc_bias, pf.c_proj_weight,
                                 pf.c_proj_bias, rf.ids, rf.weights, eps, plan=plan, residual=xf)  # xf + FFN
             routing.append(StepRouting(ra.ids.view(B, T, -1), ra.weights.view(B, T, -1),
@@ -114,7 +116,8 @@ class MoMLayer(nn.Module):
             x, present = self.anchor(x, past_key_values[-1] if past_key_values is not None else None, attn_mask)
             if use_cache:
                 presents.append(present)
-        return MoMLayerOutput(x, routing, self._aux_loss(terms), presents if use_cache else None)
+        aux = self._aux_loss(terms) if balance else x.new_zeros(())
+        return MoMLayerOutput(x, routing, aux, presents if use_cache else None)
 
     def _aux_loss(self, terms):
         """Mean Switch-style balance loss over routers and steps ("per_step") or over routers ("pooled")."""

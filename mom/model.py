@@ -153,9 +153,9 @@ class MoMForCausalLM(nn.Module):
         return self._forward(input_ids, labels, past_key_values, use_cache, attention_mask, P, logits_to_keep)
 
     def _forward(self, input_ids, labels, past_key_values, use_cache, attention_mask, P: int,
-                 logits_to_keep: int = 0) -> MoMOutput:
+                 logits_to_keep: int = 0, balance: bool = True) -> MoMOutput:
         """The forward after the checks. With a StaticCache it reads nothing back to the host (a decode step
-        runs it inside a CUDA graph capture: mom/generate.py)."""
+        runs it inside a CUDA graph capture: mom/generate.py). balance=False: no balance terms (aux_loss 0)."""
         cfg = self.config
         B, T = input_ids.shape
         static = isinstance(past_key_values, StaticCache)
@@ -187,7 +187,7 @@ class MoMForCausalLM(nn.Module):
             if cfg.checkpoint_chunks and self.training and not use_cache and torch.is_grad_enabled():
                 out = checkpoint(chunk, x, chunk_past, False, ops, mask, use_reentrant=False)
             else:
-                out = chunk(x, chunk_past, use_cache, ops, mask)
+                out = chunk(x, chunk_past, use_cache, ops, mask, balance)
             x = out.hidden_states
             routing.append(out.routing)
             aux.append(out.aux_loss)

@@ -333,13 +333,14 @@ class Ops:
             return self._ffn(*args, **kwargs, **({"residual": residual} if residual is not None else {}))
         return residual + self._ffn(*args, **kwargs)
 
-    def route(self, logits, n_modules: int, config):
-        """(Routing, plan) of router logits [N, S] over a pool of n_modules."""
+    def route(self, logits, n_modules: int, config, balance: bool = True):
+        """(Routing, plan) of router logits [N, S] over a pool of n_modules. balance=False: the balance terms
+        may be left out (None; the Triton route computes them in its fused kernel anyway)."""
         if self._route is not None:
             return self._route(logits, n_modules, config)
         from .routers import route
 
-        r = route(logits, n_modules, config)
+        r = route(logits, n_modules, config, balance)
         return r, self.make_plan(r.ids, n_modules)
 
 

@@ -111,13 +111,15 @@ class Routing:
     weights: torch.Tensor  # [N, K] g of each pick (differentiable)
     probs: torch.Tensor    # [N, S] softmax(logits / tau) over all slots
     slots: torch.Tensor    # [N, K] int64, picked slot ids before SKIP slots are merged
-    f: torch.Tensor        # [n] share of the N*K picks per balanced slot (no gradient)
-    P: torch.Tensor        # [n] mean probability per balanced slot (differentiable)
-    balance: torch.Tensor  # [] this call's balancing loss n * sum f * P (differentiable)
+    f: Optional[torch.Tensor]        # [n] share of the N*K picks per balanced slot (no gradient)
+    P: Optional[torch.Tensor]        # [n] mean probability per balanced slot (differentiable)
+    balance: Optional[torch.Tensor]  # [] this call's balancing loss n * sum f * P (differentiable)
+    # (f, P, balance: None when route(..., balance=False))
 
 
-def route(logits: torch.Tensor, n_modules: int, config: MoMConfig) -> Routing:
-    """Top-K (or dense) routing of logits [N, S] over a pool of n_modules; slots >= n_modules are SKIP."""
+def route(logits: torch.Tensor, n_modules: int, config: MoMConfig, balance: bool = True) -> Routing:
+    """Top-K (or dense) routing of logits [N, S] over a pool of n_modules; slots >= n_modules are SKIP.
+    balance=False leaves f, P and balance None (a decode step needs no balance loss)."""
     probs = torch.softmax(logits / config.router_temperature, dim=-1)  # [N, S]
     N, S = probs.shape
     if config.dense_routing:  # ablation: all slots, weighted by the full softmax
@@ -133,6 +135,8 @@ def route(logits: torch.Tensor, n_modules: int, config: MoMConfig) -> Routing:
             weights.register_hook(lambda g: g.clamp(-1.0, 1.0))
         weights = weights - weights.detach() + 1.0
     ids = slots.clamp(max=n_modules)
+    if not balance:
+        return Routing(ids=ids, weights=weights, probs=probs, slots=slots, f=None, P=None, balance=None)
     f, P = balance_terms(slots, probs, n_modules, config)
     return Routing(ids=ids, weights=weights, probs=probs, slots=slots, f=f, P=P, balance=balance_loss(f, P))
 

@@ -131,3 +131,21 @@ def test_decoding_model_takes_the_path_and_matches_the_plan_path(monkeypatch):
         monkeypatch.setattr(few_tokens, "MAX_TOKENS", 0)
         slow = model(ids[:, -1:], past_key_values=model(ids[:, :-1], use_cache=True).past_key_values).logits
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+def test_balance_off_changes_nothing_but_the_aux_loss():
+    """A decode step's forward (balance=False) routes and computes exactly what the full forward does."""
+    from mom import MoMForCausalLM
+    from mom.routers import route
+
+    cfg = MoMConfig.from_name("tiny", backend="torch", n_embd=32, n_head=2, vocab_size=64)
+    torch.manual_seed(1)
+    model = MoMForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        on = model._forward(ids, None, None, False, None, 0)
+        off = model._forward(ids, None, None, False, None, 0, balance=False)
+    assert torch.equal(on.logits, off.logits) and float(off.aux_loss) == 0.0 and float(on.aux_loss) > 0
+    logits = torch.randn(7, cfg.attn_slots, dtype=torch.float64)
+    a, b = route(logits, cfg.n_attn, cfg), route(logits, cfg.n_attn, cfg, balance=False)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.weights, b.weights) and b.f is None and b.balance is None
