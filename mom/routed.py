@@ -337,7 +337,7 @@ class Ops:
         """(Routing, plan) of router logits [N, S] over a pool of n_modules. balance=False: the balance terms
         may be left out (None; the Triton route computes them in its fused kernel anyway)."""
         if self._route is not None:
-            return self._route(logits, n_modules, config)
+            return self._route(logits, n_modules, config, balance)
         from .routers import route
 
         r = route(logits, n_modules, config, balance)
@@ -387,11 +387,19 @@ def _triton_ops(device) -> Ops:
                fused_residual=True)
 
 
-def _triton_route(logits, n_modules: int, config):
-    """Route + plan + balance terms in three Triton launches (mom_kernels.route)."""
-    from mom_kernels.route import route as kernel_route
+def _triton_route(logits, n_modules: int, config, balance: bool = True):
+    """Route + plan + balance terms in three Triton launches (mom_kernels.route); a decode step (balance off,
+    the few-token ops of mom_kernels.decode ahead) needs neither plan nor balance terms: one launch."""
+    from mom_kernels.decode import use_decode
+    from mom_kernels.route import route as kernel_route, route_picks
 
     from .routers import Routing
+
+    if not balance and use_decode(logits):  # (no grad: straight_through_clamp changes nothing)
+        ids, weights, probs, slots = route_picks(
+            logits, n_modules, top_k=config.top_k, temperature=config.router_temperature,
+            renormalize=config.renormalize, straight_through=config.straight_through, dense=config.dense_routing)
+        return Routing(ids, weights, probs, slots, None, None, None), None
 
     r = kernel_route(logits, n_modules, top_k=config.top_k, temperature=config.router_temperature,
                      renormalize=config.renormalize, straight_through=config.straight_through,

@@ -21,7 +21,8 @@ Launches (no host sync, no atomics; every sum runs in a fixed order, so reruns a
     3. `_plan_scatter_kernel`, one program per token block: sorted_pick[offsets[m] + block base +
        rank of the pick among the block's picks of m] = p (a stable counting sort).
     backward: `_route_bwd_kernel`, one launch: d logits from d weights, d probs, d P and d balance.
-`plan_from_ids` runs launches 1-3 on given ids (the plan of `routing.make_plan`).
+`plan_from_ids` runs launches 1-3 on given ids (the plan of `routing.make_plan`); `route_picks` runs launch 1
+alone (a decode step: no plan, no balance terms).
 
 Non-finite logits: a token whose logits are not all finite is routed to SKIP on all K picks with NaN
 weights (and NaN probs), so the plan stays valid and the loss turns NaN instead of silently training
@@ -44,7 +45,7 @@ from .routing import RoutingPlan, _identity, default_block_m
 
 Tensor = torch.Tensor
 
-__all__ = ["route", "route_reference", "plan_from_ids", "Route"]
+__all__ = ["route", "route_picks", "route_reference", "plan_from_ids", "Route"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,6 +502,33 @@ def route(logits: Tensor, n_modules: int, top_k: int = 1, temperature: float = 1
                        offsets=offsets, tile_module=tile_module, tile_row_start=tile_row_start,
                        source=None if torch.compiler.is_compiling() else _identity(ids))
     return Route(ids, weights, probs, slots, f, pm, loss, plan)
+
+
+def route_picks(logits: Tensor, n_modules: int, top_k: int = 1, temperature: float = 1.0, renormalize: bool = True,
+                straight_through: bool = False, dense: bool = False):
+    """Launch 1 alone, for a decode step: (ids [T, K], weights [T, K], probs [T, S], slots [T, K]) as `route`
+    computes them, without the plan and the balance terms (launches 2 and 3: the few-token ops of
+    mom_kernels.decode need no plan, a decode step no balance loss). Forward only: no autograd."""
+    _check_route_args(logits, n_modules, top_k, temperature, dense)
+    T, S = logits.shape
+    K = S if dense else int(top_k)
+    dev, dt = logits.device, logits.dtype
+    BS = _p2(S, 16)
+    BT = _block_t(BS)
+    n_blocks = triton.cdiv(T, BT)
+    ids = torch.empty(T, K, device=dev, dtype=torch.int64)
+    slots = torch.empty(T, K, device=dev, dtype=torch.int64)
+    weights = torch.empty(T, K, device=dev, dtype=dt)
+    probs = torch.empty(T, S, device=dev, dtype=dt)
+    cnt = torch.empty(n_blocks, S, device=dev, dtype=torch.int32)        # written, unused here
+    psum = torch.empty(n_blocks, S, device=dev, dtype=acc_dtype(dt))    # written, unused here
+    if n_blocks:
+        _route_kernel[(n_blocks,)](
+            logits, ids, slots, weights, probs, cnt, psum, T, S, int(n_modules), 1.0 / float(temperature),
+            logits.stride(0), logits.stride(1),
+            FROM_LOGITS=True, K=K, DENSE=dense, RENORM=renormalize and not dense, STRAIGHT=straight_through,
+            BLOCK_T=BT, BLOCK_S=BS, BLOCK_K=max(2, triton.next_power_of_2(K)), num_warps=4)
+    return ids, weights, probs, slots
 
 
 def route_reference(logits: Tensor, n_modules: int, top_k: int = 1, temperature: float = 1.0,

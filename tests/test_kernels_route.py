@@ -107,6 +107,18 @@ def test_route_bit_identical_reruns():
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_route_picks_equals_route(case):
+    """The decode step's launch-1-only route: the same ids, slots, weights and probs as route, bit for bit."""
+    T, S, E, o = case
+    o = {k: v for k, v in o.items() if k not in ("balance_skip", "straight_through_clamp")}
+    logits = torch.randn(T, S, dtype=torch.float32, device=DEVICE)
+    full = R.route(logits, E, **o)
+    ids, weights, probs, slots = R.route_picks(logits, E, **o)
+    for name, got in (("ids", ids), ("weights", weights), ("probs", probs), ("slots", slots)):
+        assert torch.equal(got, getattr(full, name)), name
+
+
 def test_plan_matches_torch_plan():
     ids = torch.randint(0, 7, (90, 3), device=DEVICE)  # E = 6: id 6 is SKIP
     from mom_kernels.routing import make_plan

@@ -48,6 +48,20 @@ def test_step_launch_budget():
     assert not c.syncs, c.table()
 
 
+def test_decode_step_routes_in_one_launch_per_router_call():
+    """A decode step (no grad, a few tokens, balance off) runs the route kernel alone: no plan, no balance
+    terms (the few-token ops need none), and reads nothing back to the host."""
+    layer = _layer(depth=2).eval()
+    x = torch.randn(2, 1, layer.config.n_embd, device=DEVICE)
+    with torch.no_grad():
+        layer(x, balance=False)  # warm-up
+        with count_launches() as c:
+            layer(x, balance=False)
+    assert c.triton["_route_kernel"] == 4, c.table()               # 2 steps x (attention + FFN router)
+    assert c.triton["_plan_scan_kernel"] == 0 and c.triton["_plan_scatter_kernel"] == 0, c.table()
+    assert not c.syncs, c.table()
+
+
 def test_route_plan_launch_budget():
     logits = torch.randn(40, 5, device=DEVICE, requires_grad=True)
     R.route(logits, 4, top_k=2)  # warm-up
