@@ -12,7 +12,9 @@ CUDA graph). Reported: the prefill time, the decode time per token (median over 
 in its own process (ms_per_token_alone, best of --repeats runs) and interleaved step by step with the paired
 model in one process (ms_per_token, the one the ratios use: a shared machine's drift hits both alike; one thread
 on a CPU), tokens/s
-of the decode (B / time per token), the peak memory of the whole generation and of the decode
+of the decode (B / time per token), the bytes of weights one decode step reads (read_MB: everything outside
+the pools plus each module some token picked, once per routed step; mom.memory.decode_weight_bytes), the peak
+memory of the whole generation and of the decode
 phase alone (weights, static cache, activations, logits; mom.memory's methods: CUDA's allocator peak, or the
 process's VmHWM on a CPU in a fresh interpreter with MALLOC_MMAP_THRESHOLD_ so that frees go back to the
 kernel), each as a ratio to the GPT-2 of the same width.
@@ -82,7 +84,7 @@ def worker(spec: dict) -> dict:
     from mom import MoMConfig, MoMForCausalLM
     from mom.cache import StaticCache
     from mom.generate import DecodeStep, sample_next
-    from mom.memory import force_no_skip_, weights_bytes
+    from mom.memory import decode_weight_bytes, force_no_skip_, weights_bytes
 
     torch.manual_seed(0)
     dev = torch.device(spec["device"])
@@ -115,13 +117,15 @@ def worker(spec: dict) -> dict:
         return t1 - t0, statistics.median(times), dpeak.growth
 
     w = weights_bytes(model)
+    with torch.no_grad():                                   # the weights one decode step reads: B tokens' picks
+        read = decode_weight_bytes(model, model(ids[:, -1:]).routing)
     run()                                                   # warm-up: thread pools, kernels, scratch
     with _Peak(dev) as peak:
         prefill_s, per_tok, decode_growth = run()
     best = per_tok
     for _ in range(spec["repeats"] - 1):
         best = min(best, run()[1])
-    return dict(weights_MB=w / 1e6, peak_MB=(w + peak.growth) / 1e6,
+    return dict(weights_MB=w / 1e6, read_MB=read / 1e6, peak_MB=(w + peak.growth) / 1e6,
                 decode_peak_MB=(w + decode_growth + 2 * cfg.n_cache_layers * B * (T + N) * cfg.n_embd
                                 * model.wte.weight.element_size()) / 1e6,
                 cache_MB=2 * cfg.n_cache_layers * B * (T + N) * cfg.n_embd * model.wte.weight.element_size() / 1e6,
@@ -181,7 +185,7 @@ def measure_isolated(spec: dict) -> dict:
 # --- the table ----------------------------------------------------------------------------------------------------
 COLS = ["model", "batch", "prompt", "new", "depth", "prefill_ms", "ms_per_token_alone", "ms_per_token", "tokens_per_s",
         "time_ratio",
-        "weights_MB", "cache_MB", "peak_MB", "mem_ratio", "decode_peak_MB", "decode_mem_ratio"]
+        "weights_MB", "read_MB", "read_ratio", "cache_MB", "peak_MB", "mem_ratio", "decode_peak_MB", "decode_mem_ratio"]
 
 
 def fmt(v):
@@ -284,6 +288,9 @@ def main(argv=None):
         r["time_ratio"] = r["ms_per_token"] / base["ms_per_token"]
         r["mem_ratio"] = r["peak_MB"] / base["peak_MB"]
         r["decode_mem_ratio"] = r["decode_peak_MB"] / base["decode_peak_MB"]
+        r["read_ratio"] = r["read_MB"] / base["read_MB"]
+        # the peak memory's floor: weights and the static cache alone (what any implementation must hold)
+        r["mem_floor"] = (r["weights_MB"] + r["cache_MB"]) / (base["weights_MB"] + base["cache_MB"])
     st = stamp()
     tag = f"{args.device.split(':')[0]}_scale{scale:g}" + ("_graph" if args.cuda_graph else "") + \
         ("_quick" if args.quick else "")
@@ -301,7 +308,9 @@ def main(argv=None):
                                f"{'met' if r['time_ratio'] <= TARGETS['time_ratio'] else 'NOT met'}), peak memory "
                                f"{r['mem_ratio']:.2f}x (target <= {TARGETS['mem_ratio']}: "
                                f"{'met' if r['mem_ratio'] <= TARGETS['mem_ratio'] else 'NOT met'}), decode-phase "
-                               f"peak {r['decode_mem_ratio']:.2f}x")
+                               f"peak {r['decode_mem_ratio']:.2f}x; weights read per step {r['read_ratio']:.2f}x "
+                               f"(a bandwidth-bound step's time floor), weights + cache {r['mem_floor']:.2f}x (the "
+                               f"memory floor)")
     text = head + "\n\n" + markdown(rows) + ("\n\n" + "\n".join(verdict) if verdict else "") + "\n"
     print(text)
     dirs = [args.out] + ([RESULTS] if args.update_results else [])

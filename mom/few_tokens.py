@@ -1,4 +1,4 @@
-"""The torch backend's routed ops for a few tokens (decoding): each picked module once, no sorted plan.
+"""The torch backend's routed ops for a few tokens (decoding): each picked module once, a plan made on the host.
 
     T tokens, K picks per token, E modules (SKIP = id E), D_in / D_out the layer's widths
 
@@ -9,10 +9,12 @@
 Why a second path: the plan-based ops of mom.routed sort the picks by module (a sort, a bincount, a host read
 of the counts, index scatters) and run through an autograd.Function; for the B tokens of a decode step on a
 CPU those ~30 small operator calls cost about as much as the GEMVs that read the picked modules' weights.
-Here, without autograd: one LayerNorm without affine over the T tokens, the picks grouped by module on the
-host (ids.tolist(); the plan-based torch ops read the plan's counts back too), then per picked module its
-tokens' rows through gamma[m], beta[m], W[m], b[m] (and GELU, W2[m], b2[m]) straight into each pick's slot of a
-[T, K, D_out] buffer (SKIP slots stay 0), and one weighted sum over K plus the residual (a baddbmm).
+Here, without autograd, a plan made on the host from ids.tolist() (a decode step has at most T*K <= 48 picks;
+the plan-based torch ops read the plan's counts back too): the non-SKIP picks sorted by module, one gather of
+their tokens' rows (none for one token) through each row's gamma, beta (one addcmul), then per picked module
+one addmm over its rows into a [R + 1, D_out] buffer (the FFN: all first GEMMs, one GELU, all second GEMMs),
+and one gather of each pick's row (SKIP: the zero row R) with the weighted sum over K and the residual (a
+baddbmm). About 8 + (1 or 2) x (picked modules) operator calls, where the plan-based path takes ~30 + 4 x.
 
 Used by mom.routed's torch ops when autograd is off and T <= MAX_TOKENS (`applies`); the router then builds no
 plan either. Tests: tests/test_few_tokens.py (against mom.routed's reference, T = 1..MAX_TOKENS, K = 1..3,
@@ -20,7 +22,7 @@ SKIP, repeated modules, fp64 / fp32, non-contiguous inputs, residual).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,39 +35,68 @@ def applies(n_tokens: int) -> bool:
     return n_tokens <= MAX_TOKENS and not torch.is_grad_enabled()
 
 
-def _groups(ids: torch.Tensor, n_modules: int) -> Dict[int, Tuple[List[int], List[int]]]:
-    """{module: (tokens, picks k)} of the non-SKIP picks of ids [T, K], modules in first-pick order."""
-    out: Dict[int, Tuple[List[int], List[int]]] = {}
-    for t, row in enumerate(ids.tolist()):
-        for k, m in enumerate(row):
-            if m < n_modules:
-                toks, ks = out.setdefault(m, ([], []))
-                toks.append(t)
-                ks.append(k)
-    return out
+class _HostPlan:
+    """The picks of ids [T, K] sorted by module on the host (ids.tolist(): a decode step's few picks).
+
+    groups: (module, lo, hi): the rows of each picked module; R rows in all.
+    T > 1: rows are the non-SKIP picks sorted by (module, token, k), plus a zero row R for SKIP; index is one
+    int64 tensor [R + R + T*K] (the token of each row, the module of each row, the row of each flat pick
+    t*K + k), made with a single host-to-tensor copy.
+    T = 1: row k is pick k (a SKIP pick's row stays 0): no index tensors, no gathers."""
+
+    def __init__(self, ids: torch.Tensor, n_modules: int):
+        T, K = ids.shape
+        self.T, self.K = T, K
+        self.token = self.module = self.row_of_pick = None
+        if T == 1:
+            self.groups = [(m, k, k + 1) for k, m in enumerate(ids[0].tolist()) if m < n_modules]
+            self.R = K
+            return
+        rows = sorted((m, t, k) for t, row in enumerate(ids.tolist()) for k, m in enumerate(row) if m < n_modules)
+        R = len(rows)
+        row_of_pick = [R] * (T * K)
+        self.groups: List[Tuple[int, int, int]] = []
+        for i, (m, t, k) in enumerate(rows):
+            row_of_pick[t * K + k] = i
+            if not self.groups or self.groups[-1][0] != m:
+                self.groups.append((m, i, i + 1))
+            else:
+                self.groups[-1] = (m, self.groups[-1][1], i + 1)
+        idx = torch.tensor([t for _, t, _ in rows] + [m for m, _, _ in rows] + row_of_pick, device=ids.device)
+        self.R = R
+        self.token, self.module, self.row_of_pick = idx[:R], idx[R:2 * R], idx[2 * R:]
+
+    def rows_buffer(self, like, width):
+        """[R (+ 1), width] for the rows; the rows no group writes (SKIP) are 0."""
+        if self.T == 1:
+            return like.new_zeros(self.K, width) if len(self.groups) < self.K else like.new_empty(self.K, width)
+        y = like.new_empty(self.R + 1, width)
+        y[self.R].zero_()
+        return y
 
 
 def _normed(x, eps):
     return F.layer_norm(x, x.shape[-1:], eps=eps)  # x_hat [T, D], no affine: gamma[m], beta[m] per module
 
 
-def _rows(xin, toks, m, gamma, beta):
-    """Module m's input rows [n, D]: x (or x_hat through gamma[m], beta[m]) of the tokens that picked it."""
-    u = xin[toks[0]:toks[0] + 1] if len(toks) == 1 else xin[torch.tensor(toks, device=xin.device)]
-    return u if gamma is None else torch.addcmul(beta[m], u, gamma[m])
+def _module_inputs(xin, plan: _HostPlan, gamma, beta):
+    """(m, lo, hi, u [hi - lo, D]) per picked module: x (or x_hat through gamma[m], beta[m]) of its rows' tokens."""
+    if plan.token is None:                                            # one token: its row, per module
+        for m, lo, hi in plan.groups:
+            yield m, lo, hi, (xin if gamma is None else torch.addcmul(beta[m], xin, gamma[m]))
+        return
+    u = xin.index_select(0, plan.token)                               # [R, D], one gather
+    if gamma is not None:
+        u = torch.addcmul(beta.index_select(0, plan.module), u, gamma.index_select(0, plan.module))
+    for m, lo, hi in plan.groups:
+        yield m, lo, hi, u[lo:hi]
 
 
-def _store(slots, toks, ks, y):
-    """Write module rows y [n, O] into their picks' slots of slots [T, K, O]."""
-    if len(toks) == 1:
-        slots[toks[0], ks[0]] = y[0]
-    else:
-        dev = slots.device
-        slots[torch.tensor(toks, device=dev), torch.tensor(ks, device=dev)] = y
-
-
-def _combine(slots, weights, residual):
-    """[T, K, O] slots -> [T, O]: sum over k, weighted by g [T, K] when given, plus the residual [T, O]."""
+def _combine(y, plan: _HostPlan, weights, residual):
+    """Rows y [R + 1, O] (row R = 0 for SKIP) -> [T, O]: each token sums its K picks' rows, weighted by
+    g [T, K] when given, plus the residual [T, O]."""
+    rows = y if plan.row_of_pick is None else y.index_select(0, plan.row_of_pick)
+    slots = rows.view(plan.T, plan.K, -1)                             # [T, K, O]
     if weights is None:
         out = slots.sum(dim=1)
         return out if residual is None else residual + out
@@ -80,24 +111,26 @@ def _combine(slots, weights, residual):
 def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
                   residual: Optional[torch.Tensor] = None):
     """x [T, D_in], weight [E, D_in, D_out], bias [E, D_out] or None, ids [T, K] -> [T, D_out]."""
-    T, K = ids.shape
+    plan = _HostPlan(ids, weight.shape[0])
     xin = x if ln_weight is None else _normed(x, eps)
-    slots = x.new_zeros(T, K, weight.shape[2])                          # [T, K, D_out]; SKIP slots stay 0
-    for m, (toks, ks) in _groups(ids, weight.shape[0]).items():
-        u = _rows(xin, toks, m, ln_weight, ln_bias)
-        y = torch.mm(u, weight[m]) if bias is None else torch.addmm(bias[m], u, weight[m])
-        _store(slots, toks, ks, y)
-    return _combine(slots, weights, residual)
+    y = plan.rows_buffer(x, weight.shape[2])                                              # [R (+1), D_out]
+    for m, lo, hi, u in _module_inputs(xin, plan, ln_weight, ln_bias):
+        if bias is None:
+            torch.mm(u, weight[m], out=y[lo:hi])
+        else:
+            torch.addmm(bias[m], u, weight[m], out=y[lo:hi])
+    return _combine(y, plan, weights, residual)
 
 
 def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
                residual: Optional[torch.Tensor] = None):
     """x [T, D], w1 [E, D, F], w2 [E, F, D] -> [T, D]: each pick's GELU FFN of LN_m(x), weighted, summed."""
-    T, K = ids.shape
-    xh = _normed(x, eps)
-    slots = x.new_zeros(T, K, w2.shape[2])                              # [T, K, D]
-    for m, (toks, ks) in _groups(ids, w1.shape[0]).items():
-        u = _rows(xh, toks, m, ln_weight, ln_bias)
-        h = F.gelu(torch.addmm(b1[m], u, w1[m]), approximate="tanh")    # [n, F]
-        _store(slots, toks, ks, torch.addmm(b2[m], h, w2[m]))
-    return _combine(slots, weights, residual)
+    plan = _HostPlan(ids, w1.shape[0])
+    h = x.new_empty(plan.R, w1.shape[2])                                                  # [R, F]
+    for m, lo, hi, u in _module_inputs(_normed(x, eps), plan, ln_weight, ln_bias):
+        torch.addmm(b1[m], u, w1[m], out=h[lo:hi])
+    h = F.gelu(h, approximate="tanh")              # one GELU for all rows (a SKIP row's is never read)
+    y = plan.rows_buffer(x, w2.shape[2])                                                  # [R (+1), D]
+    for m, lo, hi in plan.groups:
+        torch.addmm(b2[m], h[lo:hi], w2[m], out=y[lo:hi])
+    return _combine(y, plan, weights, residual)

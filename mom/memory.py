@@ -72,6 +72,23 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return sum(tensor_bytes(p) for p in model.parameters()) + sum(tensor_bytes(b) for b in model.buffers())
 
 
+def decode_weight_bytes(model, routing) -> int:
+    """Bytes of parameters one forward over a few tokens must read, given its routing (MoMOutput.routing): every
+    parameter outside the pools (fixed blocks, routers, embeddings and the tied head), plus, per routed step,
+    each attention / FFN module some token picked, once (a decode step reads a picked module's weights once,
+    whatever the number of its tokens). For a vanilla model: all its parameters."""
+    pools = {id(p) for c in getattr(model, "chunks", []) for pool in (c.attn_pool, c.ffn_pool)
+             for p in pool.parameters()}
+    total = sum(tensor_bytes(p) for p in model.parameters() if id(p) not in pools)
+    for chunk, steps in zip(getattr(model, "chunks", []), routing or []):
+        for pool, key in ((chunk.attn_pool, "attn_ids"), (chunk.ffn_pool, "ffn_ids")):
+            per_module = sum(tensor_bytes(p) for p in pool.parameters()) // pool.n_modules
+            for step in steps:
+                picked = torch.unique(getattr(step, key))
+                total += per_module * int((picked < pool.n_modules).sum())
+    return total
+
+
 def cache_bytes(past_key_values) -> int:
     return sum(tensor_bytes(k) + tensor_bytes(v) for k, v in past_key_values or [])
 

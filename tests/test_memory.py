@@ -48,3 +48,31 @@ def test_decode_and_train_baselines():
     train = measure_isolated(Spec(CFG.to_dict(), B, T, "train", repeats=0))["memory"]
     assert train["cache_bytes"] == 0
     assert train["peak_bytes"] - train["weights_bytes"] > 3 * B * T * CFG.vocab_size * 4  # logits, log-softmax, ...
+
+
+def test_decode_weight_bytes_counts_each_picked_module_once():
+    """Everything outside the pools, plus per routed step the modules some token picked (SKIP reads nothing),
+    counted here by a loop over tokens and picks."""
+    from mom import MoMForCausalLM
+    from mom.memory import decode_weight_bytes
+
+    cfg = MoMConfig.from_name("tiny", n_embd=32, n_head=2, vocab_size=64, backend="torch")
+    torch.manual_seed(0)
+    model = MoMForCausalLM(cfg).eval()
+    with torch.no_grad():
+        routing = model(torch.randint(0, 64, (3, 1))).routing
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
+    want = 0
+    for name, p in model.named_parameters():
+        if "_pool." not in name:
+            want += nbytes([p])
+    for chunk, steps in zip(model.chunks, routing):
+        for pool, key in ((chunk.attn_pool, "attn_ids"), (chunk.ffn_pool, "ffn_ids")):
+            for step in steps:
+                seen = set()
+                for row in getattr(step, key).reshape(-1, cfg.top_k).tolist():
+                    seen.update(m for m in row if m < pool.n_modules)
+                want += len(seen) * nbytes(pool.parameters()) // pool.n_modules
+    assert decode_weight_bytes(model, routing) == want
+    vanilla = MoMForCausalLM(cfg.vanilla())
+    assert decode_weight_bytes(vanilla, []) == nbytes(vanilla.parameters())
