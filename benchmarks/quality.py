@@ -216,7 +216,8 @@ def header(res: dict, a) -> str:
     st = res["settings"]
     return (f"# benchmarks/quality.py, size {res['size']}{' (a REDUCED run, not the full size)' if res['size'] != 'full' else ''}\n\n"
             f"date {res['date']}; {res['cpus']} CPUs ({res['host']}), torch {res['torch']}, fp32, "
-            f"{st['threads']} thread(s) per process; commit {res.get('commit', '?')}; wall {res['wall_s']} s\n\n"
+            f"{st['threads']} thread(s) per process, {st.get('jobs', 1)} process(es) at a time; "
+            f"commit {res.get('commit', '?')}; wall {res['wall_s']} s\n\n"
             f"    python {' '.join(res['argv'])}\n\n"
             f"data {a.data}; width {st['n_embd']}, T {st['block_size']}, batch {st['batch_size']}, phase 1 "
             f"{st['phase1_steps']} steps, phase 2 {st['phase2_steps']} steps, seeds {st['seeds']}, prior decays over "
@@ -234,7 +235,9 @@ def parse(argv=None):
         p.add_argument(f"--{k}", type=int, default=None, help=f"overrides the size's (full: {v})")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--prior_frac", type=float, default=0.5, help="the prior decays over this share of phase 2")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--jobs", type=int, default=1, help="phase-2 arms run at a time (each its own process with "
+                                                       "--threads threads; on 2 cores: --jobs 2 --threads 1)")
     p.add_argument("--no_removal", action="store_true")
     p.add_argument("--in_process", action="store_true", help="run mom.train in this process (tests)")
     a = p.parse_args(argv)
@@ -259,8 +262,16 @@ def main(argv=None) -> dict:
         f"python -m mom.train --config {cfg_dir}/{n}.json --progress false\n" for n in cfgs))
     t0 = time.time()
     order = ["phase1"] + [f"{arm}_s{s}" for s in a.seeds for arm in ARMS]  # seed-major: partial runs are usable
-    for name in order:
-        run_arm(name, cfgs[name], cfg_dir, log_dir, a.in_process)
+    run_arm(order[0], cfgs[order[0]], cfg_dir, log_dir, a.in_process)  # phase 1: every arm starts from it
+    if a.jobs > 1 and not a.in_process:  # the phase-2 arms are independent: a.jobs processes at a time
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(a.jobs) as pool:
+            for f in [pool.submit(run_arm, n, cfgs[n], cfg_dir, log_dir, False) for n in order[1:]]:
+                f.result()  # (re-raises a failed arm's error)
+    else:
+        for name in order[1:]:
+            run_arm(name, cfgs[name], cfg_dir, log_dir, a.in_process)
     start = start_losses(a, cfgs)
     res = summarise(a, cfgs, start)
     if not a.no_removal:
@@ -271,7 +282,7 @@ def main(argv=None) -> dict:
                                             os.path.join(a.out, "removal"), 0.5, 0.25, a.eval_windows,
                                             a.retrain_steps, 3e-4)
     res.update(size=a.size, argv=sys.argv if argv is None else ["benchmarks/quality.py"] + list(argv),
-               settings={k: getattr(a, k) for k in list(SIZES["full"]) + ["seeds", "prior_frac", "threads"]},
+               settings={k: getattr(a, k) for k in list(SIZES["full"]) + ["seeds", "prior_frac", "threads", "jobs"]},
                flops_ratio=flops_ratio(model_overrides(a, vocab)), wall_s=round(time.time() - t0),
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), host=platform.platform(),
                cpus=os.cpu_count(), torch=torch.__version__)
