@@ -9,11 +9,14 @@
 #   4. the kernel and model tests on CUDA (compiled): route + plan, GRU, launch budget, CUDA-graph capture
 #      and GraphedTrainStep                                                     -> $OUT/tests.log
 #   5. the routed_ffn sweep "check" (bf16, against cuBLAS and the loop) -> $OUT/bench.log, routed_ffn.csv
-#   6. the step's kernel timeline (benchmarks/profile_step.py)                  -> $OUT/profile.log
-#   7. a short table, printed last.
-# Budget: < 7 minutes in all (about 4 when nothing times out); every stage has its own timeout
-# (80 + 100 + 120 + 50 + 30 s), and a stage that times out leaves what it finished. 8 files come back from
-# $OUT, so this writes no more. Copy the CSV rows into benchmarks/results/ afterwards.
+#   6. the step's kernel timeline (benchmarks/profile_step.py)                  -> $OUT/step.log (appended)
+#   7. generation: mom-large-efficient vs GPT-2-large decoding, bf16, both graphed, batch 1 and 64, prompt 128
+#      (benchmarks/bench_decode.py), and the few-token kernel's weight reads against the copy bandwidth
+#      (benchmarks/bench_gemv.py)                                               -> $OUT/decode.log
+#   8. a short table, printed last.
+# Budget: < 9 minutes in all (about 5 when nothing times out); every stage has its own timeout
+# (80 + 100 + 120 + 50 + 30 + 120 + 30 s), and a stage that times out leaves what it finished. 8 files come back
+# from $OUT, so this writes no more. Copy the CSV rows into benchmarks/results/ afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -67,7 +70,15 @@ tail -n 2 "$OUT/bench.log"
 
 stage "kernel timeline of the step"
 timeout 30 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
-  --modules 16 --top-k 2 --batch 8 --tokens 1024 > "$OUT/profile.log" 2>&1 || echo "profile_step failed or timed out"
+  --modules 16 --top-k 2 --batch 8 --tokens 1024 >> "$OUT/step.log" 2>&1 || echo "profile_step failed or timed out"
+
+stage "generation (bf16, graphed) and the few-token kernel"
+timeout 120 python -m benchmarks.bench_decode --device cuda --scale 1 --dtype bfloat16 --cuda-graph --batch 1 64 \
+  --prompt 128 --new-tokens 16 --repeats 1 --out "$OUT/decode" > "$OUT/decode.log" 2>&1 \
+  || echo "bench_decode failed or timed out (rc $?)"
+rm -rf "$OUT/decode"   # its CSV / MD / PNG: the table is in decode.log
+timeout 30 python -m benchmarks.bench_gemv --device cuda --repeats 30 --csv "" >> "$OUT/decode.log" 2>&1 \
+  || echo "bench_gemv failed or timed out (rc $?)"
 
 echo
 stage "summary (tests rc=$TEST_RC, sweep rc=$BENCH_RC; logs in $OUT)"
@@ -81,7 +92,10 @@ echo "-- whole model"
 grep -E "^batch|^\|" "$OUT/model.log" || tail -n 5 "$OUT/model.log"
 echo "targets: mom graphed per FLOP vs GPT-2 (graphed) >= 0.85"
 echo "-- kernel time of one step (fwd+bwd)"
-grep -E "^-- " "$OUT/profile.log"
+grep -E "^-- " "$OUT/step.log"
+echo "-- generation (mom-large-efficient vs gpt2-large, graphed) and the few-token kernel"
+grep -E "^- |^\| (ffn|qkv) " "$OUT/decode.log" || tail -n 5 "$OUT/decode.log"
+echo "targets: decode tokens/s >= 1.3x GPT-2-large at batch 1, >= 1.2x at 64; peak memory <= 0.6x; of_copy >= 0.70"
 echo "-- routed_ffn sweep"
 if [ -f "$OUT/routed_ffn.csv" ]; then
   python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT/routed_ffn.csv'))"
