@@ -7,6 +7,7 @@ returns garbage) and bf16 stores are rounded to nearest even by hand (its cast t
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,6 +22,12 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (grid sizing)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit

@@ -30,14 +30,13 @@ call them; `routed_linear.py` and `routed_ffn.py` wire them into autograd.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import (_cast, _env_override, _gelu, _gelu_grad, _mma, _p2, _row_module, acc_dtype, interpreting,
+from .common import (_cast, _sm_count, _env_override, _gelu, _gelu_grad, _mma, _p2, _row_module, acc_dtype, interpreting,
                      ln_pointers)
 from .gathers import gather_rows
 from .routing import RoutingPlan
@@ -343,11 +342,6 @@ def gemm_programs(n_work: int, device) -> int:
     if interpreting() or torch.device(device).type != "cuda":
         return max(1, min(n_work, 4))
     return max(1, min(n_work, n * _sm_count(torch.device(device))))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def rowdot_tiles(n_out: int, dtype: torch.dtype) -> int:
