@@ -30,6 +30,27 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def launch_sms(t: torch.Tensor):
+    """SMs to size a grid for: None under the interpreter; a CPU tensor outside it stands for an H200 (132: what
+    mom_kernels.aot records and compiles)."""
+    if interpreting():
+        return None
+    return _sm_count(t.device) if t.is_cuda else 132
+
+
+def segment_tiles(E: int, N: int, n_sms, block_r: int):
+    """(BLOCK_R, BLOCK_N) of a segmented column reduction over each module's rows (grid E x N / BLOCK_N; each
+    program walks its module's rows BLOCK_R at a time). n_sms None: the interpreter's (16, <= 64). On a GPU one
+    pass with at least 4 programs per SM where the width allows: column blocks from 128 down to 32 (E x N / 128
+    = 160 programs on 132 SMs walked ~1000 rows each at the H200 base point), and 64 rows in flight at 32."""
+    if n_sms is None:
+        return 16, min(_p2(N), 64)
+    block_n = min(_p2(N), 128)
+    while block_n > 32 and E * triton.cdiv(N, block_n) < 4 * n_sms:
+        block_n //= 2
+    return (max(block_r, 64) if block_n <= 32 else block_r), block_n
+
+
 @triton.jit
 def _tanh(z):
     # tanh(z) = 2 * sigmoid(2z) - 1, stable at both ends (exp overflow gives -1 or 1)

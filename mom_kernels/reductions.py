@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _cast, _p2, _sm_count, acc_dtype, interpreting
+from .common import _cast, _p2, acc_dtype, interpreting, launch_sms, segment_tiles
 from .routing import RoutingPlan
 
 __all__ = ["combine", "ln_affine_bwd", "routing_weight_grad", "routing_weight_grad_reference"]
@@ -204,28 +204,13 @@ def combine(buf, ids, n_modules: int, out, *, gamma=None, ln=None, x=None, res=N
     return out
 
 
-def ln_affine_tiles(E: int, D: int, n_sms=None):
-    """(BLOCK_R, BLOCK_D) of ln_affine_bwd: rows per iteration and columns per program, for E modules of width D
-    on a GPU with n_sms SMs (None: the interpreter). One pass with at least 4 programs per SM where the columns
-    allow it (E x D / 128 = 160 programs on 132 SMs walked ~1000 rows each at the H200 base point): narrower
-    column blocks (down to 32), and 64 rows in flight per iteration at 32 columns."""
-    if n_sms is None:
-        return 16, min(_p2(D), 64)
-    block_r, block_d = 32, min(_p2(D), 128)
-    while block_d > 32 and E * triton.cdiv(D, block_d) < 4 * n_sms:
-        block_d //= 2
-    return (64 if block_d <= 32 else block_r), block_d
-
-
 def ln_affine_bwd(dxh, x, mean, rstd, plan: RoutingPlan, dgamma, dbeta, tiles=None):
     """d gamma [E, D], d beta [E, D] of the per-module LayerNorms from the per-pick gradients
     dxh [P, D] of the LayerNorm outputs (segmented reduction over each module's rows). tiles: (BLOCK_R,
-    BLOCK_D), default ln_affine_tiles for this device."""
+    BLOCK_D), default common.segment_tiles for this device."""
     E, D = dgamma.shape
     interp = interpreting()
-    if tiles is None:  # (CPU tensors outside the interpreter: mom_kernels.aot recording an H200's launches)
-        tiles = ln_affine_tiles(E, D, None if interp else _sm_count(dxh.device) if dxh.is_cuda else 132)
-    BLOCK_R, BLOCK_D = tiles
+    BLOCK_R, BLOCK_D = tiles or segment_tiles(E, D, launch_sms(dxh), 32)
     _ln_affine_bwd_kernel[(E, triton.cdiv(D, BLOCK_D))](
         dxh, x, mean, rstd, dgamma, dbeta, plan.sorted_pick, plan.offsets, D, plan.top_k,
         dxh.stride(0), dxh.stride(1), x.stride(0), x.stride(1), dgamma.stride(0), dgamma.stride(1),

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _cast, _env_override, _gelu, _mma, _p2, acc_dtype, interpreting, ln_pointers
+from .common import (_cast, _env_override, _gelu, _mma, _p2, acc_dtype, interpreting, launch_sms, ln_pointers,
+                     segment_tiles)
 from .gathers import gather_rows
 from .routing import RoutingPlan
 
@@ -212,12 +213,12 @@ def grouped_dw(a, dy, plan: RoutingPlan, *, dw=None, db=None, a_gather: bool, a_
     return dw, db
 
 
-def segment_sum(dy, plan: RoutingPlan, out, *, gather: bool, weights=None):
-    """out[m] = sum over module m's rows of (g_p *) dY[row] (`_segment_sum_kernel`); out [E, N]."""
+def segment_sum(dy, plan: RoutingPlan, out, *, gather: bool, weights=None, tiles=None):
+    """out[m] = sum over module m's rows of (g_p *) dY[row] (`_segment_sum_kernel`); out [E, N]. tiles:
+    (BLOCK_R, BLOCK_N), default common.segment_tiles for this device."""
     E, N = out.shape
     interp = interpreting()
-    BLOCK_R = 16 if interp else 64
-    BLOCK_N = min(_p2(N), 64 if interp else 128)
+    BLOCK_R, BLOCK_N = tiles or segment_tiles(E, N, launch_sms(dy), 64)
     acc = torch.empty(1, device=dy.device, dtype=acc_dtype(dy.dtype))  # only its dtype is used
     _segment_sum_kernel[(E, triton.cdiv(N, BLOCK_N))](
         dy, weights if weights is not None else acc, out, acc, plan.sorted_pick, plan.offsets,

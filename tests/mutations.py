@@ -185,9 +185,9 @@ MUTATIONS: List[Mutation] = [
              "dy = dy\n        acc += dy.to(cdt)", tuple(KERNEL_TESTS)),
     Mutation("ln_affine_dbeta_zero", "d beta of the per-module LayerNorms is zero", RED,
              "accb += tl.sum(du, axis=0)", "accb += 0.0 * tl.sum(du, axis=0)", tuple(KERNEL_TESTS)),
-    Mutation("ln_affine_tiles_one_per_sm", "the LN-affine reduction keeps its 160 programs on 132 SMs", RED,
-             "while block_d > 32 and E * triton.cdiv(D, block_d) < 4 * n_sms:",
-             "while block_d > 32 and E * triton.cdiv(D, block_d) < n_sms:", ("tests/test_kernels_ln_affine.py",)),
+    Mutation("segment_tiles_one_per_sm", "the segmented reductions keep 160 programs on 132 SMs", "mom_kernels/common.py",
+             "while block_n > 32 and E * triton.cdiv(N, block_n) < 4 * n_sms:",
+             "while block_n > 32 and E * triton.cdiv(N, block_n) < n_sms:", ("tests/test_kernels_segments.py",)),
     # ---- the torch backend (mom/routed.py) ----
     Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
              "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",
