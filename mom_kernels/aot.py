@@ -95,6 +95,8 @@ def _to_launch(fn, args, kwargs, role) -> Launch:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             signature[name] = "fp32"
+        elif type(v).__name__ == "TensorDescriptor":  # the TMA path's weights: tensordesc<bf16[64, 128]>
+            signature[name] = f"tensordesc<{_TL_TYPES[v.base.dtype]}{list(v.block_shape)}>"
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
     key = repr((fn.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs), options))
@@ -176,6 +178,12 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
             role[0] = "ffn fwd split"
             rf.ffn_fwd_impl(x, lw, lb, w1, b1, w2, b2, ids, g, 1e-5, plan, True)
             role[0] = "ffn bwd split"
+            rf.ffn_bwd_impl(x, x, lw, lb, w1, b1, w2, b2, ids, g, mean, rstd, r(T * K, F), plan)
+        # the TMA weight path (MOM_KERNELS_TMA=1, sm_90): W tiles through tensor descriptors
+        with _env_set({"MOM_KERNELS_TMA": "1"}):
+            role[0] = "ffn fwd tma"
+            rf.ffn_fwd_impl(x, lw, lb, w1, b1, w2, b2, ids, g, 1e-5, plan, True)
+            role[0] = "ffn bwd tma"
             rf.ffn_bwd_impl(x, x, lw, lb, w1, b1, w2, b2, ids, g, mean, rstd, r(T * K, F), plan)
         # route + plan from router logits [T, E + 1] (a SKIP slot), and its backward
         ro = importlib.import_module("mom_kernels.route")

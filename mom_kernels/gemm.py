@@ -19,7 +19,9 @@ The backward uses the same kernel with W[m] transposed (strides swapped, no copy
 tile schedule in a loop, so one program per tile (the default grid) and a persistent grid
 (MOM_KERNELS_PERSISTENT) run the same code. `gemm_mode` (MOM_KERNELS_GEMM) picks "fused" (the epilogue in
 registers), "split" (plain products, then `_rows_epilogue_kernel`) or "grouped_mm" (torch._grouped_mm on
-operands in sorted order, then the same epilogue pass).
+operands in sorted order, then the same epilogue pass). MOM_KERNELS_TMA=1 (opt-in until measured on a GPU) loads
+the W tiles through a tensor descriptor (TMA on sm_90; `weight_descriptor` says where it is valid; sm_80 and
+other shapes keep the pointer loads); the gathered A rows stay pointer loads (Hopper's TMA cannot gather rows).
 
 Measured on an H200 (benchmarks/results/h200_2026-11-28/): 540 TFLOP/s for the plain grouped GEMM at
 16384 x 1280 x 5120 (dense cuBLAS 720), 280 with the fused LayerNorm prologue (why the forward LayerNorm is
@@ -36,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_cast, _sm_count, _env_override, _gelu, _gelu_grad, _mma, _p2, _row_module, acc_dtype, interpreting,
-                     ln_pointers)
+from .common import (_cast, _env_override, _gelu, _gelu_grad, _mma, _p2, _row_module, _sm_count, acc_dtype,
+                     interpreting, ln_pointers)
 from .gathers import gather_rows
 from .routing import RoutingPlan
 
@@ -101,7 +103,7 @@ def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr,
+    a_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr,
     u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
     sorted_pick_ptr, offsets_ptr, tile_module_ptr, tile_row_start_ptr,
     N_IN, N_OUT, TOP_K, N_MOD, N_PICKS, N_TILES,
@@ -121,6 +123,8 @@ def _grouped_gemm_kernel(
     IEEE: tl.constexpr,  # fp32 / fp64 inputs: exact dot (no TF32)
     RTNE: tl.constexpr,  # interpreter: round bf16 stores to nearest even (see _cast)
     EVEN_K: tl.constexpr,  # N_IN % BLOCK_K == 0: no masks along the reduction
+    W_TMA: tl.constexpr,  # W tiles through the tensor descriptor w_desc (TMA on sm_90; needs EVEN_K), else pointers
+    W_T: tl.constexpr,  # with W_TMA: w_desc is over the stored [E * N_OUT, N_IN] (dX reads W transposed)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # one program per (row tile, N tile) of the schedule, or (persistent grid, fewer programs than tiles)
@@ -167,8 +171,14 @@ def _grouped_gemm_kernel(
                     be = tl.load(beta_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
                     u = (a.to(cdt) - mu[:, None]) * rs[:, None] * ga.to(cdt)[None, :] + be.to(cdt)[None, :]
                     a = _cast(u, a_ptr.dtype.element_ty, RTNE)
-                w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+                if W_TMA:  # whole tiles; columns past N_OUT are zero (tensor end) or never stored (next module)
+                    if W_T:
+                        w = w_desc.load([m * N_OUT + pid_n * BLOCK_N, k0]).T  # [BN, BK] -> [BK, BN]
+                    else:
+                        w = w_desc.load([m * N_IN + k0, pid_n * BLOCK_N])  # [BK, BN]
+                else:
+                    w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                                mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
                 acc = _mma(a, w, acc, UPCAST, IEEE)
             # ---- epilogue (shared with the split path's `_rows_epilogue_kernel`) ----
             _epilogue(acc, m64, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
@@ -212,6 +222,28 @@ def _rows_epilogue_kernel(
                   N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
                   stride_uk, stride_ge, stride_gk,
                   HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+
+
+def weight_descriptor(w, cfg: dict, n_in: int, w_transposed: bool):
+    """A tensor descriptor over the stacked weights for the TMA path, or None for the pointer path.
+
+    MOM_KERNELS_TMA=1 (opt-in: not yet measured on a GPU) turns it on where it is valid: the reduction splits
+    into whole BLOCK_K tiles (N_IN % BLOCK_K == 0, so a tile never crosses into the next module along the
+    reduction), w is contiguous with 16-byte row strides, and the device has TMA (sm_90+; the interpreter runs
+    the same code for the tests). The descriptor views w [E, N1, N2] as [E * N1, N2] with tiles [BLOCK_K,
+    BLOCK_N] (or [BLOCK_N, BLOCK_K], transposed in registers, for dX); a tile's columns past N_OUT come from the
+    next module or the zero fill past the tensor's end and are never stored."""
+    choice = os.environ.get("MOM_KERNELS_TMA", "0").strip()
+    if choice not in ("0", "1"):
+        raise ValueError(f"MOM_KERNELS_TMA must be 0 or 1, got {choice!r}")
+    if choice == "0" or n_in % cfg["BLOCK_K"] or not w.is_contiguous() or (w.shape[2] * w.element_size()) % 16:
+        return None
+    if w.is_cuda and torch.cuda.get_device_capability(w.device)[0] < 9:
+        return None  # sm_80: no TMA, the pointer path
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if w_transposed else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
+    return TensorDescriptor.from_tensor(w.view(w.shape[0] * w.shape[1], w.shape[2]), block)
 
 
 def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> dict:
@@ -281,8 +313,9 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
                                    ROWDOT=0, U_LN=False, STORE_MODE=0)
         else:
             dst, dst_epi = out, epi
+        desc = weight_descriptor(w, cfg, n_in, w_transposed)
         _grouped_gemm_kernel[grid](
-            a, w, bias_t, dst, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta,
+            a, w, desc if desc is not None else w, bias_t, dst, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta,
             plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
             n_in, n_out, plan.top_k, E, plan.n_tokens * plan.top_k, plan.n_tiles,
             a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
@@ -291,7 +324,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
             A_GATHER=a_gather, A_LN=ln is not None, **dst_epi,
             UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
             IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
-            EVEN_K=n_in % cfg["BLOCK_K"] == 0,
+            EVEN_K=n_in % cfg["BLOCK_K"] == 0, W_TMA=desc is not None, W_T=w_transposed,
             BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if mode == "fused":

@@ -188,6 +188,12 @@ MUTATIONS: List[Mutation] = [
     Mutation("segment_tiles_one_per_sm", "the segmented reductions keep 160 programs on 132 SMs", "mom_kernels/common.py",
              "while block_n > 32 and E * triton.cdiv(N, block_n) < 4 * n_sms:",
              "while block_n > 32 and E * triton.cdiv(N, block_n) < n_sms:", ("tests/test_kernels_segments.py",)),
+    Mutation("tma_transposed_module_row", "dX's TMA tiles start at the module's N_IN rows, not N_OUT",
+             "mom_kernels/gemm.py", "w = w_desc.load([m * N_OUT + pid_n * BLOCK_N, k0]).T",
+             "w = w_desc.load([m * N_IN + pid_n * BLOCK_N, k0]).T", ("tests/test_kernels_tma.py",)),
+    Mutation("tma_k_offset_dropped", "the TMA tiles of W ignore the reduction offset", "mom_kernels/gemm.py",
+             "w = w_desc.load([m * N_IN + k0, pid_n * BLOCK_N])", "w = w_desc.load([m * N_IN, pid_n * BLOCK_N])",
+             ("tests/test_kernels_tma.py",)),
     # ---- the torch backend (mom/routed.py) ----
     Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
              "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",

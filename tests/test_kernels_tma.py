@@ -1,0 +1,89 @@
+"""The grouped GEMM's TMA weight path (MOM_KERNELS_TMA=1, `gemm.weight_descriptor`): W tiles through a tensor
+descriptor instead of pointers. In the interpreter (no GPU here) the same kernel code runs: routed_ffn and
+routed_linear, outputs and every gradient, against the pointer path (the forward bit for bit) and the fp64 reference
+(fp32 tight, bf16 by the 2x rule), with reductions that split into whole tiles (TMA) and ones that do not
+(the pointer path), dX tiles whose rows run into the next module (columns never stored), an empty module,
+K = 1 and 2, several tiles per module."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import mom_kernels as mk  # noqa: E402
+from mom_kernels import gemm, reference  # noqa: E402
+from mom_kernels.routing import default_block_m  # noqa: E402
+from mom_kernels.testing import assert_2x_rule, ffn_inputs, linear_inputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+T = 2 * default_block_m(torch.device(DEVICE)) + 5  # modules over several row tiles
+
+
+def _run(fn, ts, grad_idx, dy):
+    leaves = [t.detach().clone().requires_grad_() if i in grad_idx else t for i, t in enumerate(ts)]
+    y = fn(*leaves)
+    return [y] + list(torch.autograd.grad(y, [leaves[i] for i in grad_idx], dy))
+
+
+def _case(op, K):
+    # D 64 and F 96 split into whole 32-wide tiles (TMA everywhere); F 80 does not (FFN down forward and FFN up
+    # dX take pointers) and its dX tiles of W2 [80, 64] run 16 rows into the next module
+    if op.startswith("ffn"):
+        F = 96 if op == "ffn" else 80
+        ts = list(ffn_inputs(T, K, 4, 64, F, seed=K, empty=(2,), device=DEVICE))
+        return ts, mk.routed_ffn, reference.routed_ffn, [0, 1, 2, 3, 4, 5, 6, 8], 64
+    x, w, b, ids, g, lw, lb = linear_inputs(T, K, 4, 64, 80, seed=10 + K, empty=(2,), device=DEVICE)
+    return [x, w, b, ids, g, lw, lb], mk.routed_linear, reference.routed_linear, [0, 1, 2, 4, 5, 6], 80
+
+
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("op", ["ffn", "ffn_odd", "linear"])
+def test_tma_path_equals_pointer_path_and_reference(op, K, monkeypatch):
+    used = []
+    real = gemm.weight_descriptor
+    monkeypatch.setattr(gemm, "weight_descriptor", lambda *a: used.append(real(*a)) or used[-1])
+    ts, fn, ref, grad_idx, N = _case(op, K)
+    dy = torch.randn(T, N, dtype=torch.float64, device=DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        low = [t.to(dtype) if t.is_floating_point() else t for t in ts]
+        monkeypatch.setenv("MOM_KERNELS_TMA", "0")
+        ptr = _run(fn, low, grad_idx, dy.to(dtype))
+        assert used and all(d is None for d in used)
+        used.clear()
+        monkeypatch.setenv("MOM_KERNELS_TMA", "1")
+        got = _run(fn, low, grad_idx, dy.to(dtype))
+        assert any(d is not None for d in used), "no GEMM took the TMA path"
+        if op == "ffn_odd":
+            assert any(d is None for d in used), "the reductions of 80 should take pointers"
+        used.clear()
+        assert torch.equal(got[0], ptr[0]), f"{op} {dtype}: the forward differs from the pointer path"
+        if dtype == torch.float32:  # (the interpreter's numpy dot rounds a transposed tile differently: ~1e-6)
+            for i, (a, b) in enumerate(zip(got, ptr)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{op} #{i} vs the pointer path")
+        hi = _run(ref, [t.double() if t.is_floating_point() else t for t in low], grad_idx, dy)
+        if dtype == torch.float32:
+            for i, (a, b) in enumerate(zip(got, hi)):
+                torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4, msg=f"{op} #{i}")
+        else:
+            ref_low = _run(ref, low, grad_idx, dy.to(dtype))
+            for i, (a, b, c) in enumerate(zip(got, ref_low, hi)):
+                assert_2x_rule(f"{op} bf16 #{i}", a, b, c, 2e-2)
+
+
+def test_weight_descriptor_choice(monkeypatch):
+    cfg = dict(BLOCK_N=32, BLOCK_K=32)
+    w = torch.zeros(3, 64, 96, device=DEVICE)
+    monkeypatch.delenv("MOM_KERNELS_TMA", raising=False)
+    assert gemm.weight_descriptor(w, cfg, 64, False) is None                  # opt-in
+    monkeypatch.setenv("MOM_KERNELS_TMA", "1")
+    d = gemm.weight_descriptor(w, cfg, 64, False)
+    assert d is not None and list(d.shape) == [192, 96] and list(d.block_shape) == [32, 32]
+    assert list(gemm.weight_descriptor(w, cfg, 96, True).block_shape) == [32, 32]   # dX: [BLOCK_N, BLOCK_K]
+    assert gemm.weight_descriptor(w, cfg, 48, False) is None                  # a tile would cross modules
+    assert gemm.weight_descriptor(w.transpose(1, 2), cfg, 96, False) is None  # not contiguous
+    monkeypatch.setenv("MOM_KERNELS_TMA", "yes")
+    with pytest.raises(ValueError, match="MOM_KERNELS_TMA"):
+        gemm.weight_descriptor(w, cfg, 64, False)
