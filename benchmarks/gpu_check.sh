@@ -8,14 +8,15 @@
 #                                                                               -> $OUT/model.log, bench_model.csv
 #   4. the kernel and model tests on CUDA (compiled): route + plan, GRU, launch budget, CUDA-graph capture
 #      and GraphedTrainStep                                                     -> $OUT/tests.log
-#   5. the routed_ffn sweep "check" (bf16, against cuBLAS and the loop) -> $OUT/bench.log, routed_ffn.csv
+#   5. the routed_ffn sweep "check" (bf16, against cuBLAS and the loop), then again with the TMA weight path
+#      (MOM_KERNELS_TMA=1)                                                      -> $OUT/bench.log, routed_ffn.csv
 #   6. the step's kernel timeline (benchmarks/profile_step.py)                  -> $OUT/step.log (appended)
 #   7. generation: mom-large-efficient vs GPT-2-large decoding, bf16, both graphed, batch 1 and 64, prompt 128
 #      (benchmarks/bench_decode.py), and the few-token kernel's weight reads against the copy bandwidth
 #      (benchmarks/bench_gemv.py)                                               -> $OUT/decode.log
 #   8. a short table, printed last.
-# Budget: < 9 minutes in all (about 5 when nothing times out); every stage has its own timeout
-# (80 + 100 + 120 + 50 + 30 + 120 + 30 s), and a stage that times out leaves what it finished. 8 files come back
+# Budget: < 10 minutes in all (about 6 when nothing times out); every stage has its own timeout
+# (80 + 100 + 120 + 50 + 45 + 30 + 120 + 30 s), and a stage that times out leaves what it finished. 8 files come back
 # from $OUT, so this writes no more. Copy the CSV rows into benchmarks/results/ afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,8 @@ TESTS="tests/test_kernels_routing.py tests/test_kernels_routed_ffn.py tests/test
        tests/test_kernels_weight_grad.py tests/test_kernels_compile.py tests/test_kernels_cuda_graph.py
        tests/test_model_triton.py tests/test_kernels_route.py tests/test_kernels_gru.py tests/test_launches.py
        tests/test_kernels_residual.py tests/test_kernels_gathers.py tests/test_kernels_multitile.py
-       tests/test_cuda_graphs.py tests/test_oracle_step.py tests/test_decode_kernels.py tests/test_decode_static.py"
+       tests/test_cuda_graphs.py tests/test_oracle_step.py tests/test_decode_kernels.py tests/test_decode_static.py
+       tests/test_kernels_tma.py tests/test_kernels_segments.py"
 if python -c "import xdist" 2>/dev/null; then PAR="-n 14"; else PAR=""; fi  # compiling dominates: spread it
 # shellcheck disable=SC2086
 timeout 120 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
@@ -67,6 +69,9 @@ rm -f "$OUT/routed_ffn.csv"
 timeout 50 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 tail -n 2 "$OUT/bench.log"
+echo "-- the same sweep with the TMA weight path (MOM_KERNELS_TMA=1)" >> "$OUT/bench.log"
+MOM_KERNELS_TMA=1 timeout 45 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn_tma.csv" \
+  >> "$OUT/bench.log" 2>&1 || echo "TMA sweep failed or timed out"
 
 stage "kernel timeline of the step"
 timeout 30 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
@@ -100,6 +105,11 @@ echo "-- routed_ffn sweep"
 if [ -f "$OUT/routed_ffn.csv" ]; then
   python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT/routed_ffn.csv'))"
   echo "targets: fwd >= 85% of dense, fwd+bwd >= 75%, >= 3x the loop (xloop)"
+  if [ -f "$OUT/routed_ffn_tma.csv" ]; then
+    echo "-- routed_ffn sweep, TMA weight path"
+    python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT/routed_ffn_tma.csv'))"
+    rm -f "$OUT/routed_ffn_tma.csv"   # (8 files come back: its summary is printed here)
+  fi
 else
   tail -n 5 "$OUT/bench.log"
 fi
