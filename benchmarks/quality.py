@@ -2,9 +2,11 @@
 
     python benchmarks/quality.py --data data/X --out runs/quality --results benchmarks/results/quality_X [size]
 
-One phase 1 (a vanilla GPT-2), then, for every seed, four phase-2 arms on the same training data:
+One phase 1 (a vanilla GPT-2), then, for every seed, five phase-2 arms on the same training data:
     plain        the paper's cut (routers new, mom.convert.from_gpt2)
     preserving   the function-preserving cut (mom/cut.py: routing prior, decays over --prior_frac of phase 2)
+    learned      the function-preserving cut with a trained prior (routing_prior_learned: no forced decay;
+                 routing leaves the layer order only where the loss's gradient moves it)
     vanilla      the vanilla trained on for the same steps (equal tokens)
     vanilla_flops  the vanilla trained on for flops_ratio x the steps (equal training FLOPs; the ratio is the
                  MoM's forward FLOPs per token over the vanilla's, mom.flops.expected, every pick a module)
@@ -33,7 +35,8 @@ import time
 from mom.io import atomic_file, atomic_write_json, atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARMS = ("plain", "preserving", "vanilla", "vanilla_flops")
+ARMS = ("plain", "preserving", "learned", "vanilla", "vanilla_flops")
+MOM_ARMS = ("plain", "preserving", "learned")
 
 # full: the documented run (about 90 minutes on 2 cores); reduced: what fits in ~30 busy-CPU minutes; toy: CI
 SIZES = {
@@ -79,6 +82,8 @@ def arm_configs(a, vocab_size: int) -> dict:
             o = dict(ov)
             if arm == "preserving":
                 o.update(routing_prior=50.0, routing_prior_steps=prior_steps)
+            elif arm == "learned":
+                o.update(routing_prior=50.0, routing_prior_learned=True)
             out[f"{arm}_s{seed}"] = {**common, "model_overrides": o, "vanilla": arm.startswith("vanilla"),
                                      "init_from": p1, "max_steps": steps, "warmup_steps": max(1, steps // 12),
                                      "lr": 1e-3, "eval_interval": a.eval_interval, "ckpt_interval": 0,
@@ -137,7 +142,7 @@ def start_losses(a, cfgs: dict) -> dict:
     val = TokenData(a.data, "val", a.block_size)
     sd = load_state_dict(os.path.join(a.out, "phase1", "ckpt"))
     out = {}
-    for arm in ("vanilla", "plain", "preserving"):
+    for arm in ("vanilla",) + MOM_ARMS:
         c = cfgs[f"{arm}_s{a.seeds[0]}"]
         cfg = MoMConfig.from_name("tiny", **c["model_overrides"])
         torch.manual_seed(c["seed"])
@@ -156,7 +161,7 @@ def summarise(a, cfgs: dict, start: dict) -> dict:
                             "min": min(finals), "max": max(finals),
                             "steps": cfgs[f"{arm}_s{a.seeds[0]}"]["max_steps"]}
     van = res["arms"]["vanilla"]["final"]
-    for arm in ("plain", "preserving", "vanilla_flops"):  # paired by seed (same data order per seed... per arm)
+    for arm in MOM_ARMS + ("vanilla_flops",):  # paired by seed (same data order per seed... per arm)
         d = [x - y for x, y in zip(res["arms"][arm]["final"], van)]
         res["arms"][arm]["minus_vanilla"] = {"mean": statistics.mean(d),
                                              "std": statistics.stdev(d) if len(d) > 1 else 0.0}
@@ -171,7 +176,8 @@ def plot(a, cfgs: dict, png: str):
     p1 = val_rows(cfgs["phase1"]["out_dir"])
     off = p1[-1][1]
     ax.plot([t for _, t, _ in p1], [v for _, _, v in p1], "k-", label="phase 1 (vanilla)")
-    colors = {"plain": "tab:red", "preserving": "tab:green", "vanilla": "tab:blue", "vanilla_flops": "tab:purple"}
+    colors = {"plain": "tab:red", "preserving": "tab:green", "learned": "tab:orange", "vanilla": "tab:blue",
+              "vanilla_flops": "tab:purple"}
     for arm in ARMS:
         for i, s in enumerate(a.seeds):
             r = val_rows(cfgs[f"{arm}_s{s}"]["out_dir"])
@@ -201,8 +207,8 @@ def table(res: dict, a) -> str:
                      f" | {dv} |")
     s = res["start"]
     lines += ["", f"phase 1 final val loss {res['phase1']:.4f}; at phase 2's start (before any step): vanilla "
-              f"{s['vanilla']:.4f}, plain cut {s['plain']:.4f} ({s['plain'] - s['vanilla']:+.4f}), preserving cut "
-              f"{s['preserving']:.4f} ({s['preserving'] - s['vanilla']:+.4f})"]
+              f"{s['vanilla']:.4f}, " + ", ".join(f"{arm} cut {s[arm]:.4f} ({s[arm] - s['vanilla']:+.4f})"
+                                                  for arm in MOM_ARMS)]
     if "removal" in res:
         r = res["removal"]
         lines += ["", f"removal on {res['removal_arm']} (seed {a.seeds[0]}): n_attn {r['n_attn']}, n_ffn {r['n_ffn']}:"
@@ -276,7 +282,7 @@ def main(argv=None) -> dict:
     res = summarise(a, cfgs, start)
     if not a.no_removal:
         from mom.analysis import removal_experiment
-        best = min(("plain", "preserving"), key=lambda arm: res["arms"][arm]["mean"])
+        best = min(MOM_ARMS, key=lambda arm: res["arms"][arm]["mean"])
         res["removal_arm"] = best
         res["removal"] = removal_experiment(os.path.join(cfgs[f"{best}_s{a.seeds[0]}"]["out_dir"], "ckpt"), a.data,
                                             os.path.join(a.out, "removal"), 0.5, 0.25, a.eval_windows,

@@ -116,6 +116,8 @@ class MoMConfig:
                                      # P*tau, the rest 0, so g = 1 on module h exactly. 0: none (the paper's cut)
     routing_prior_steps: int = 0     # after the first training forward the prior drops to routing_prior_from
     routing_prior_from: float = 4.0  # (nats, P's unit) and decays linearly to 0 over this many training forwards
+    routing_prior_learned: bool = False  # instead of the decay: the routing_prior_from part is a trained per-step
+                                     # logit bias (prior_bias [depth, slots]), left only where the loss says so
 
     # --- load-balancing loss (Switch style: n * sum_e f_e * P_e) ---------------------------------------
     aux_loss_coef: float = 0.01      # paper.md
@@ -146,7 +148,7 @@ class MoMConfig:
         for name in ("n_bottom", "chunks", "n_top"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("anchor", "skip", "shared_slots", "renormalize", "straight_through", "straight_through_clamp",
-                     "weighted_qkv", "dense_routing", "balance_skip", "checkpoint_chunks"):
+                     "weighted_qkv", "dense_routing", "balance_skip", "checkpoint_chunks", "routing_prior_learned"):
             need.bool(name)
         need(self.straight_through or not self.straight_through_clamp, "straight_through_clamp",
              "clamps the straight-through estimator's gradient: set straight_through=True too")
@@ -160,8 +162,10 @@ class MoMConfig:
         need(self.routing_prior_steps >= 0, "routing_prior_steps", "must be >= 0")
         need.number("routing_prior_from")
         need(self.routing_prior_from >= 0, "routing_prior_from", "must be >= 0")
-        need(self.routing_prior == 0 or self.routing_prior_steps >= 1, "routing_prior_steps",
-             "must be >= 1 with a routing_prior (the prior decays to 0 over these training forwards)")
+        need(self.routing_prior == 0 or self.routing_prior_steps >= 1 or self.routing_prior_learned,
+             "routing_prior_steps",
+             "must be >= 1 with a routing_prior (the prior decays to 0 over these training forwards) unless "
+             "routing_prior_learned")
         need(self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
         need(self.graph_depth >= 1, "n_bottom", "the model needs at least one block (n_bottom + chunks * "
              "(depth + anchor) + n_top >= 1)")

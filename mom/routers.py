@@ -19,6 +19,9 @@ checkpoints; eval forwards do not count): scale = 1 before any (t = 0, the vanil
 (routing_prior_from / P) * max(0, 1 - t / routing_prior_steps): module h leads SKIP by routing_prior_from nats
 (default 4: weight 0.98, the function barely moves, and the softmax passes the routers a gradient), decaying
 to 0 after routing_prior_steps micro-batches (with activation checkpointing a recomputed forward counts too).
+config.routing_prior_learned: no decay; the routing_prior_from part is a trained parameter prior_bias [depth, S]
+(no weight decay: mom.train's no_decay), so routing starts on the layer order and leaves it where the loss's
+gradient says so, and the fixed P-part applies before the first training forward only.
 The step h is the router's own call count in the chunk (reset by the GRU's state None at the chunk's first
 step; the MLP router counts calls modulo depth).
 This file is the plain PyTorch spec; the Triton backend does route + plan + balance terms in three launches
@@ -57,6 +60,9 @@ class _Prior:
                 prior[h, pool] = 2 * P
         self.register_buffer("prior", prior, persistent=False)
         self.register_buffer("prior_t", torch.zeros((), dtype=torch.int64))  # training forwards so far
+        self._learned = bool(config.routing_prior_learned)
+        if self._learned:  # the decaying part, trained instead: starts at routing_prior_from nats (module h over SKIP)
+            self.prior_bias = nn.Parameter((self._prior_from * prior).to(torch.get_default_dtype()))
 
     def _add_prior(self, logits, first: bool):
         if self.prior is None:
@@ -65,6 +71,9 @@ class _Prior:
         if self._h == 0 and self.training:
             self.prior_t += 1
         t = (self.prior_t - 1 if self.training else self.prior_t).to(self.prior.dtype)
+        if self._learned:  # the fixed prior only before the first training forward; the trained bias always
+            fixed = torch.where(t < 1, self.prior[self._h], 0.0)
+            return logits + fixed.to(logits.dtype) + self.prior_bias[self._h].to(logits.dtype)
         scale = torch.where(t < 1, 1.0, self._prior_from * (1.0 - t / self._prior_steps).clamp(min=0.0))
         return logits + (scale * self.prior[self._h]).to(logits.dtype)
 

@@ -35,7 +35,7 @@ def vanilla_and_cut(backend="torch", seed=0, **kw):
     van = van.double()
     with torch.no_grad():  # routers far from their N(0, 0.02) init: their own logits of a few nats
         for name, p in mom.named_parameters():
-            if "_router." in name:
+            if "_router." in name and not name.endswith("prior_bias"):
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
     return van, mom.eval()
 
@@ -130,3 +130,40 @@ def test_train_init_from_with_prior_starts_at_phase1_loss(tmp_path):
             losses[name] = [r["lm_loss"] for r in map(json.loads, f) if "lm_loss" in r]
     assert abs(losses["pres"][0] - losses["van"][0]) < 1e-5      # same batch, same function (fp32)
     assert abs(losses["plain"][0] - losses["van"][0]) > 1e-3      # the paper's cut computes something else
+
+
+@pytest.mark.parametrize("case", ["repro layout (M = depth = 4, K = 2)", "two chunks", "MLP router"])
+def test_learned_prior_starts_exact_then_trains_and_never_decays(case):
+    """routing_prior_learned: the vanilla's logits before training; then module h leads SKIP by
+    routing_prior_from nats through a trained parameter that gets a gradient and is not decayed by training
+    forwards (only an optimizer step moves it)."""
+    from mom.train import no_decay
+
+    van, mom = vanilla_and_cut(**CASES[case], routing_prior_learned=True)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    ref = van(x).logits
+    assert (mom(x).logits - ref).abs().max().item() < 1e-12
+    names = [n for n, _ in mom.named_parameters() if n.endswith("prior_bias")]
+    assert len(names) == 2 * mom.config.chunks and all(no_decay(n) for n in names)
+    router = mom.chunks[0].attn_router
+    assert router.prior_bias.shape == (mom.config.depth, mom.config.attn_slots)
+    tau, E = mom.config.router_temperature, mom.config.n_attn
+    assert router.prior_bias[1, 1].item() == 2 * 4.0 * tau and router.prior_bias[1, E].item() == 4.0 * tau
+    mom.train()
+    mom(x).logits.sum().backward()                       # first training forward: still exact
+    assert router.prior_bias.grad is not None
+    mom.eval()
+    after1 = mom(x).logits
+    assert 0 < (after1 - ref).abs().max().item()         # module h by 4 nats over SKIP: close, not exact
+    mom.train()
+    for _ in range(5):                                   # training forwards alone do not decay it
+        mom(x)
+    mom.eval()
+    assert torch.equal(mom(x).logits, after1)
+    with torch.no_grad():                                # the parameter is the prior: zero it, the plain MoM
+        for c in mom.chunks:
+            c.attn_router.prior_bias.zero_()
+            c.ffn_router.prior_bias.zero_()
+    free = MoMForCausalLM(mom.config.replace(routing_prior=0.0, routing_prior_learned=False)).double().eval()
+    free.load_state_dict({k: v for k, v in mom.state_dict().items() if "prior" not in k})
+    assert torch.equal(mom(x).logits, free(x).logits)

@@ -21,7 +21,7 @@ MOM_FLOAT = ("layer_norm_epsilon", "initializer_range", "router_temperature", "a
              "routing_prior_from")
 MOM_BOOL = ("anchor", "skip", "shared_slots", "renormalize", "straight_through", "straight_through_clamp",
             "weighted_qkv", "dense_routing",
-            "balance_skip", "checkpoint_chunks")
+            "balance_skip", "checkpoint_chunks", "routing_prior_learned")
 MOM_CHOICE = {"router": ROUTERS, "backend": BACKENDS, "balance_loss": BALANCE_MODES}
 
 

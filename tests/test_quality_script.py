@@ -23,21 +23,24 @@ def test_toy_run(sample_data, tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["--data", sample_data, "--out", str(out), "--size", "toy", "--seeds", "1", "2", "--in_process"]
     res = quality.main(argv)
-    assert set(res["arms"]) == {"plain", "preserving", "vanilla", "vanilla_flops"}
+    assert set(res["arms"]) == {"plain", "preserving", "learned", "vanilla", "vanilla_flops"}
     for arm, r in res["arms"].items():
         assert len(r["final"]) == 2 and r["std"] >= 0
     assert res["arms"]["vanilla_flops"]["steps"] == round(res["flops_ratio"] * res["arms"]["vanilla"]["steps"])
     assert 1.5 < res["flops_ratio"] < 2.0
-    assert abs(res["start"]["preserving"] - res["start"]["vanilla"]) < 1e-5   # the function-preserving cut
+    assert abs(res["start"]["preserving"] - res["start"]["vanilla"]) < 1e-5   # the function-preserving cuts
+    assert abs(res["start"]["learned"] - res["start"]["vanilla"]) < 1e-5
     assert {"val_loss_before", "val_loss_after", "val_loss_after_retrain", "val_loss_full_retrain"} <= set(res["removal"])
     for ext in (".json", ".md", ".png"):
         assert os.path.getsize(str(out / "quality") + ext) > 0
     cmds = open(out / "commands.sh").read()
-    assert cmds.count("python -m mom.train --config") == 1 + 4 * 2
+    assert cmds.count("python -m mom.train --config") == 1 + 5 * 2
     with open(out / "configs" / "preserving_s1.json") as f:
         cfg = json.load(f)
     assert cfg["model_overrides"]["routing_prior"] == 50.0 and cfg["init_from"].endswith("phase1")
+    with open(out / "configs" / "learned_s1.json") as f:
+        assert json.load(f)["model_overrides"]["routing_prior_learned"] is True
     capsys.readouterr()
     quality.main(argv + ["--no_removal"])  # rerun: every arm is found finished
     printed = capsys.readouterr().out
-    assert printed.count("done already") == 1 + 4 * 2
+    assert printed.count("done already") == 1 + 5 * 2
