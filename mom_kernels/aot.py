@@ -278,7 +278,7 @@ def compile_launch(launch: Launch, arch: int) -> dict:
     compiled = triton.compile(src, target=target, options=options.__dict__)
     ptx = compiled.asm["ptx"]
     res = resource_usage(compiled.asm["cubin"])
-    res.update(wgmma="wgmma" in ptx, mma="mma.sync" in ptx or "wgmma" in ptx,
+    res.update(wgmma="wgmma" in ptx, mma="mma.sync" in ptx or "wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx,
                triton_shared=getattr(compiled.metadata, "shared", None), seconds=time.time() - t0)
     return res
 
@@ -296,6 +296,8 @@ def run(dtypes=("bf16", "fp16", "fp32"), archs=(90, 80), shape=(4096, 2, 8, 768,
     for dt in dtypes:
         for launch in record_launches(_DTYPES[dt], *shape):
             for arch in archs:
+                if arch < 90 and launch.constexprs.get("W_TMA"):
+                    continue  # the launcher never takes the TMA path before sm_90
                 res = compile_launch(launch, arch)
                 row = dict(kernel=launch.name, dtype=dt, arch=arch, config=launch.config(), role=launch.role,
                            gemm=launch.name in GEMM_KERNELS, **res)

@@ -324,7 +324,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
             A_GATHER=a_gather, A_LN=ln is not None, **dst_epi,
             UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
             IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
-            EVEN_K=n_in % cfg["BLOCK_K"] == 0, W_TMA=desc is not None, W_T=w_transposed,
+            EVEN_K=n_in % cfg["BLOCK_K"] == 0, W_TMA=desc is not None, W_T=desc is not None and w_transposed,
             BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if mode == "fused":

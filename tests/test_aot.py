@@ -1,6 +1,6 @@
 """AOT compile check (mom_kernels/aot.py): every kernel at the launchers' configurations compiles for
-sm_90 and sm_80 on this CPU machine, with no local-memory spills, and the 16-bit GEMM kernels'
-sm_90 PTX uses wgmma. Runs `python -m mom_kernels.aot` in a subprocess (the interpreter must be off
+sm_90 and sm_80 on this CPU machine, with no local-memory spills, the 16-bit GEMM kernels'
+sm_90 PTX uses wgmma, and the TMA weight path (sm_90 only) loads W with cp.async.bulk.tensor. Runs `python -m mom_kernels.aot` in a subprocess (the interpreter must be off
 while compiling)."""
 import json
 import os
@@ -56,6 +56,8 @@ def test_aot_compile_sm90_sm80(tmp_path):
     no_wgmma = [(r["kernel"], r["config"]) for r in rows
                 if r["gemm"] and r["arch"] == 90 and r["dtype"] == "bf16" and not r["wgmma"]]
     assert not no_wgmma, f"sm_90 GEMMs without wgmma: {no_wgmma}"
+    tma = [r for r in rows if "W_TMA" in r["config"]]
+    assert tma and all(r["tma"] and r["arch"] == 90 for r in tma), "the TMA weight path must load W by TMA"
     assert all(r["reg"] <= 255 for r in rows)
     assert all(r["triton_shared"] <= 227 * 1024 for r in rows if r["arch"] == 90)
     assert all(r["triton_shared"] <= 163 * 1024 for r in rows if r["arch"] == 80)
