@@ -1,6 +1,6 @@
 """The paper's quality claim at small scale: does the MoM beat the vanilla it was cut from?
 
-    python benchmarks/quality.py --data data/X --out runs/quality --results benchmarks/results/quality_X [size]
+    python -m benchmarks.quality --data data/X --out runs/quality --results benchmarks/results/quality_X [size]
 
 One phase 1 (a vanilla GPT-2), then, for every seed, five phase-2 arms on the same training data:
     plain        the paper's cut (routers new, mom.convert.from_gpt2)

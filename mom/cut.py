@@ -16,6 +16,10 @@ throughout, take over (their gradient through the softmax is ~exp(-P scale), so 
 is within a few nats). The prior is added after the router's forward, so it works for every backend
 (the Triton one's fused GRU cell + head included) and costs one [N, S] add per router call.
 
+MoMConfig.routing_prior_learned = True replaces the decay by a trained per-step bias (routers.py: prior_bias
+[depth, S], starting at the routing_prior_from value, no weight decay): routing starts on the layer order and
+leaves it where the loss's gradient says so instead of on a schedule (docs/training.md, section 5).
+
     python -m mom.train --config configs/repro_phase2_preserving.json      (model_overrides: routing_prior,
                                                                              routing_prior_steps)
     model = mom.convert.from_gpt2(sd, cfg, preserving=True)   (routing_prior=50 unless cfg sets one)
