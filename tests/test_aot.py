@@ -1,6 +1,7 @@
 """AOT compile check (mom_kernels/aot.py): every kernel at the launchers' configurations compiles for
 sm_90 and sm_80 on this CPU machine, with no local-memory spills, the 16-bit GEMM kernels'
-sm_90 PTX uses wgmma, and the TMA weight path (sm_90 only) loads W with cp.async.bulk.tensor. Runs `python -m mom_kernels.aot` in a subprocess (the interpreter must be off
+sm_90 PTX uses wgmma, and the TMA weight path (sm_90 only) loads W with cp.async.bulk.tensor.
+Runs `python -m mom_kernels.aot` in a subprocess (the interpreter must be off
 while compiling)."""
 import json
 import os

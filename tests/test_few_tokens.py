@@ -75,7 +75,8 @@ def test_all_skip_repeated_modules_and_non_contiguous_inputs():
     gen = torch.Generator().manual_seed(0)
     T, K, D, O = 6, 2, 8, 5
     x = torch.randn(D, T, generator=gen, dtype=torch.float64).t()          # non-contiguous [T, D]
-    W, b = torch.randn(E, D, O, generator=gen, dtype=torch.float64), torch.randn(E, O, generator=gen, dtype=torch.float64)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    W, b = torch.randn(E, D, O, **f64), torch.randn(E, O, **f64)
     g = torch.rand(K, T, generator=gen, dtype=torch.float64).t()           # non-contiguous weights
     with torch.no_grad():
         skip = torch.full((T, K), E)
@@ -90,7 +91,8 @@ def test_all_skip_repeated_modules_and_non_contiguous_inputs():
 
 def test_reruns_are_bit_identical():
     gen = torch.Generator().manual_seed(3)
-    x, W1, b1 = torch.randn(16, 8, generator=gen), torch.randn(E, 8, 12, generator=gen), torch.randn(E, 12, generator=gen)
+    x, W1 = torch.randn(16, 8, generator=gen), torch.randn(E, 8, 12, generator=gen)
+    b1 = torch.randn(E, 12, generator=gen)
     W2, b2 = torch.randn(E, 12, 8, generator=gen), torch.randn(E, 8, generator=gen)
     gamma, beta, ids, g = torch.ones(E, 8), torch.zeros(E, 8), random_ids(16, 2, gen), torch.rand(16, 2, generator=gen)
     with torch.no_grad():

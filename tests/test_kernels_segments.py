@@ -61,7 +61,7 @@ def test_segment_sum_equals_the_pick_loop(tiles, gather, weighted):
     ids[ids == 3] = E                                                      # module 3 empty
     w = torch.rand(T, K, generator=g, dtype=torch.float64)
     per_pick = torch.randn(T * K, N, generator=g, dtype=torch.float64)   # dY of each pick
-    if gather:                                                             # dY per token: every pick reads its token's row
+    if gather:  # dY per token: every pick reads its token's row
         per_pick = torch.randn(T, N, generator=g, dtype=torch.float64).repeat_interleave(K, 0)
     want = torch.zeros(E, N, dtype=torch.float64)
     for p in range(T * K):
