@@ -17,9 +17,9 @@ One grouped GEMM kernel, specialised by constexpr flags, does every row-parallel
 
 The backward uses the same kernel with W[m] transposed (strides swapped, no copy) for dX. The kernel walks the
 tile schedule in a loop, so one program per tile (the default grid) and a persistent grid
-(MOM_KERNELS_PERSISTENT) run the same code. `gemm_mode` (MOM_KERNELS_GEMM) picks "fused" (the epilogue in
-registers), "split" (plain products, then `_rows_epilogue_kernel`) or "grouped_mm" (torch._grouped_mm on
-operands in sorted order, then the same epilogue pass). MOM_KERNELS_TMA=1 (opt-in until measured on a GPU) loads
+(MOM_KERNELS_PERSISTENT) run the same code. `gemm_mode` (MOM_KERNELS_GEMM, per GEMM role) picks "fused" (the
+epilogue in registers), "split" (plain products, then `_rows_epilogue_kernel`) or "grouped_mm"
+(torch._grouped_mm on operands in sorted order, then the same epilogue pass). MOM_KERNELS_TMA=1 (opt-in until measured on a GPU) loads
 the W tiles through a tensor descriptor (TMA on sm_90; `weight_descriptor` says where it is valid; sm_80 and
 other shapes keep the pointer loads); the gathered A rows stay pointer loads (Hopper's TMA cannot gather rows).
 
@@ -265,7 +265,7 @@ def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> d
 def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: bool = False,
                  bias=None, ln=None, gelu: bool = False, pre=None, save_pre: bool = False,
                  gelu_bwd: bool = False, weights=None, rowdot: int = 0, part=None, u=None,
-                 u_ln=None, store: str = "sorted"):
+                 u_ln=None, store: str = "sorted", role: str = "linear"):
     """Launch `_grouped_gemm_kernel`: out[row_out(s)] = epi(pro(a[row_a(s)]) @ W[m]).
 
     a      [T or P, N_in] (rows by token if a_gather else by sorted position)
@@ -276,6 +276,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
     pre    [P, N_out] pre-activation (written when save_pre, read when gelu_bwd or rowdot == 1)
     weights [P] routing weights g (contiguous), part [n_tiles_N, P] fp32 row-dot partial sums
     store  "sorted" (row s), "pick" (row p = t*K + k) or "token" (row t)
+    role   which GEMM of the routed ops this is (GEMM_ROLES): picks the mode (`gemm_mode`)
     """
     E = w.shape[0]
     if w_transposed:
@@ -299,7 +300,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
     u_t = u if u is not None else dummy.view(1, 1)
     g_t = weights if weights is not None else dummy
     part_t = part if part is not None else dummy
-    mode = gemm_mode(a.dtype, n_in, n_out)
+    mode = gemm_mode(a.dtype, n_in, n_out, role)
     epi = dict(HAS_BIAS=bias is not None, EPI_GELU=gelu, SAVE_PRE=save_pre, GELU_BWD=gelu_bwd,
                WEIGHTED=weights is not None, ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode)
     if mode == "grouped_mm":  # cuBLAS / CUTLASS grouped GEMM on A in sorted order, then the epilogue pass
@@ -340,16 +341,42 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
     return out
 
 
-def gemm_mode(dtype: torch.dtype, n_in: int, n_out: int) -> str:
-    """How `grouped_gemm` runs (MOM_KERNELS_GEMM): "fused" (default: the Triton GEMM with its epilogue in
-    registers), "split" (the Triton GEMM writes fp32 products in sorted order, `_rows_epilogue_kernel` does the
-    epilogue: fewer registers in the mainloop, one more pass over the products) or "grouped_mm"
-    (torch._grouped_mm on A gathered in sorted order, then the same epilogue pass; where it cannot run - fp64,
-    rows not a multiple of 16 bytes - the "split" path runs instead). Which is fastest per GEMM role and shape
-    is for a GPU run to measure (benchmarks/bench_routed_ffn.py under each setting); until then "fused"."""
-    mode = os.environ.get("MOM_KERNELS_GEMM", "").strip() or "fused"
-    if mode not in ("fused", "split", "grouped_mm"):
-        raise ValueError(f"MOM_KERNELS_GEMM must be 'fused', 'split' or 'grouped_mm', got {mode!r}")
+# the grouped GEMMs of the routed ops, by role (MOM_KERNELS_GEMM's per-role overrides name them)
+GEMM_ROLES = ("ffn_up", "ffn_down", "ffn_down_dx", "ffn_up_dx", "linear", "linear_dx")
+GEMM_MODES = ("fused", "split", "grouped_mm")
+# default mode per role: "fused" everywhere until a GPU has timed the three modes per role and shape
+# (benchmarks/bench_routed_ffn.py under each MOM_KERNELS_GEMM setting)
+DEFAULT_GEMM_MODES = {role: "fused" for role in GEMM_ROLES}
+
+
+def _mode_setting() -> dict:
+    """MOM_KERNELS_GEMM parsed: "split" (every role) or "fused,ffn_down_dx=split,ffn_up=grouped_mm" (a mode for
+    every role, then per-role overrides) -> {role: mode}."""
+    spec = os.environ.get("MOM_KERNELS_GEMM", "").strip()
+    modes = dict(DEFAULT_GEMM_MODES)
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        role, _, mode = item.rpartition("=")
+        role, mode = role.strip(), mode.strip()
+        if mode not in GEMM_MODES or (role and role not in GEMM_ROLES):
+            raise ValueError(f"MOM_KERNELS_GEMM must look like 'fused' or 'fused,ffn_up=grouped_mm' (modes "
+                             f"{', '.join(GEMM_MODES)}; roles {', '.join(GEMM_ROLES)}), got {spec!r}")
+        if role:
+            modes[role] = mode
+        else:
+            modes = {r: mode for r in GEMM_ROLES}
+    return modes
+
+
+def gemm_mode(dtype: torch.dtype, n_in: int, n_out: int, role: str = "linear") -> str:
+    """How `grouped_gemm` runs for a GEMM role (MOM_KERNELS_GEMM, per role; GEMM_ROLES): "fused" (default: the
+    Triton GEMM with its epilogue in registers), "split" (the Triton GEMM writes fp32 products in sorted order,
+    `_rows_epilogue_kernel` does the epilogue: fewer registers in the mainloop, one more pass over the
+    products) or "grouped_mm" (torch._grouped_mm on A gathered in sorted order, then the same epilogue pass;
+    where it cannot run - fp64, rows not a multiple of 16 bytes - the "split" path runs instead). Which is
+    fastest per role and shape is for a GPU run to measure; until then DEFAULT_GEMM_MODES ("fused")."""
+    if role not in GEMM_ROLES:
+        raise ValueError(f"gemm_mode: role must be one of {GEMM_ROLES}, got {role!r}")
+    mode = _mode_setting()[role]
     if mode == "grouped_mm":
         size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 0
         if not (hasattr(torch, "_grouped_mm") and dtype in (torch.bfloat16, torch.float16, torch.float32)

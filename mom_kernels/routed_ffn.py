@@ -51,15 +51,15 @@ def ffn_fwd_impl(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan,
     # rows 0..S-1 of h / pre are used (S = non-SKIP picks, known only on the device)
     h = x.new_empty(P, F)
     pre = x.new_empty(P if save_pre else 0, F)
-    grouped_gemm(a, w1, plan, out=h, a_gather=a_gather, bias=b1, ln=a_ln, gelu=True,
+    grouped_gemm(a, w1, plan, out=h, a_gather=a_gather, bias=b1, ln=a_ln, gelu=True, role="ffn_up",
                  pre=pre if save_pre else None, save_pre=save_pre, store="sorted")
     del a
     if K == 1 and residual is None:
         y = x.new_zeros(T, D)
-        grouped_gemm(h, w2, plan, out=y, a_gather=False, bias=b2, weights=g, store="token")
+        grouped_gemm(h, w2, plan, out=y, a_gather=False, bias=b2, weights=g, store="token", role="ffn_down")
     else:
         buf = torch.empty(P, D, device=x.device, dtype=slot_dtype(x.dtype))  # per-pick slots
-        grouped_gemm(h, w2, plan, out=buf, a_gather=False, bias=b2, weights=g, store="pick")
+        grouped_gemm(h, w2, plan, out=buf, a_gather=False, bias=b2, weights=g, store="pick", role="ffn_down")
         y = x.new_empty(T, D)
         combine(buf, ids, E, y, res=residual)
     return y, mean, rstd, pre
@@ -78,13 +78,13 @@ def ffn_bwd_impl(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, mean, 
     # GEMM2^T: dpre = g * (dy[t] @ W2^T) * gelu'(pre), row dots with gelu(pre) for dg
     dpre = x.new_empty(P, F)
     part = torch.empty(rowdot_tiles(F, x.dtype), P, device=x.device, dtype=cdt)  # SKIP columns unread
-    grouped_gemm(dy, w2, plan, out=dpre, a_gather=True, w_transposed=True, pre=pre, gelu_bwd=True,
+    grouped_gemm(dy, w2, plan, out=dpre, a_gather=True, w_transposed=True, pre=pre, gelu_bwd=True, role="ffn_down_dx",
                  weights=g, rowdot=1, part=part, store="sorted")
     db2 = torch.empty(b2.shape, device=x.device, dtype=b2.dtype)
     dw2, db2 = grouped_dw(pre, dy, plan, db=db2, a_gather=False, a_mode=2, dy_gather=True, weights=g)
     # GEMM1^T: dU[p] = dpre[s] @ W1^T into per-pick slots, then LayerNorm backward per token
     buf = torch.empty(P, D, device=x.device, dtype=slot_dtype(x.dtype))
-    grouped_gemm(dpre, w1, plan, out=buf, a_gather=False, w_transposed=True, store="pick")
+    grouped_gemm(dpre, w1, plan, out=buf, a_gather=False, w_transposed=True, store="pick", role="ffn_up_dx")
     dx = x.new_empty(T, D)
     combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x, res=dy if add_dy else None)
     dgamma = torch.empty(ln_weight.shape, device=x.device, dtype=ln_weight.dtype)

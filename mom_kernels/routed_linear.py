@@ -96,7 +96,7 @@ def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean,
     part = None
     if g is not None:
         part = torch.empty(rowdot_tiles(n_in, x.dtype), P, device=x.device, dtype=cdt)  # SKIP columns unread
-    grouped_gemm(dy, weight, plan, out=buf, a_gather=True, w_transposed=True, weights=g,
+    grouped_gemm(dy, weight, plan, out=buf, a_gather=True, w_transposed=True, weights=g, role="linear_dx",
                  rowdot=2 if g is not None else 0, part=part, u=x, u_ln=ln, store="pick")
     dx = x.new_empty(T, n_in)
     dgamma = dbeta = None

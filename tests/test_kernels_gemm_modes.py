@@ -67,3 +67,30 @@ def test_gemm_mode_choice(monkeypatch):
         gemm_mode(torch.bfloat16, 64, 64)
     monkeypatch.delenv("MOM_KERNELS_GEMM")
     assert gemm_mode(torch.bfloat16, 64, 64) == "fused"
+
+
+def test_per_role_modes(monkeypatch):
+    """MOM_KERNELS_GEMM="fused,ffn_down_dx=split": a mode for every role, then overrides; each GEMM of the routed
+    FFN and linear asks for its own role, and gets what the setting says."""
+    from mom_kernels import gemm
+
+    monkeypatch.setenv("MOM_KERNELS_GEMM", "fused,ffn_down_dx=split,ffn_up=grouped_mm")
+    assert gemm_mode(torch.bfloat16, 64, 64, "ffn_down_dx") == "split"
+    assert gemm_mode(torch.bfloat16, 64, 64, "ffn_up") == "grouped_mm"
+    assert gemm_mode(torch.bfloat16, 64, 64, "linear_dx") == "fused"
+    for bad in ("fused,ffn_up=cublas", "fused,attn=split", "ffn_up=fast"):
+        monkeypatch.setenv("MOM_KERNELS_GEMM", bad)
+        with pytest.raises(ValueError, match="MOM_KERNELS_GEMM"):
+            gemm_mode(torch.bfloat16, 64, 64, "ffn_up")
+    with pytest.raises(ValueError, match="role"):
+        gemm_mode(torch.bfloat16, 64, 64, "qkv")
+    seen = []
+    real = gemm.gemm_mode
+    monkeypatch.setattr(gemm, "gemm_mode", lambda *a: seen.append((a[3], real(*a))) or seen[-1][1])
+    monkeypatch.setenv("MOM_KERNELS_GEMM", "split,ffn_up=fused,linear=fused")
+    for op in ("ffn", "linear"):
+        ts, fn, _, grad_idx, N = _case(op, 2)
+        _run(fn, [t.float() if t.is_floating_point() else t for t in ts], grad_idx,
+             torch.randn(T, N, device=DEVICE))
+    assert dict(seen) == {"ffn_up": "fused", "ffn_down": "split", "ffn_down_dx": "split", "ffn_up_dx": "split",
+                          "linear": "fused", "linear_dx": "split"}
