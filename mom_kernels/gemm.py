@@ -19,9 +19,10 @@ The backward uses the same kernel with W[m] transposed (strides swapped, no copy
 tile schedule in a loop, so one program per tile (the default grid) and a persistent grid
 (MOM_KERNELS_PERSISTENT) run the same code. `gemm_mode` (MOM_KERNELS_GEMM, per GEMM role) picks "fused" (the
 epilogue in registers), "split" (plain products, then `_rows_epilogue_kernel`) or "grouped_mm"
-(torch._grouped_mm on operands in sorted order, then the same epilogue pass). MOM_KERNELS_TMA=1 (opt-in until measured on a GPU) loads
-the W tiles through a tensor descriptor (TMA on sm_90; `weight_descriptor` says where it is valid; sm_80 and
-other shapes keep the pointer loads); the gathered A rows stay pointer loads (Hopper's TMA cannot gather rows).
+(torch._grouped_mm on operands in sorted order, then the same epilogue pass). MOM_KERNELS_TMA=1 (opt-in until
+measured on a GPU) loads the W tiles through a tensor descriptor (TMA on sm_90; `weight_descriptor` says where
+it is valid; sm_80 and other shapes keep the pointer loads); the gathered A rows stay pointer loads (Hopper's
+TMA cannot gather rows).
 
 Measured on an H200 (benchmarks/results/h200_2026-11-28/): 540 TFLOP/s for the plain grouped GEMM at
 16384 x 1280 x 5120 (dense cuBLAS 720), 280 with the fused LayerNorm prologue (why the forward LayerNorm is
