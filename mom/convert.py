@@ -194,7 +194,11 @@ def from_pretrained(directory: str, **config_overrides):
             raise FileNotFoundError(f"from_pretrained: {p} not found")
     config = read_config(cfg_path, **config_overrides)
     sd = load_safetensors(w_path)
+    # the weights' dtype (not an integer buffer's, e.g. the routing prior's step count prior_t), before loading:
+    # an fp64 checkpoint loaded into fp32 parameters would be rounded
+    dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), None)
     model = MoMForCausalLM(config)
+    model = model.to(dtype) if dtype is not None else model
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = [k for k in own if k in sd and own[k].shape != sd[k].shape]
@@ -202,4 +206,4 @@ def from_pretrained(directory: str, **config_overrides):
         raise FileFormatError(f"from_pretrained: {w_path} does not fit {cfg_path}: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}, wrong shape {bad[:3]}")
     model.load_state_dict(sd)
-    return model.to(next(iter(sd.values())).dtype) if sd else model
+    return model

@@ -167,3 +167,19 @@ def test_learned_prior_starts_exact_then_trains_and_never_decays(case):
     free = MoMForCausalLM(mom.config.replace(routing_prior=0.0, routing_prior_learned=False)).double().eval()
     free.load_state_dict({k: v for k, v in mom.state_dict().items() if "prior" not in k})
     assert torch.equal(mom(x).logits, free(x).logits)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_prior_checkpoints_load_back(tmp_path, learned):
+    """A cut with a routing prior saves and loads (its integer step counter prior_t sorts before the weights in
+    the file: the model's dtype must come from the weights), with the prior's state and function intact."""
+    van, mom = vanilla_and_cut(routing_prior_learned=learned)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    mom.train()
+    mom(x)                                       # one training forward: prior_t = 1
+    mom.eval()
+    mom.save_pretrained(str(tmp_path / "ckpt"))
+    back = MoMForCausalLM.from_pretrained(str(tmp_path / "ckpt")).eval()
+    assert back.wte.weight.dtype == torch.float64
+    assert back.chunks[0].attn_router.prior_t.item() == 1
+    assert torch.equal(back(x).logits, mom(x).logits)
