@@ -17,8 +17,8 @@ and one gather of each pick's row (SKIP: the zero row R) with the weighted sum o
 baddbmm). About 8 + (1 or 2) x (picked modules) operator calls, where the plan-based path takes ~30 + 4 x.
 
 Used by mom.routed's torch ops when autograd is off and T <= MAX_TOKENS (`applies`); the router then builds no
-plan either. Tests: tests/test_few_tokens.py (against mom.routed's reference, T = 1..MAX_TOKENS, K = 1..3,
-SKIP, repeated modules, fp64 / fp32, non-contiguous inputs, residual).
+plan either. Tests: tests/test_few_tokens.py (against per-pick loops written in the test, T = 1..MAX_TOKENS,
+K = 1..3, SKIP, repeated modules, fp64 / fp32, non-contiguous inputs, residual; the dispatch).
 """
 from __future__ import annotations
 
@@ -126,10 +126,10 @@ def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
                residual: Optional[torch.Tensor] = None):
     """x [T, D], w1 [E, D, F], w2 [E, F, D] -> [T, D]: each pick's GELU FFN of LN_m(x), weighted, summed."""
     plan = _HostPlan(ids, w1.shape[0])
-    h = x.new_empty(plan.R, w1.shape[2])                                                  # [R, F]
+    h = plan.rows_buffer(x, w1.shape[2])                                                  # [R (+1), F]
     for m, lo, hi, u in _module_inputs(_normed(x, eps), plan, ln_weight, ln_bias):
         torch.addmm(b1[m], u, w1[m], out=h[lo:hi])
-    h = F.gelu(h, approximate="tanh")              # one GELU for all rows (a SKIP row's is never read)
+    h = F.gelu(h, approximate="tanh")                                  # one GELU for all rows
     y = plan.rows_buffer(x, w2.shape[2])                                                  # [R (+1), D]
     for m, lo, hi in plan.groups:
         torch.addmm(b2[m], h[lo:hi], w2[m], out=y[lo:hi])
