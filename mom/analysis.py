@@ -126,7 +126,8 @@ def least_used(freqs: dict, frac_attn: float, frac_ffn: float) -> Dict[str, List
 @torch.no_grad()
 def remove_modules(model, drop_attn: List[List[int]], drop_ffn: List[List[int]]):
     """A copy of model without the listed modules (per chunk; every chunk drops as many): pools keep the other
-    modules' slices, routers keep the logits rows of the kept modules and of SKIP, everything else is copied."""
+    modules' slices, routers keep the logits rows of the kept modules and of SKIP (and the learned routing
+    prior's columns alike), everything else is copied."""
     from .model import MoMForCausalLM
 
     cfg = model.config
@@ -156,6 +157,8 @@ def remove_modules(model, drop_attn: List[List[int]], drop_ffn: List[List[int]])
             v = v.index_select(0, keep[(int(parts[1]), parts[2][:-5])][0])          # [E, ...] -> [E', ...]
         elif parts[0] == "chunks" and parts[2] in ("attn_router", "ffn_router") and parts[3] == "head":
             v = v.index_select(0, keep[(int(parts[1]), parts[2][:-7])][1])          # [S, ...] -> [S', ...]
+        elif parts[0] == "chunks" and parts[2] in ("attn_router", "ffn_router") and parts[3] == "prior_bias":
+            v = v.index_select(1, keep[(int(parts[1]), parts[2][:-7])][1])          # [depth, S] -> [depth, S']
         sd[k] = v
     p = next(model.parameters())
     new = MoMForCausalLM(new_cfg).to(device=p.device, dtype=p.dtype)

@@ -72,6 +72,24 @@ def test_removing_never_picked_modules_changes_nothing():
         assert torch.equal(small.chunks[0].ffn_router.head.weight, m.chunks[0].ffn_router.head.weight[[0, 2, 4]])
 
 
+def test_removal_keeps_the_learned_routing_prior_columns():
+    """A cut with a learned routing prior (prior_bias [depth, slots]): its columns go with the kept modules."""
+    m = tiny_model(seed=2, routing_prior=50.0, routing_prior_learned=True).double()
+    x = torch.randint(0, 512, (2, 24))
+    m.train()
+    m(x)                                    # past the first training forward: the fixed prior is off
+    m.eval()
+    drop_a, drop_f = [[2], [0]], [[1, 3], [0, 2]]
+    with torch.no_grad():
+        for c in range(m.config.chunks):
+            m.chunks[c].attn_router.head.bias[drop_a[c]] = -1e4
+            m.chunks[c].ffn_router.head.bias[drop_f[c]] = -1e4
+            m.chunks[c].ffn_router.prior_bias.normal_()
+    small = analysis.remove_modules(m, drop_a, drop_f)
+    torch.testing.assert_close(small(x).logits, m(x).logits, rtol=1e-9, atol=1e-9)
+    assert torch.equal(small.chunks[0].ffn_router.prior_bias, m.chunks[0].ffn_router.prior_bias[:, [0, 2, 4]])
+
+
 def test_removal_reroutes_and_rejects_bad_requests():
     m = tiny_model(seed=2)
     small = analysis.remove_modules(m, [[0, 1], [1, 2]], [[3], [3]])
