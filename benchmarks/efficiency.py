@@ -244,8 +244,8 @@ def verdict(arows, rows, modes, settings="") -> list:
     out.append(dict(claim="... and it matches GPT-2-large's quality at those FLOPs and memory",
                     paper="matches (GLUE, XSUM)", ours="not measured", holds="not shown",
                     why="the models here are untrained (routers as initialised); showing it needs pre-training "
-                        "at 774M parameters (docs/training.md: at width 64 with 3 seeds the MoM was 0.023 nats worse at equal "
-                        "tokens and about 0.10 behind at equal FLOPs)"))
+                        "at 774M parameters (docs/training.md: at width 128 with 3 seeds the MoM was 0.030 nats worse "
+                        "at equal tokens and 0.10 behind at equal FLOPs)"))
     return out
 
 
