@@ -3,9 +3,9 @@
     python -m benchmarks.count_launches            # steps of depth 1, 2, 3 and one router call's route + plan
     python -m benchmarks.count_launches --table    # also the kernels and ops of the depth-1 step
 
-The layer and inputs are tests/test_launches.py's (width 32, 4 attention / 3 FFN modules, top-2, GRU routers,
-2 x 24 tokens, Triton backend); forward + backward with the balance loss, parameter gradients unset before.
-Counted by `mom_kernels.launches.count_launches`: Triton launches plus aten ops that are GPU kernels.
+The layer (STEP_LAYER, also tests/test_launches.py's: width 32, 4 attention / 3 FFN modules, top-2, GRU
+routers, Triton backend) on 2 x 24 tokens; `mom_kernels.launches.count_step`: forward + backward with the
+balance loss, parameter gradients unset before; Triton launches plus aten ops that are GPU kernels.
 """
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ import argparse
 import os
 
 import torch
+
+# the layer of one counted step (tests/test_launches.py budgets the same one)
+STEP_LAYER = dict(n_embd=32, n_head=4, n_inner=48, chunks=1, n_attn=4, n_ffn=3, depth=1, top_k=2, n_bottom=0,
+                  n_top=0, router_dim=16, backend="triton")
 
 
 def main(argv=None):
@@ -24,23 +28,15 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     from mom import MoMConfig
     from mom.layer import MoMLayer
-    from mom_kernels.launches import count_launches
+    from mom_kernels.launches import count_launches, count_step
     from mom_kernels.route import route
 
     def step(depth):
-        cfg = MoMConfig(n_embd=32, n_head=4, n_inner=48, chunks=1, n_attn=4, n_ffn=3, depth=depth, top_k=2,
-                        n_bottom=0, n_top=0, router_dim=16, backend="triton")
+        cfg = MoMConfig(**{**STEP_LAYER, "depth": depth})
         torch.manual_seed(0)
         layer = MoMLayer(cfg).to(a.device)
-        x = torch.randn(2, 24, 32, device=a.device, requires_grad=True)
-        dy, da = torch.randn_like(x), torch.tensor(0.01, device=a.device)
-        for counted in (False, True):  # a warm-up first
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-            with count_launches() as c:
-                out = layer(x)
-                torch.autograd.backward([out.hidden_states, out.aux_loss], [dy, da])
-        return c
+        x = torch.randn(2, 24, cfg.n_embd, device=a.device, requires_grad=True)
+        return count_step(layer, x, torch.randn_like(x), torch.tensor(0.01, device=a.device))
 
     counts = {d: step(d) for d in (1, 2, 3)}
     for d, c in counts.items():

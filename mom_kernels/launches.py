@@ -26,7 +26,7 @@ import torch
 from torch._library import custom_ops as _custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["count_launches", "LaunchCount", "uncounted"]
+__all__ = ["count_launches", "count_step", "LaunchCount", "uncounted"]
 
 _state = threading.local()
 
@@ -159,3 +159,16 @@ def count_launches():
             cls.run = original
         for owner, name, original in host_saved:
             setattr(owner, name, original)
+
+
+def count_step(layer, x, dy, daux) -> LaunchCount:
+    """The launches of one training step of a MoM layer (forward, then backward of its output with dy and of
+    its balance loss with daux), after one uncounted warm-up step (first calls compile and fill caches);
+    parameter and input gradients are unset before each step, as after optimizer.zero_grad()."""
+    for counted in (False, True):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with count_launches() if counted else contextlib.nullcontext() as count:
+            out = layer(x)
+            torch.autograd.backward([out.hidden_states, out.aux_loss], [dy, daux])
+    return count

@@ -322,14 +322,13 @@ def plan_from_ids(ids: Tensor, n_modules: int, block_m: int) -> RoutingPlan:
     return _scan_and_scatter(ids, cnt, cnt, T, K, E, E, E, block_m, BT)
 
 
-def route_fwd(logits: Tensor, n_modules: int, top_k: int, temperature: float, renormalize: bool,
-              straight_through: bool, dense: bool, n_bal: int, block_m: int):
-    """Launches 1-3 from logits [T, S]. Returns (ids, weights, probs, slots, f, P, balance, plan)."""
+def _route_launch(logits: Tensor, n_modules: int, top_k: int, temperature: float, renormalize: bool,
+                  straight_through: bool, dense: bool):
+    """Launch 1 from logits [T, S]: (ids, weights, probs, slots) [T, K] / [T, S], the per-block counts cnt and
+    probability sums psum [n_blocks, S] that launch 2 reduces, and the token block size BT."""
     T, S = logits.shape
-    E = int(n_modules)
     K = S if dense else int(top_k)
     dev, dt = logits.device, logits.dtype
-    cdt = acc_dtype(dt)
     BS = _p2(S, 16)
     BT = _block_t(BS)
     n_blocks = triton.cdiv(T, BT)
@@ -338,17 +337,28 @@ def route_fwd(logits: Tensor, n_modules: int, top_k: int, temperature: float, re
     weights = torch.empty(T, K, device=dev, dtype=dt)
     probs = torch.empty(T, S, device=dev, dtype=dt)
     cnt = torch.empty(n_blocks, S, device=dev, dtype=torch.int32)
-    psum = torch.empty(n_blocks, S, device=dev, dtype=cdt)
-    f = torch.empty(n_bal, device=dev, dtype=dt)
-    pm = torch.empty(n_bal, device=dev, dtype=dt)
-    loss = torch.empty((), device=dev, dtype=dt)
+    psum = torch.empty(n_blocks, S, device=dev, dtype=acc_dtype(dt))
     if n_blocks:
         _route_kernel[(n_blocks,)](
-            logits, ids, slots, weights, probs, cnt, psum, T, S, E, 1.0 / float(temperature),
+            logits, ids, slots, weights, probs, cnt, psum, T, S, int(n_modules), 1.0 / float(temperature),
             logits.stride(0), logits.stride(1),
             FROM_LOGITS=True, K=K, DENSE=dense, RENORM=renormalize and not dense, STRAIGHT=straight_through,
             BLOCK_T=BT, BLOCK_S=BS, BLOCK_K=max(2, triton.next_power_of_2(K)), num_warps=4)
-    plan = _scan_and_scatter(ids, cnt, psum, T, K, E, S, n_bal, block_m, BT, f=f, pm=pm, loss=loss)
+    return ids, weights, probs, slots, cnt, psum, BT
+
+
+def route_fwd(logits: Tensor, n_modules: int, top_k: int, temperature: float, renormalize: bool,
+              straight_through: bool, dense: bool, n_bal: int, block_m: int):
+    """Launches 1-3 from logits [T, S]. Returns (ids, weights, probs, slots, f, P, balance, plan)."""
+    T, S = logits.shape
+    E = int(n_modules)
+    dt, dev = logits.dtype, logits.device
+    ids, weights, probs, slots, cnt, psum, BT = _route_launch(logits, E, top_k, temperature, renormalize,
+                                                              straight_through, dense)
+    f = torch.empty(n_bal, device=dev, dtype=dt)
+    pm = torch.empty(n_bal, device=dev, dtype=dt)
+    loss = torch.empty((), device=dev, dtype=dt)
+    plan = _scan_and_scatter(ids, cnt, psum, T, ids.shape[1], E, S, n_bal, block_m, BT, f=f, pm=pm, loss=loss)
     return ids, weights, probs, slots, f, pm, loss, plan
 
 
@@ -510,25 +520,7 @@ def route_picks(logits: Tensor, n_modules: int, top_k: int = 1, temperature: flo
     computes them, without the plan and the balance terms (launches 2 and 3: the few-token ops of
     mom_kernels.decode need no plan, a decode step no balance loss). Forward only: no autograd."""
     _check_route_args(logits, n_modules, top_k, temperature, dense)
-    T, S = logits.shape
-    K = S if dense else int(top_k)
-    dev, dt = logits.device, logits.dtype
-    BS = _p2(S, 16)
-    BT = _block_t(BS)
-    n_blocks = triton.cdiv(T, BT)
-    ids = torch.empty(T, K, device=dev, dtype=torch.int64)
-    slots = torch.empty(T, K, device=dev, dtype=torch.int64)
-    weights = torch.empty(T, K, device=dev, dtype=dt)
-    probs = torch.empty(T, S, device=dev, dtype=dt)
-    cnt = torch.empty(n_blocks, S, device=dev, dtype=torch.int32)        # written, unused here
-    psum = torch.empty(n_blocks, S, device=dev, dtype=acc_dtype(dt))    # written, unused here
-    if n_blocks:
-        _route_kernel[(n_blocks,)](
-            logits, ids, slots, weights, probs, cnt, psum, T, S, int(n_modules), 1.0 / float(temperature),
-            logits.stride(0), logits.stride(1),
-            FROM_LOGITS=True, K=K, DENSE=dense, RENORM=renormalize and not dense, STRAIGHT=straight_through,
-            BLOCK_T=BT, BLOCK_S=BS, BLOCK_K=max(2, triton.next_power_of_2(K)), num_warps=4)
-    return ids, weights, probs, slots
+    return _route_launch(logits, n_modules, top_k, temperature, renormalize, straight_through, dense)[:4]
 
 
 def route_reference(logits: Tensor, n_modules: int, top_k: int = 1, temperature: float = 1.0,

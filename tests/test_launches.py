@@ -11,10 +11,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from benchmarks.count_launches import STEP_LAYER  # noqa: E402
 from mom import MoMConfig  # noqa: E402
 from mom.layer import MoMLayer  # noqa: E402
 from mom_kernels import route as R  # noqa: E402
-from mom_kernels.launches import count_launches  # noqa: E402
+from mom_kernels.launches import count_launches, count_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -23,23 +24,13 @@ ROUTE_PLAN_BUDGET = 6   # one router call's route + plan, forward + backward
 
 
 def _layer(depth=1, **kw):
-    base = dict(n_embd=32, n_head=4, n_inner=48, chunks=1, n_attn=4, n_ffn=3, depth=depth, top_k=2,
-                n_bottom=0, n_top=0, router_dim=16, backend="triton")
-    cfg = MoMConfig(**{**base, **kw})
+    cfg = MoMConfig(**{**STEP_LAYER, "depth": depth, **kw})
     return MoMLayer(cfg).to(DEVICE)
 
 
 def _step_count(layer, B=2, T=24):
     x = torch.randn(B, T, layer.config.n_embd, device=DEVICE, requires_grad=True)
-    dy, daux = torch.randn_like(x), torch.tensor(0.01, device=DEVICE)
-    out = layer(x)  # warm-up (first calls compile / cache)
-    torch.autograd.backward([out.hidden_states, out.aux_loss], [dy, daux])
-    layer.zero_grad(set_to_none=True)
-    x.grad = None
-    with count_launches() as c:
-        out = layer(x)
-        torch.autograd.backward([out.hidden_states, out.aux_loss], [dy, daux])
-    return c
+    return count_step(layer, x, torch.randn_like(x), torch.tensor(0.01, device=DEVICE))
 
 
 def test_step_launch_budget():
