@@ -12,7 +12,7 @@ def test_bench_gemv_rows_and_csv(tmp_path):
                             "--tokens", "1", "3", "--repeats", "2", "--csv", str(path)])
     assert [(r["op"], r["T"]) for r in rows] == [("ffn", 1), ("qkv", 1), ("ffn", 3), ("qkv", 3)]
     for r in rows:
-        assert r["distinct"] == (2.0 if r["T"] == 1 else r["distinct"]) and 2 <= r["distinct"] <= 4
+        assert (r["distinct"] == 2.0) if r["T"] == 1 else (2 <= r["distinct"] <= 4)  # K = 2 distinct per token
         assert r["MB"] > 0 and r["us"] > 0 and r["of_copy"] > 0
     with open(path) as f:
         assert len(list(csv.DictReader(f))) == 4

@@ -81,3 +81,23 @@ def assert_2x_rule(name, got, ref_lowp, ref_hi, floor):
     e_ref = max_err(ref_lowp, ref_hi)
     assert e_got <= 2 * e_ref + floor, (f"{name}: error {e_got:.3e} > 2 x reference's own "
                                         f"{e_ref:.3e} + {floor:.1e}")
+
+
+def outputs_and_grads(fn, ts, grad_idx, dy):
+    """[fn(*ts), d/d ts[i] for i in grad_idx] with the output's gradient dy (fresh leaves each call)."""
+    leaves = [t.detach().clone().requires_grad_() if i in grad_idx else t for i, t in enumerate(ts)]
+    y = fn(*leaves)
+    return [y] + list(torch.autograd.grad(y, [leaves[i] for i in grad_idx], dy))
+
+
+def assert_matches_reference(name, got, ref, low, grad_idx, dy, rtol=2e-4, atol=2e-4, floor=2e-2):
+    """got = outputs_and_grads of a kernel op on the inputs low (fp32, or bf16 / fp16) against the reference op
+    ref: fp32 tight against fp64; 16-bit by the 2x rule (against ref in fp64 and in the same low precision)."""
+    hi = outputs_and_grads(ref, [t.double() if t.is_floating_point() else t for t in low], grad_idx, dy.double())
+    if got[0].dtype == torch.float32:
+        for i, (a, b) in enumerate(zip(got, hi)):
+            torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=f"{name} #{i}")
+        return
+    ref_low = outputs_and_grads(ref, low, grad_idx, dy.to(got[0].dtype))
+    for i, (a, b, c) in enumerate(zip(got, ref_low, hi)):
+        assert_2x_rule(f"{name} #{i}", a, b, c, floor)

@@ -10,33 +10,31 @@ from mom.config import MoMConfig
 E = 5
 
 
-def loop_linear(x, W, b, ids, g, gamma, beta, eps, res):
-    """One token, one pick at a time: res[t] + sum_k g[t,k] (LN_m(x[t]) @ W[m] + b[m]), SKIP (id E) adds 0."""
-    out = torch.zeros(x.shape[0], W.shape[2], dtype=x.dtype)
+def loop(x, ids, g, res, module, width):
+    """One token, one pick at a time: res[t] + sum_k g[t,k] module(m, x[t]); SKIP (id E) adds 0."""
+    out = torch.zeros(x.shape[0], width, dtype=x.dtype)
     for t in range(x.shape[0]):
         for k in range(ids.shape[1]):
             m = int(ids[t, k])
-            if m == E:
-                continue
-            u = x[t]
-            if gamma is not None:
-                u = (u - u.mean()) / torch.sqrt(u.var(unbiased=False) + eps) * gamma[m] + beta[m]
-            y = u @ W[m] + (b[m] if b is not None else 0)
-            out[t] += (g[t, k] if g is not None else 1) * y
+            if m != E:
+                out[t] += (g[t, k] if g is not None else 1) * module(m, x[t])
     return out if res is None else res + out
+
+
+def ln(u, gamma, beta, m, eps):
+    return (u - u.mean()) / torch.sqrt(u.var(unbiased=False) + eps) * gamma[m] + beta[m]
+
+
+def loop_linear(x, W, b, ids, g, gamma, beta, eps, res):
+    """res[t] + sum_k g[t,k] (LN_m(x[t]) @ W[m] + b[m])."""
+    return loop(x, ids, g, res, lambda m, u: (ln(u, gamma, beta, m, eps) if gamma is not None else u) @ W[m]
+                + (b[m] if b is not None else 0), W.shape[2])
 
 
 def loop_ffn(x, gamma, beta, W1, b1, W2, b2, ids, g, eps, res):
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for k in range(ids.shape[1]):
-            m = int(ids[t, k])
-            if m == E:
-                continue
-            u = x[t]
-            u = (u - u.mean()) / torch.sqrt(u.var(unbiased=False) + eps) * gamma[m] + beta[m]
-            out[t] += g[t, k] * (F.gelu(u @ W1[m] + b1[m], approximate="tanh") @ W2[m] + b2[m])
-    return out if res is None else res + out
+    """res[t] + sum_k g[t,k] (gelu(LN_m(x[t]) @ W1[m] + b1[m]) @ W2[m] + b2[m])."""
+    return loop(x, ids, g, res, lambda m, u: F.gelu(ln(u, gamma, beta, m, eps) @ W1[m] + b1[m], approximate="tanh")
+                @ W2[m] + b2[m], W2.shape[2])
 
 
 def random_ids(T, K, gen, skip_share=0.3):

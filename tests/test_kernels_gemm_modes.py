@@ -15,16 +15,11 @@ import mom_kernels as mk  # noqa: E402
 from mom_kernels import reference  # noqa: E402
 from mom_kernels.gemm import gemm_mode  # noqa: E402
 from mom_kernels.routing import default_block_m  # noqa: E402
-from mom_kernels.testing import assert_2x_rule, ffn_inputs, linear_inputs  # noqa: E402
+from mom_kernels.testing import assert_matches_reference, ffn_inputs, linear_inputs  # noqa: E402
+from mom_kernels.testing import outputs_and_grads as _run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T = 3 * default_block_m(torch.device(DEVICE)) + 5  # modules over several row tiles
-
-
-def _run(fn, ts, grad_idx, dy):
-    leaves = [t.detach().clone().requires_grad_() if i in grad_idx else t for i, t in enumerate(ts)]
-    y = fn(*leaves)
-    return [y] + list(torch.autograd.grad(y, [leaves[i] for i in grad_idx], dy))
 
 
 def _case(op, K):
@@ -47,14 +42,7 @@ def test_gemm_modes_match_reference(op, K, mode, monkeypatch):
             continue  # torch._grouped_mm is bf16 only on CUDA
         low = [t.to(dtype) if t.is_floating_point() else t for t in ts]
         got = _run(fn, low, grad_idx, dy.to(dtype))
-        hi = _run(ref, [t.double() if t.is_floating_point() else t for t in low], grad_idx, dy)
-        if dtype == torch.float32:
-            for i, (a, b) in enumerate(zip(got, hi)):
-                torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4, msg=f"{op} {mode} #{i}")
-        else:
-            ref_low = _run(ref, low, grad_idx, dy.to(dtype))
-            for i, (a, b, c) in enumerate(zip(got, ref_low, hi)):
-                assert_2x_rule(f"{op} {mode} bf16 #{i}", a, b, c, 2e-2)
+        assert_matches_reference(f"{op} {mode} {dtype}", got, ref, low, grad_idx, dy)
 
 
 def test_gemm_mode_choice(monkeypatch):

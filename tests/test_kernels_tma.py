@@ -16,16 +16,11 @@ import pytest  # noqa: E402
 import mom_kernels as mk  # noqa: E402
 from mom_kernels import gemm, reference  # noqa: E402
 from mom_kernels.routing import default_block_m  # noqa: E402
-from mom_kernels.testing import assert_2x_rule, ffn_inputs, linear_inputs  # noqa: E402
+from mom_kernels.testing import assert_matches_reference, ffn_inputs, linear_inputs  # noqa: E402
+from mom_kernels.testing import outputs_and_grads as _run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T = 2 * default_block_m(torch.device(DEVICE)) + 5  # modules over several row tiles
-
-
-def _run(fn, ts, grad_idx, dy):
-    leaves = [t.detach().clone().requires_grad_() if i in grad_idx else t for i, t in enumerate(ts)]
-    y = fn(*leaves)
-    return [y] + list(torch.autograd.grad(y, [leaves[i] for i in grad_idx], dy))
 
 
 def _case(op, K):
@@ -63,14 +58,7 @@ def test_tma_path_equals_pointer_path_and_reference(op, K, monkeypatch):
         if dtype == torch.float32:  # (the interpreter's numpy dot rounds a transposed tile differently: ~1e-6)
             for i, (a, b) in enumerate(zip(got, ptr)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{op} #{i} vs the pointer path")
-        hi = _run(ref, [t.double() if t.is_floating_point() else t for t in low], grad_idx, dy)
-        if dtype == torch.float32:
-            for i, (a, b) in enumerate(zip(got, hi)):
-                torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-4, msg=f"{op} #{i}")
-        else:
-            ref_low = _run(ref, low, grad_idx, dy.to(dtype))
-            for i, (a, b, c) in enumerate(zip(got, ref_low, hi)):
-                assert_2x_rule(f"{op} bf16 #{i}", a, b, c, 2e-2)
+        assert_matches_reference(f"{op} {dtype}", got, ref, low, grad_idx, dy)
 
 
 def test_weight_descriptor_choice(monkeypatch):
