@@ -6,7 +6,7 @@ One phase 1 (a vanilla GPT-2), then, for every seed, five phase-2 arms on the sa
     plain        the paper's cut (routers new, mom.convert.from_gpt2)
     preserving   the function-preserving cut (mom/cut.py: routing prior, decays over --prior_frac of phase 2)
     learned      the function-preserving cut with a trained prior (routing_prior_learned: no forced decay;
-                 routing leaves the layer order only where the loss's gradient moves it)
+                 routing can leave the layer order only where the loss's gradient moves it)
     vanilla      the vanilla trained on for the same steps (equal tokens)
     vanilla_flops  the vanilla trained on for flops_ratio x the steps (equal training FLOPs; the ratio is the
                  MoM's forward FLOPs per token over the vanilla's, mom.flops.expected, every pick a module)

@@ -18,7 +18,8 @@ is within a few nats). The prior is added after the router's forward, so it work
 
 MoMConfig.routing_prior_learned = True replaces the decay by a trained per-step bias (routers.py: prior_bias
 [depth, S], starting at the routing_prior_from value, no weight decay): routing starts on the layer order and
-leaves it where the loss's gradient says so instead of on a schedule (docs/training.md, section 5).
+can leave it where the loss's gradient says so instead of on a schedule (in the full-size run of
+docs/training.md, section 5, it never did within 600 steps).
 
     python -m mom.train --config configs/repro_phase2_preserving.json      (model_overrides: routing_prior,
                                                                              routing_prior_steps)
