@@ -33,6 +33,7 @@ call them; `routed_linear.py` and `routed_ffn.py` wire them into autograd.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -352,8 +353,13 @@ DEFAULT_GEMM_MODES = {role: "fused" for role in GEMM_ROLES}
 
 def _mode_setting() -> dict:
     """MOM_KERNELS_GEMM parsed: "split" (every role) or "fused,ffn_down_dx=split,ffn_up=grouped_mm" (a mode for
-    every role, then per-role overrides) -> {role: mode}."""
-    spec = os.environ.get("MOM_KERNELS_GEMM", "").strip()
+    every role, then per-role overrides) -> {role: mode}. Read at each launch (tests and benchmarks switch it),
+    parsed once per distinct value."""
+    return _parse_modes(os.environ.get("MOM_KERNELS_GEMM", "").strip())
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_modes(spec: str) -> dict:
     modes = dict(DEFAULT_GEMM_MODES)
     for item in filter(None, (x.strip() for x in spec.split(","))):
         role, _, mode = item.rpartition("=")
