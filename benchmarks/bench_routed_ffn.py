@@ -177,6 +177,9 @@ def sweep(name):
 # tile configurations tried by --tiles (bf16 GEMM kernel; env overrides read by mom_kernels at launch)
 TILE_CONFIGS = [
     ("128x128x64 w8 s3 (default)", {}),
+    ("  epilogue on the whole tile", {"MOM_KERNELS_GEMM_CONFIG": "EPI_SUBTILE=1"}),
+    ("  epilogue on 2 slices", {"MOM_KERNELS_GEMM_CONFIG": "EPI_SUBTILE=2"}),
+    ("  persistent, 2 programs/SM", {"MOM_KERNELS_PERSISTENT": "2"}),
     ("128x128x64 w8 s4", {"MOM_KERNELS_GEMM_CONFIG": "num_stages=4"}),
     ("128x256x64 w8 s3", {"MOM_KERNELS_GEMM_CONFIG": "BLOCK_N=256"}),
     ("64x128x64 w4 s4", {"MOM_KERNELS_BLOCK_M": "64", "MOM_KERNELS_GEMM_CONFIG": "num_warps=4,num_stages=4"}),

@@ -10,13 +10,15 @@
 #      and GraphedTrainStep                                                     -> $OUT/tests.log
 #   5. the routed_ffn sweep "check" (bf16, against cuBLAS and the loop), then again with the TMA weight path
 #      (MOM_KERNELS_TMA=1)                                                      -> $OUT/bench.log, routed_ffn.csv
-#   6. the step's kernel timeline (benchmarks/profile_step.py)                  -> $OUT/step.log (appended)
+#   6. the GEMM tile configurations at the base point, forward (epilogue slices, persistent grid, tile shapes)
+#                                                                               -> $OUT/bench.log (appended)
+#      and the step's kernel timeline (benchmarks/profile_step.py)              -> $OUT/step.log (appended)
 #   7. generation: mom-large-efficient vs GPT-2-large decoding, bf16, both graphed, batch 1 and 64, prompt 128
 #      (benchmarks/bench_decode.py), and the few-token kernel's weight reads against the copy bandwidth
 #      (benchmarks/bench_gemv.py)                                               -> $OUT/decode.log
 #   8. a short table, printed last.
 # Budget: < 10 minutes in all (about 6 when nothing times out); every stage has its own timeout
-# (80 + 100 + 120 + 50 + 45 + 30 + 120 + 30 s), and a stage that times out leaves what it finished. 8 files come back
+# (80 + 100 + 120 + 50 + 45 + 25 + 30 + 100 + 30 s), and a stage that times out leaves what it finished. 8 files come back
 # from $OUT, so this writes no more. Copy the CSV rows into benchmarks/results/ afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,12 +75,15 @@ echo "-- the same sweep with the TMA weight path (MOM_KERNELS_TMA=1)" >> "$OUT/b
 MOM_KERNELS_TMA=1 timeout 45 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn_tma.csv" \
   >> "$OUT/bench.log" 2>&1 || echo "TMA sweep failed or timed out"
 
+stage "GEMM tiles at the base point (forward): epilogue slices, persistent grid, tile shapes"
+timeout 25 python -m benchmarks.bench_routed_ffn --tiles >> "$OUT/bench.log" 2>&1 || echo "tile sweep failed or timed out"
+
 stage "kernel timeline of the step"
 timeout 30 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
   --modules 16 --top-k 2 --batch 8 --tokens 1024 >> "$OUT/step.log" 2>&1 || echo "profile_step failed or timed out"
 
 stage "generation (bf16, graphed) and the few-token kernel"
-timeout 120 python -m benchmarks.bench_decode --device cuda --scale 1 --dtype bfloat16 --cuda-graph --batch 1 64 \
+timeout 100 python -m benchmarks.bench_decode --device cuda --scale 1 --dtype bfloat16 --cuda-graph --batch 1 64 \
   --prompt 128 --new-tokens 16 --repeats 1 --out "$OUT/decode" > "$OUT/decode.log" 2>&1 \
   || echo "bench_decode failed or timed out (rc $?)"
 rm -rf "$OUT/decode"   # its CSV / MD / PNG: the table is in decode.log
@@ -113,4 +118,6 @@ if [ -f "$OUT/routed_ffn.csv" ]; then
 else
   tail -n 5 "$OUT/bench.log"
 fi
+echo "-- GEMM tiles (forward, base point)"
+grep -E "^tile sweep|^  " "$OUT/bench.log" | tail -n 12
 [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]

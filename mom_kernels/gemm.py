@@ -12,7 +12,8 @@ One grouped GEMM kernel, specialised by constexpr flags, does every row-parallel
                  (a - mean[t]) * rstd[t] * gamma[m] + beta[m]
     epilogue   = `_epilogue`: + bias[m]; GELU (tanh) storing the pre-activation for backward; * g[p];
                  * gelu'(pre) (backward); a partial row dot product with a recomputed U row (the
-                 gradient of the routing weight g)
+                 gradient of the routing weight g); run on EPI_SUBTILE column slices of the tile in turn
+                 (`gemm_config`: 4 for 16-bit on a GPU), so that only one slice's temporaries are live
     row_out(s) = s (grouped store), p (per-pick slot, for the deterministic combine) or t (K == 1)
 
 The backward uses the same kernel with W[m] transposed (strides swapped, no copy) for dX. The kernel walks the
@@ -47,17 +48,18 @@ from .routing import RoutingPlan
 
 
 @triton.jit
-def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
-              bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-              N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk,
+def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n,
+              bias_ptr, out_ptr, pre_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+              stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk,
               stride_ge, stride_gk,
               HAS_BIAS: tl.constexpr, EPI_GELU: tl.constexpr, SAVE_PRE: tl.constexpr, GELU_BWD: tl.constexpr,
               WEIGHTED: tl.constexpr, ROWDOT: tl.constexpr, U_LN: tl.constexpr, STORE_MODE: tl.constexpr,
               RTNE: tl.constexpr):
     """What happens to a [BM, BN] tile of products acc (rows: sorted positions offs_s64, their picks and
     tokens) before it is stored; m_idx is the module (a scalar for a GEMM tile, [BM, 1] for row blocks that
-    span modules): + bias[m]; GELU storing the pre-activation; the row dot of the routing weight's gradient
-    (part[pid_n, p]); * gelu'(pre); * g[p]; store to row s, p or t."""
+    span modules): + bias[m]; GELU storing the pre-activation; * gelu'(pre); * g[p]; store to row s, p or t.
+    Returns the tile's part of the routing weight's gradient row dot, [BM] (zeros unless ROWDOT; the caller
+    stores it to part[pid_n, p], after adding the subtiles' parts)."""
     cdt = mean_ptr.dtype.element_ty
     tok64 = tok.to(tl.int64)
     mask_mn = mask_m[:, None] & mask_n[None, :]
@@ -87,7 +89,8 @@ def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
                               other=0.0).to(cdt)
                 uu = (uu - mu2[:, None]) * rs2[:, None] * ga2 + be2
         part = tl.sum(tl.where(mask_mn, acc * uu, 0.0), axis=1)  # [BM]
-        tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
+    else:
+        part = tl.zeros_like(offs_s64).to(cdt)
     if GELU_BWD:
         acc = acc * _gelu_grad(pre)
     if WEIGHTED:
@@ -101,6 +104,13 @@ def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
         o_rows = tok64
     tl.store(out_ptr + o_rows[:, None] * stride_om + offs_n[None, :] * stride_on,
              _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+    return part
+
+
+@triton.jit
+def _halves(acc, BM: tl.constexpr, BN: tl.constexpr):
+    """[BM, BN] -> its left and right column halves, [BM, BN/2] each (registers only)."""
+    return tl.split(tl.permute(tl.reshape(acc, [BM, 2, BN // 2]), (0, 2, 1)))
 
 
 @triton.jit
@@ -127,6 +137,7 @@ def _grouped_gemm_kernel(
     EVEN_K: tl.constexpr,  # N_IN % BLOCK_K == 0: no masks along the reduction
     W_TMA: tl.constexpr,  # W tiles through the tensor descriptor w_desc (TMA on sm_90; needs EVEN_K), else pointers
     W_T: tl.constexpr,  # with W_TMA: w_desc is over the stored [E * N_OUT, N_IN] (dX reads W transposed)
+    EPI_SUBTILE: tl.constexpr,  # 1, 2 or 4: the epilogue on that many column slices in turn (fewer live registers)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # one program per (row tile, N tile) of the schedule, or (persistent grid, fewer programs than tiles)
@@ -182,12 +193,30 @@ def _grouped_gemm_kernel(
                     w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                                 mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
                 acc = _mma(a, w, acc, UPCAST, IEEE)
-            # ---- epilogue (shared with the split path's `_rows_epilogue_kernel`) ----
-            _epilogue(acc, m64, offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
-                      bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-                      N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
-                      stride_uk, stride_ge, stride_gk,
-                      HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+            # ---- epilogue (shared with the split path's `_rows_epilogue_kernel`) on EPI_SUBTILE column slices
+            # [BM, BN / EPI_SUBTILE] one after the other: the live registers are one slice's, not the tile's ----
+            if EPI_SUBTILE == 1:
+                slices = (acc,)
+            else:
+                left, right = _halves(acc, BLOCK_M, BLOCK_N)  # [BM, BN/2] each
+                if EPI_SUBTILE == 2:
+                    slices = (left, right)
+                else:  # 4: [BM, BN/4] each, left to right
+                    ll, lr = _halves(left, BLOCK_M, BLOCK_N // 2)
+                    rl, rr = _halves(right, BLOCK_M, BLOCK_N // 2)
+                    slices = (ll, lr, rl, rr)
+            BN_S: tl.constexpr = BLOCK_N // EPI_SUBTILE
+            part = tl.zeros([BLOCK_M], dtype=cdt)  # [BM] the routing weight's row dot over this tile's columns
+            offs_j = pid_n * BLOCK_N + tl.arange(0, BN_S)  # slice j's columns (advanced, not recomputed from j:
+            for j in tl.static_range(EPI_SUBTILE):          # 7 registers fewer on sm_90 in the AOT compile)
+                part += _epilogue(slices[j], m64, offs_s64, pick, tok, mask_m, offs_j, offs_j < N_OUT,
+                                  bias_ptr, out_ptr, pre_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                                  stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
+                                  stride_uk, stride_ge, stride_gk,
+                                  HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+                offs_j += BN_S
+            if ROWDOT != 0:
+                tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
 
 
 @triton.jit
@@ -219,11 +248,13 @@ def _rows_epilogue_kernel(
         cdt = mean_ptr.dtype.element_ty
         acc = tl.load(c_ptr + offs_s64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
                       mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(cdt)
-        _epilogue(acc, mod.to(tl.int64)[:, None], offs_s64, pick, tok, mask_m, offs_n, mask_n, pid_n,
-                  bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-                  N_PICKS, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
-                  stride_uk, stride_ge, stride_gk,
-                  HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+        part = _epilogue(acc, mod.to(tl.int64)[:, None], offs_s64, pick, tok, mask_m, offs_n, mask_n,
+                         bias_ptr, out_ptr, pre_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                         stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
+                         stride_uk, stride_ge, stride_gk,
+                         HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+        if ROWDOT != 0:
+            tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
 
 
 def weight_descriptor(w, cfg: dict, n_in: int, w_transposed: bool):
@@ -234,7 +265,8 @@ def weight_descriptor(w, cfg: dict, n_in: int, w_transposed: bool):
     reduction), w is contiguous with 16-byte row strides, and the device has TMA (sm_90+; the interpreter runs
     the same code for the tests). The descriptor views w [E, N1, N2] as [E * N1, N2] with tiles [BLOCK_K,
     BLOCK_N] (or [BLOCK_N, BLOCK_K], transposed in registers, for dX); a tile's columns past N_OUT come from the
-    next module or the zero fill past the tensor's end and are never stored."""
+    next module or the zero fill past the tensor's end and are never stored. On a GPU only 16-bit weights take
+    it (the interpreter runs it in every dtype, for the tests)."""
     choice = os.environ.get("MOM_KERNELS_TMA", "0").strip()
     if choice not in ("0", "1"):
         raise ValueError(f"MOM_KERNELS_TMA must be 0 or 1, got {choice!r}")
@@ -242,6 +274,8 @@ def weight_descriptor(w, cfg: dict, n_in: int, w_transposed: bool):
         return None
     if w.is_cuda and torch.cuda.get_device_capability(w.device)[0] < 9:
         return None  # sm_80: no TMA, the pointer path
+    if w.device.type != "cpu" and w.dtype not in (torch.float16, torch.bfloat16):  # (meta: the AOT records as a GPU)
+        return None  # fp32 / fp64 run FMA dots, not wgmma: descriptor loads there cost 255 registers (AOT), no speed
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if w_transposed else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
@@ -249,19 +283,32 @@ def weight_descriptor(w, cfg: dict, n_in: int, w_transposed: bool):
 
 
 def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> dict:
-    """Tile sizes of `_grouped_gemm_kernel` (BLOCK_M comes from the plan).
-    GPU: 128x128x64 tiles, 8 warps, 3 stages for 16-bit inputs (the usual Hopper/Ampere
-    tensor-core tile); fp32/fp64 halve BLOCK_N/BLOCK_K to stay in registers / shared memory."""
+    """Tile sizes of `_grouped_gemm_kernel` (BLOCK_M comes from the plan) and its epilogue slices.
+    GPU: 128x128x64 tiles, 8 warps, 3 stages for 16-bit inputs (the usual Hopper/Ampere tensor-core tile), the
+    epilogue on 4 column slices of 32: on sm_90 that keeps every variant at <= 153 registers (<= 130 but the
+    GELU forward on pointer loads), where the whole-tile epilogue took up to 255 (the GELU backward and TMA
+    variants), with the same mainloop (benchmarks/results/aot_cpu_2026-11-29_subtile.md); at <= 128 registers
+    two 8-warp programs fit on an SM. fp32/fp64 halve BLOCK_N/BLOCK_K to stay
+    in registers / shared memory and keep the whole-tile epilogue (slicing the FMA-path tiles saves no registers
+    there). The interpreter runs 4 slices too (the 16-bit GPU code path); MOM_KERNELS_GEMM_CONFIG overrides any
+    field, e.g. "EPI_SUBTILE=1" (16-bit GPU and interpreter)."""
     if interpret:
-        return dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=min(32, _p2(n_in)), num_warps=4, num_stages=1)
-    if dtype in (torch.float16, torch.bfloat16):
-        cfg = dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=min(32, _p2(n_in)), num_warps=4, num_stages=1, EPI_SUBTILE=4)
         cfg.update(_env_override("MOM_KERNELS_GEMM_CONFIG"))
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _p2(n_out))
-        return cfg
-    if dtype == torch.float64:
-        return dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=16, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=min(64, _p2(n_out)), BLOCK_K=32, num_warps=8, num_stages=3)
+    elif dtype in (torch.float16, torch.bfloat16):
+        cfg = dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, EPI_SUBTILE=4)
+        cfg.update(_env_override("MOM_KERNELS_GEMM_CONFIG"))
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _p2(n_out))
+    elif dtype == torch.float64:
+        cfg = dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=16, num_warps=4, num_stages=2, EPI_SUBTILE=1)
+    else:
+        cfg = dict(BLOCK_N=min(64, _p2(n_out)), BLOCK_K=32, num_warps=8, num_stages=3, EPI_SUBTILE=1)
+    if cfg["EPI_SUBTILE"] not in (1, 2, 4):
+        raise ValueError(f"MOM_KERNELS_GEMM_CONFIG: EPI_SUBTILE must be 1, 2 or 4, got {cfg['EPI_SUBTILE']}")
+    # a slice keeps at least 16 columns on a GPU (the MMA layout's width), at least 1 in the interpreter
+    cfg["EPI_SUBTILE"] = max(1, min(cfg["EPI_SUBTILE"], cfg["BLOCK_N"] // (1 if interpret else 16)))
+    return cfg
 
 
 def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: bool = False,
@@ -328,6 +375,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
             UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
             IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
             EVEN_K=n_in % cfg["BLOCK_K"] == 0, W_TMA=desc is not None, W_T=desc is not None and w_transposed,
+            EPI_SUBTILE=cfg["EPI_SUBTILE"] if mode == "fused" else 1,
             BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if mode == "fused":

@@ -195,6 +195,12 @@ MUTATIONS: List[Mutation] = [
     Mutation("tma_k_offset_dropped", "the TMA tiles of W ignore the reduction offset", "mom_kernels/gemm.py",
              "w = w_desc.load([m * N_IN + k0, pid_n * BLOCK_N])", "w = w_desc.load([m * N_IN, pid_n * BLOCK_N])",
              ("tests/test_kernels_tma.py",)),
+    Mutation("subtile_slice_columns_dropped", "every epilogue slice writes the tile's first columns", GEMM,
+             "offs_j += BN_S", "offs_j += 0", ("tests/test_kernels_subtile.py",)),
+    Mutation("subtile_quarters_out_of_order", "the 4-slice epilogue stores the middle quarters swapped", GEMM,
+             "slices = (ll, lr, rl, rr)", "slices = (ll, rl, lr, rr)", ("tests/test_kernels_subtile.py",)),
+    Mutation("subtile_rowdot_last_slice_only", "the routing weight's row dot keeps only the last slice's part", GEMM,
+             "part += _epilogue(slices[j]", "part = _epilogue(slices[j]", ("tests/test_kernels_subtile.py",)),
     # ---- the torch backend (mom/routed.py) ----
     Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
              "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",

@@ -1,6 +1,7 @@
 """AOT compile check (mom_kernels/aot.py): every kernel at the launchers' configurations compiles for
 sm_90 and sm_80 on this CPU machine, with no local-memory spills, the 16-bit GEMM kernels'
-sm_90 PTX uses wgmma, and the TMA weight path (sm_90 only) loads W with cp.async.bulk.tensor.
+sm_90 PTX uses wgmma, the TMA weight path (sm_90 only) loads W with cp.async.bulk.tensor, and the 16-bit
+grouped GEMM keeps every variant within 168 registers on sm_90 (its sliced epilogue, `gemm.gemm_config`).
 Runs `python -m mom_kernels.aot` in a subprocess (the interpreter must be off
 while compiling)."""
 import json
@@ -60,5 +61,9 @@ def test_aot_compile_sm90_sm80(tmp_path):
     tma = [r for r in rows if "W_TMA" in r["config"]]
     assert tma and all(r["tma"] and r["arch"] == 90 for r in tma), "the TMA weight path must load W by TMA"
     assert all(r["reg"] <= 255 for r in rows)
+    # the forward / dX grouped GEMM on sm_90 in 16-bit: every variant (epilogue flags, TMA) within 168 registers
+    fat = [(r["config"], r["reg"]) for r in rows if r["kernel"] == "_grouped_gemm_kernel" and r["arch"] == 90
+           and r["dtype"] == "bf16" and r["reg"] > 168]
+    assert not fat, f"sm_90 grouped GEMMs over 168 registers: {fat}"
     assert all(r["triton_shared"] <= 227 * 1024 for r in rows if r["arch"] == 90)
     assert all(r["triton_shared"] <= 163 * 1024 for r in rows if r["arch"] == 80)
