@@ -21,9 +21,10 @@ tile schedule in a loop, so one program per tile (the default grid) and a persis
 (MOM_KERNELS_PERSISTENT) run the same code. `gemm_mode` (MOM_KERNELS_GEMM, per GEMM role) picks "fused" (the
 epilogue in registers), "split" (plain products, then `_rows_epilogue_kernel`) or "grouped_mm"
 (torch._grouped_mm on operands in sorted order, then the same epilogue pass). MOM_KERNELS_TMA=1 (opt-in until
-measured on a GPU) loads the W tiles through a tensor descriptor (TMA on sm_90; `weight_descriptor` says where
-it is valid; sm_80 and other shapes keep the pointer loads); the gathered A rows stay pointer loads (Hopper's
-TMA cannot gather rows).
+measured on a GPU) loads the W tiles, and the A tiles whose rows are already in sorted order (the FFN down's h,
+the FFN up's dX input, the sorted LayerNorm rows), through tensor descriptors (TMA on sm_90; `weight_descriptor`
+and `activation_descriptor` say where each is valid; sm_80 and other shapes keep the pointer loads); gathered A
+rows stay pointer loads (Hopper's TMA cannot gather rows).
 
 Measured on an H200 (benchmarks/results/h200_2026-11-28/): 540 TFLOP/s for the plain grouped GEMM at
 16384 x 1280 x 5120 (dense cuBLAS 720), 280 with the fused LayerNorm prologue (why the forward LayerNorm is
@@ -115,7 +116,7 @@ def _halves(acc, BM: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr,
+    a_ptr, a_desc, w_ptr, w_desc, bias_ptr, out_ptr, pre_ptr, g_ptr, part_ptr,
     u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
     sorted_pick_ptr, offsets_ptr, tile_module_ptr, tile_row_start_ptr,
     N_IN, N_OUT, TOP_K, N_MOD, N_PICKS, N_TILES,
@@ -135,6 +136,7 @@ def _grouped_gemm_kernel(
     IEEE: tl.constexpr,  # fp32 / fp64 inputs: exact dot (no TF32)
     RTNE: tl.constexpr,  # interpreter: round bf16 stores to nearest even (see _cast)
     EVEN_K: tl.constexpr,  # N_IN % BLOCK_K == 0: no masks along the reduction
+    A_TMA: tl.constexpr,  # A tiles (rows in sorted order: no gather, no LN prologue) through the descriptor a_desc
     W_TMA: tl.constexpr,  # W tiles through the tensor descriptor w_desc (TMA on sm_90; needs EVEN_K), else pointers
     W_T: tl.constexpr,  # with W_TMA: w_desc is over the stored [E * N_OUT, N_IN] (dX reads W transposed)
     EPI_SUBTILE: tl.constexpr,  # 1, 2 or 4: the epilogue on that many column slices in turn (fewer live registers)
@@ -177,8 +179,11 @@ def _grouped_gemm_kernel(
                     mask_k = tl.full([BLOCK_K], 1, tl.int1)
                 else:
                     mask_k = kk < N_IN
-                a = tl.load(a_base + kk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :],
-                            other=0.0)  # [BM, BK]
+                if A_TMA:  # rows past the module's end are loaded and never stored; past P and N_IN: zeros
+                    a = a_desc.load([row_start, k0])  # [BM, BK]
+                else:
+                    a = tl.load(a_base + kk[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :],
+                                other=0.0)  # [BM, BK]
                 if A_LN:
                     ga = tl.load(gamma_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
                     be = tl.load(beta_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
@@ -257,29 +262,51 @@ def _rows_epilogue_kernel(
             tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
 
 
-def weight_descriptor(w, cfg: dict, n_in: int, w_transposed: bool):
-    """A tensor descriptor over the stacked weights for the TMA path, or None for the pointer path.
-
-    MOM_KERNELS_TMA=1 (opt-in: not yet measured on a GPU) turns it on where it is valid: the reduction splits
-    into whole BLOCK_K tiles (N_IN % BLOCK_K == 0, so a tile never crosses into the next module along the
-    reduction), w is contiguous with 16-byte row strides, and the device has TMA (sm_90+; the interpreter runs
-    the same code for the tests). The descriptor views w [E, N1, N2] as [E * N1, N2] with tiles [BLOCK_K,
-    BLOCK_N] (or [BLOCK_N, BLOCK_K], transposed in registers, for dX); a tile's columns past N_OUT come from the
-    next module or the zero fill past the tensor's end and are never stored. On a GPU only 16-bit weights take
-    it (the interpreter runs it in every dtype, for the tests)."""
+def _tma_allowed(t: torch.Tensor) -> bool:
+    """MOM_KERNELS_TMA=1 (opt-in: not yet measured on a GPU) and a device with TMA for t: sm_90+ with 16-bit data
+    (fp32 / fp64 run FMA dots, not wgmma: descriptor loads there cost up to 255 registers in the AOT compile, for
+    no speed), or the interpreter in every dtype (the tests). `meta` tensors count as a GPU's (the AOT check)."""
     choice = os.environ.get("MOM_KERNELS_TMA", "0").strip()
     if choice not in ("0", "1"):
         raise ValueError(f"MOM_KERNELS_TMA must be 0 or 1, got {choice!r}")
-    if choice == "0" or n_in % cfg["BLOCK_K"] or not w.is_contiguous() or (w.shape[2] * w.element_size()) % 16:
+    if choice == "0":
+        return False
+    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False  # sm_80: no TMA, the pointer path
+    return t.device.type == "cpu" or t.dtype in (torch.float16, torch.bfloat16)
+
+
+def weight_descriptor(w, cfg: dict, n_in: int, w_transposed: bool):
+    """A tensor descriptor over the stacked weights for the TMA path, or None for the pointer path.
+
+    Taken where `_tma_allowed` and the reduction splits into whole BLOCK_K tiles (N_IN % BLOCK_K == 0, so a tile
+    never crosses into the next module along the reduction), w contiguous with 16-byte row strides. The descriptor
+    views w [E, N1, N2] as [E * N1, N2] with tiles [BLOCK_K, BLOCK_N] (or [BLOCK_N, BLOCK_K], transposed in
+    registers, for dX); a tile's columns past N_OUT come from the next module or the zero fill past the tensor's
+    end and are never stored."""
+    if not _tma_allowed(w) or n_in % cfg["BLOCK_K"] or not w.is_contiguous() or (w.shape[2] * w.element_size()) % 16:
         return None
-    if w.is_cuda and torch.cuda.get_device_capability(w.device)[0] < 9:
-        return None  # sm_80: no TMA, the pointer path
-    if w.device.type != "cpu" and w.dtype not in (torch.float16, torch.bfloat16):  # (meta: the AOT records as a GPU)
-        return None  # fp32 / fp64 run FMA dots, not wgmma: descriptor loads there cost 255 registers (AOT), no speed
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if w_transposed else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
     return TensorDescriptor.from_tensor(w.view(w.shape[0] * w.shape[1], w.shape[2]), block)
+
+
+def activation_descriptor(a, cfg: dict, block_m: int, a_gather: bool, ln):
+    """A tensor descriptor over A [P, N_in] in sorted row order for the TMA path, or None for pointer loads.
+
+    Taken where `_tma_allowed` and A's rows are the sorted positions themselves (no token gather: Hopper's TMA
+    cannot gather rows; no LayerNorm prologue), with unit column stride and 16-byte aligned rows and base. Tiles
+    [BLOCK_M, BLOCK_K] start at the tile's first row: rows past the module's end belong to the next module (their
+    products are never stored), rows past P and columns past N_in are the descriptor's zero fill (so the reduction
+    need not split into whole tiles)."""
+    if a_gather or ln is not None or not _tma_allowed(a) or a.stride(1) != 1:
+        return None
+    if (a.stride(0) * a.element_size()) % 16 or a.data_ptr() % 16:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(a, [block_m, cfg["BLOCK_K"]])
 
 
 def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> dict:
@@ -364,8 +391,9 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
         else:
             dst, dst_epi = out, epi
         desc = weight_descriptor(w, cfg, n_in, w_transposed)
+        a_desc = activation_descriptor(a, cfg, plan.block_m, a_gather, ln)
         _grouped_gemm_kernel[grid](
-            a, w, desc if desc is not None else w, bias_t, dst, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta,
+            a, a_desc if a_desc is not None else a, w, desc if desc is not None else w, bias_t, dst, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta,
             plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
             n_in, n_out, plan.top_k, E, plan.n_tokens * plan.top_k, plan.n_tiles,
             a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
@@ -374,7 +402,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
             A_GATHER=a_gather, A_LN=ln is not None, **dst_epi,
             UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
             IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
-            EVEN_K=n_in % cfg["BLOCK_K"] == 0, W_TMA=desc is not None, W_T=desc is not None and w_transposed,
+            EVEN_K=n_in % cfg["BLOCK_K"] == 0, A_TMA=a_desc is not None, W_TMA=desc is not None, W_T=desc is not None and w_transposed,
             EPI_SUBTILE=cfg["EPI_SUBTILE"] if mode == "fused" else 1,
             BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -201,6 +201,11 @@ MUTATIONS: List[Mutation] = [
              "slices = (ll, lr, rl, rr)", "slices = (ll, rl, lr, rr)", ("tests/test_kernels_subtile.py",)),
     Mutation("subtile_rowdot_last_slice_only", "the routing weight's row dot keeps only the last slice's part", GEMM,
              "part += _epilogue(slices[j]", "part = _epilogue(slices[j]", ("tests/test_kernels_subtile.py",)),
+    Mutation("tma_a_k_offset_dropped", "the TMA tiles of sorted A rows ignore the reduction offset", GEMM,
+             "a = a_desc.load([row_start, k0])", "a = a_desc.load([row_start, 0])", ("tests/test_kernels_tma.py",)),
+    Mutation("tma_a_row_offset_by_module", "the TMA tiles of sorted A rows start at the module's first row", GEMM,
+             "a = a_desc.load([row_start, k0])", "a = a_desc.load([tl.load(offsets_ptr + m), k0])",
+             ("tests/test_kernels_tma.py",)),
     # ---- the torch backend (mom/routed.py) ----
     Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
              "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",

@@ -1,5 +1,5 @@
-"""The grouped GEMM's TMA weight path (MOM_KERNELS_TMA=1, `gemm.weight_descriptor`): W tiles through a tensor
-descriptor instead of pointers. In the interpreter (no GPU here) the same kernel code runs: routed_ffn and
+"""The grouped GEMM's TMA paths (MOM_KERNELS_TMA=1, `gemm.weight_descriptor`, `gemm.activation_descriptor`): W
+tiles, and A tiles whose rows are in sorted order, through tensor descriptors instead of pointers. In the interpreter (no GPU here) the same kernel code runs: routed_ffn and
 routed_linear, outputs and every gradient, against the pointer path (the forward bit for bit) and the fp64 reference
 (fp32 tight, bf16 by the 2x rule), with reductions that split into whole tiles (TMA) and ones that do not
 (the pointer path), dX tiles whose rows run into the next module (columns never stored), an empty module,
@@ -37,20 +37,26 @@ def _case(op, K):
 @pytest.mark.parametrize("K", [1, 2])
 @pytest.mark.parametrize("op", ["ffn", "ffn_odd", "linear"])
 def test_tma_path_equals_pointer_path_and_reference(op, K, monkeypatch):
-    used = []
-    real = gemm.weight_descriptor
+    used, used_a = [], []
+    real, real_a = gemm.weight_descriptor, gemm.activation_descriptor
     monkeypatch.setattr(gemm, "weight_descriptor", lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setattr(gemm, "activation_descriptor", lambda *a: used_a.append(real_a(*a)) or used_a[-1])
     ts, fn, ref, grad_idx, N = _case(op, K)
     dy = torch.randn(T, N, dtype=torch.float64, device=DEVICE)
     for dtype in (torch.float32, torch.bfloat16):
         low = [t.to(dtype) if t.is_floating_point() else t for t in ts]
         monkeypatch.setenv("MOM_KERNELS_TMA", "0")
         ptr = _run(fn, low, grad_idx, dy.to(dtype))
-        assert used and all(d is None for d in used)
+        assert used and all(d is None for d in used) and all(d is None for d in used_a)
         used.clear()
+        used_a.clear()
         monkeypatch.setenv("MOM_KERNELS_TMA", "1")
         got = _run(fn, low, grad_idx, dy.to(dtype))
         assert any(d is not None for d in used), "no GEMM took the TMA path"
+        # sorted A rows (the FFN's h and dpre, the sorted LayerNorm rows) come by TMA; gathered ones never do
+        assert any(d is not None for d in used_a), "no GEMM loaded A by TMA"
+        assert any(d is None for d in used_a), "gathered A rows must stay pointer loads"
+        used_a.clear()
         if op == "ffn_odd":
             assert any(d is None for d in used), "the reductions of 80 should take pointers"
         used.clear()
@@ -75,3 +81,20 @@ def test_weight_descriptor_choice(monkeypatch):
     monkeypatch.setenv("MOM_KERNELS_TMA", "yes")
     with pytest.raises(ValueError, match="MOM_KERNELS_TMA"):
         gemm.weight_descriptor(w, cfg, 64, False)
+
+
+def test_activation_descriptor_choice(monkeypatch):
+    cfg = dict(BLOCK_N=32, BLOCK_K=32)
+    a = torch.zeros(40, 48, device=DEVICE)
+    monkeypatch.delenv("MOM_KERNELS_TMA", raising=False)
+    assert gemm.activation_descriptor(a, cfg, 16, False, None) is None        # opt-in
+    monkeypatch.setenv("MOM_KERNELS_TMA", "1")
+    d = gemm.activation_descriptor(a, cfg, 16, False, None)
+    assert d is not None and list(d.shape) == [40, 48] and list(d.block_shape) == [16, 32]
+    assert gemm.activation_descriptor(a, cfg, 16, True, None) is None         # rows gathered by token
+    assert gemm.activation_descriptor(a, cfg, 16, False, (a, a, a, a)) is None  # LayerNorm prologue
+    assert gemm.activation_descriptor(a[:, ::2], cfg, 16, False, None) is None  # column stride 2
+    assert gemm.activation_descriptor(a[:, 1:], cfg, 16, False, None) is None   # base not 16-byte aligned
+    assert gemm.activation_descriptor(torch.zeros(40, 47, device=DEVICE)[:, :45], cfg, 16, False, None) is None
+    wide = torch.zeros(40, 64, device=DEVICE)[:, :40]                           # padded rows: 256-byte stride
+    assert list(gemm.activation_descriptor(wide, cfg, 16, False, None).shape) == [40, 40]
