@@ -59,7 +59,7 @@ TESTS="tests/test_kernels_routing.py tests/test_kernels_routed_ffn.py tests/test
        tests/test_model_triton.py tests/test_kernels_route.py tests/test_kernels_gru.py tests/test_launches.py
        tests/test_kernels_residual.py tests/test_kernels_gathers.py tests/test_kernels_multitile.py
        tests/test_cuda_graphs.py tests/test_oracle_step.py tests/test_decode_kernels.py tests/test_decode_static.py
-       tests/test_kernels_tma.py tests/test_kernels_segments.py"
+       tests/test_kernels_tma.py tests/test_kernels_segments.py tests/test_kernels_subtile.py"
 if python -c "import xdist" 2>/dev/null; then PAR="-n 14"; else PAR=""; fi  # compiling dominates: spread it
 # shellcheck disable=SC2086
 timeout 120 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1

@@ -58,6 +58,23 @@ def linear_inputs(T, K, E, N_in, N_out, dtype=torch.float64, device="cpu", skip_
     return x, w, b, ids.to(device), g, lw, lb
 
 
+def routed_case(op: str, T: int, K: int, E: int, d_model: int, d_other: int, seed: int, empty=(), device="cpu"):
+    """One routed op's fp64 inputs for the kernel tests -> (tensors, op, reference op, indices of the tensors
+    that take gradients, output width). op "ffn": routed_ffn with D = d_model, F = d_other (output width D);
+    "linear": routed_linear with N_in = d_model, N_out = d_other (LayerNorm affine and weights on)."""
+    from . import reference
+    from .routed_ffn import routed_ffn
+    from .routed_linear import routed_linear
+
+    if op == "ffn":
+        ts = list(ffn_inputs(T, K, E, d_model, d_other, seed=seed, empty=empty, device=device))
+        return ts, routed_ffn, reference.routed_ffn, [0, 1, 2, 3, 4, 5, 6, 8], d_model
+    if op == "linear":
+        ts = list(linear_inputs(T, K, E, d_model, d_other, seed=seed, empty=empty, device=device))
+        return ts, routed_linear, reference.routed_linear, [0, 1, 2, 4, 5, 6], d_other
+    raise ValueError(f"routed_case: op must be 'ffn' or 'linear', got {op!r}")
+
+
 def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

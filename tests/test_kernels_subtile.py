@@ -13,22 +13,18 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import mom_kernels as mk  # noqa: E402
-from mom_kernels import gemm, reference  # noqa: E402
+from mom_kernels import gemm  # noqa: E402
 from mom_kernels.routing import default_block_m  # noqa: E402
-from mom_kernels.testing import assert_matches_reference, ffn_inputs, linear_inputs  # noqa: E402
+from mom_kernels.testing import assert_matches_reference, routed_case  # noqa: E402
 from mom_kernels.testing import outputs_and_grads as _run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T = 2 * default_block_m(torch.device(DEVICE)) + 3  # modules over several row tiles
 
 
-def _case(op, K):
-    if op == "ffn":
-        ts = list(ffn_inputs(T, K, 4, 32, 48, seed=20 + K, empty=(1,), device=DEVICE))
-        return ts, mk.routed_ffn, reference.routed_ffn, [0, 1, 2, 3, 4, 5, 6, 8], 32
-    x, w, b, ids, g, lw, lb = linear_inputs(T, K, 4, 32, 40, seed=30 + K, empty=(1,), device=DEVICE)
-    return [x, w, b, ids, g, lw, lb], mk.routed_linear, reference.routed_linear, [0, 1, 2, 4, 5, 6], 40
+def _case(op, K):  # FFN: D 32, F 48; linear: 32 -> 40
+    return routed_case(op, T, K, 4, 32, 48 if op == "ffn" else 40, seed=(20 if op == "ffn" else 30) + K, empty=(1,),
+                       device=DEVICE)
 
 
 @pytest.mark.parametrize("K", [1, 2])

@@ -13,10 +13,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import mom_kernels as mk  # noqa: E402
-from mom_kernels import gemm, reference  # noqa: E402
+from mom_kernels import gemm  # noqa: E402
 from mom_kernels.routing import default_block_m  # noqa: E402
-from mom_kernels.testing import assert_matches_reference, ffn_inputs, linear_inputs  # noqa: E402
+from mom_kernels.testing import assert_matches_reference, routed_case  # noqa: E402
 from mom_kernels.testing import outputs_and_grads as _run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,13 +24,10 @@ T = 2 * default_block_m(torch.device(DEVICE)) + 5  # modules over several row ti
 
 def _case(op, K):
     # D 64 and F 96 split into whole 32-wide tiles (TMA everywhere); F 80 does not (FFN down forward and FFN up
-    # dX take pointers) and its dX tiles of W2 [80, 64] run 16 rows into the next module
+    # dX take pointers) and its dX tiles of W2 [80, 64] run 16 rows into the next module; linear: 64 -> 80
     if op.startswith("ffn"):
-        F = 96 if op == "ffn" else 80
-        ts = list(ffn_inputs(T, K, 4, 64, F, seed=K, empty=(2,), device=DEVICE))
-        return ts, mk.routed_ffn, reference.routed_ffn, [0, 1, 2, 3, 4, 5, 6, 8], 64
-    x, w, b, ids, g, lw, lb = linear_inputs(T, K, 4, 64, 80, seed=10 + K, empty=(2,), device=DEVICE)
-    return [x, w, b, ids, g, lw, lb], mk.routed_linear, reference.routed_linear, [0, 1, 2, 4, 5, 6], 80
+        return routed_case("ffn", T, K, 4, 64, 96 if op == "ffn" else 80, seed=K, empty=(2,), device=DEVICE)
+    return routed_case("linear", T, K, 4, 64, 80, seed=10 + K, empty=(2,), device=DEVICE)
 
 
 @pytest.mark.parametrize("K", [1, 2])
