@@ -86,10 +86,11 @@ class MoMLayer(nn.Module):
         eps = cfg.layer_norm_epsilon
         xf = x.reshape(B * T, D)                                     # [N, D]
         state_a = state_f = None                                     # GRU states, zero at chunk start
+        gru = ops.gru_router_for(B * T)                              # a fused router step, or None: the modules
         routing, presents, terms = [], [], []
         for h in range(cfg.depth):
             # --- assembled attention ---
-            logits, state_a = self.attn_router(xf, state_a, ops.gru_router)  # [N, S_a]
+            logits, state_a = self.attn_router(xf, state_a, gru)  # [N, S_a]
             ra, plan = ops.route(logits, E_a, cfg, balance)                 # plan: shared by QKV and output projection
             qkv = ops.routed_linear(xf, pa.c_attn_weight, pa.c_attn_bias, ra.ids,
                                     ra.weights if cfg.weighted_qkv else None, pa.ln_weight, pa.ln_bias, eps,
@@ -102,7 +103,7 @@ class MoMLayer(nn.Module):
             xf = ops.routed_linear(o, pa.c_proj_weight, pa.c_proj_bias, ra.ids, ra.weights, plan=plan,
                                    residual=xf)                      # xf + the routed projection
             # --- assembled FFN ---
-            logits, state_f = self.ffn_router(xf, state_f, ops.gru_router)   # [N, S_f]
+            logits, state_f = self.ffn_router(xf, state_f, gru)   # [N, S_f]
             rf, plan = ops.route(logits, E_f, cfg, balance)
             xf = ops.routed_ffn(xf, pf.ln_weight, pf.ln_bias, pf.c_fc_weight, pf.c_fc_bias, pf.c_proj_weight,
                                 pf.c_proj_bias, rf.ids, rf.weights, eps, plan=plan, residual=xf)  # xf + FFN

@@ -286,8 +286,9 @@ def torch_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_b
                         plan: Optional[Plan] = None, residual: Optional[torch.Tensor] = None):
     """[residual +] the routed linear; a few tokens without autograd take mom.few_tokens (no plan)."""
     x, weight, bias, ln_weight, ln_bias = _autocast(x, weight, bias, ln_weight, ln_bias)
-    if plan is None and few_tokens.applies(ids.shape[0]):
-        return few_tokens.routed_linear(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, residual=residual)
+    if isinstance(plan, few_tokens.HostPlan) or (plan is None and few_tokens.applies(ids.shape[0])):
+        return few_tokens.routed_linear(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, residual=residual,
+                                        plan=plan)
     plan = plan if plan is not None else make_plan(ids, weight.shape[0])
     y = _TorchRoutedLinear.apply(x, weight, bias, weights, ln_weight, ln_bias, eps, plan)
     return y if residual is None else residual + y
@@ -297,8 +298,9 @@ def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e
                      plan: Optional[Plan] = None, residual: Optional[torch.Tensor] = None):
     """[residual +] the routed FFN; a few tokens without autograd take mom.few_tokens (no plan)."""
     x, ln_weight, ln_bias, w1, b1, w2, b2 = _autocast(x, ln_weight, ln_bias, w1, b1, w2, b2)
-    if plan is None and few_tokens.applies(ids.shape[0]):
-        return few_tokens.routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, residual=residual)
+    if isinstance(plan, few_tokens.HostPlan) or (plan is None and few_tokens.applies(ids.shape[0])):
+        return few_tokens.routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, residual=residual,
+                                     plan=plan)
     plan = plan if plan is not None else make_plan(ids, w1.shape[0])
     y = _TorchRoutedFFN.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan)
     return y if residual is None else residual + y
@@ -309,17 +311,39 @@ def _torch_plan(ids: torch.Tensor, n_modules: int) -> Optional[Plan]:
     return None if few_tokens.applies(ids.shape[0]) else make_plan(ids, n_modules)
 
 
+def _torch_route(logits: torch.Tensor, n_modules: int, config, balance: bool = True):
+    """(Routing, plan) of the torch backend: a few tokens without autograd are routed on the host
+    (mom.few_tokens.route: the same picks and weights, and the host plan of the routed ops that follow); other
+    calls: mom.routers.route, then make_plan (none where the routed ops take mom.few_tokens)."""
+    if few_tokens.applies(logits.shape[0]):
+        fast = few_tokens.route(logits, n_modules, config, balance)
+        if fast is not None:
+            return fast
+    from .routers import route
+
+    r = route(logits, n_modules, config, balance)
+    return r, _torch_plan(r.ids, n_modules)
+
+
 # ----------------------------------------------------------------------------------------------------------
 class Ops:
     """The routed ops of one backend: route (logits -> Routing and the plan the routed ops share),
     routed_linear, routed_ffn."""
 
     def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None, gru_router=None,
-                 fused_residual=False):
+                 fused_residual=False, few_token_gru_router=None):
         self.name, self.make_plan = name, make_plan
         self._linear, self._ffn, self._route = routed_linear, routed_ffn, route
         self.gru_router = gru_router  # a fused GRU router step, cell + head (None: nn.GRUCell + nn.Linear)
         self.fused_residual = fused_residual  # the ops take residual= and add it themselves
+        self._few_token_gru_router = few_token_gru_router  # the GRU router step of few-token no-grad calls
+
+    def gru_router_for(self, n_tokens: int):
+        """The fused GRU router step (or None: nn.GRUCell + nn.Linear) for router calls of n_tokens rows: the
+        torch backend's few-token one (mom.few_tokens.gru_router) where its routed ops take mom.few_tokens."""
+        if self._few_token_gru_router is not None and few_tokens.applies(n_tokens):
+            return self._few_token_gru_router
+        return self.gru_router
 
     def routed_linear(self, *args, residual=None, **kwargs):
         """residual + routed_linear(...) (residual None: just the routed sum)."""
@@ -345,7 +369,8 @@ class Ops:
 
 
 REFERENCE = Ops("reference", lambda ids, n_modules: None, reference_routed_linear, reference_routed_ffn)
-TORCH = Ops("torch", _torch_plan, torch_routed_linear, torch_routed_ffn, fused_residual=True)
+TORCH = Ops("torch", _torch_plan, torch_routed_linear, torch_routed_ffn, _torch_route, fused_residual=True,
+            few_token_gru_router=few_tokens.gru_router)
 
 
 def triton_available() -> bool:
