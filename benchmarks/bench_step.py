@@ -279,6 +279,9 @@ def main(argv=None):
               f"{res['routers']['median'] / res[fast]['median']:.1%}"
               + (f" (replayed from CUDA graphs: {res['routers+graph']['median'] / res['triton+graph']['median']:.1%})"
                  if "routers+graph" in res and "triton+graph" in res else ""))
+    from mom_kernels import autotune
+    for r in autotune.table():  # MOM_KERNELS_AUTOTUNE=1: what the warm-up timed and kept, per GEMM
+        print(f"autotune {r['key'][0]} {r['key'][4:]}: {r['choice']} ({r['ms']})")
     return rows
 
 

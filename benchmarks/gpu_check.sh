@@ -12,13 +12,14 @@
 #      (MOM_KERNELS_TMA=1)                                                      -> $OUT/bench.log, routed_ffn.csv
 #   6. the GEMM tile configurations at the base point, forward (epilogue slices, persistent grid, tile shapes)
 #                                                                               -> $OUT/bench.log (appended)
-#      and the step's kernel timeline (benchmarks/profile_step.py)              -> $OUT/step.log (appended)
+#      the routed step again with MOM_KERNELS_AUTOTUNE=1 (its choices per GEMM), and the step's kernel
+#      timeline (benchmarks/profile_step.py)                                    -> $OUT/step.log (appended)
 #   7. generation: mom-large-efficient vs GPT-2-large decoding, bf16, both graphed, batch 1 and 64, prompt 128
 #      (benchmarks/bench_decode.py), and the few-token kernel's weight reads against the copy bandwidth
 #      (benchmarks/bench_gemv.py)                                               -> $OUT/decode.log
 #   8. a short table, printed last.
 # Budget: < 10 minutes in all (about 6 when nothing times out); every stage has its own timeout
-# (80 + 100 + 120 + 50 + 45 + 25 + 30 + 100 + 30 s), and a stage that times out leaves what it finished. 8 files come back
+# (80 + 90 + 110 + 50 + 45 + 25 + 40 + 30 + 90 + 30 s), and a stage that times out leaves what it finished. 8 files come back
 # from $OUT, so this writes no more. Copy the CSV rows into benchmarks/results/ afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +50,7 @@ timeout 80 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-em
   || echo "bench_step failed or timed out (rc $?)"
 
 stage "whole model (mom-large-efficient vs gpt2-large, bf16, 8 x 1024)"
-timeout 100 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
+timeout 90 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
   --repeats 5 --graph --pairs mom-large-efficient:gpt2-large --csv "$OUT/bench_model.csv" > "$OUT/model.log" 2>&1 \
   || echo "bench_model failed or timed out (rc $?)"
 
@@ -59,10 +60,11 @@ TESTS="tests/test_kernels_routing.py tests/test_kernels_routed_ffn.py tests/test
        tests/test_model_triton.py tests/test_kernels_route.py tests/test_kernels_gru.py tests/test_launches.py
        tests/test_kernels_residual.py tests/test_kernels_gathers.py tests/test_kernels_multitile.py
        tests/test_cuda_graphs.py tests/test_oracle_step.py tests/test_decode_kernels.py tests/test_decode_static.py
-       tests/test_kernels_tma.py tests/test_kernels_segments.py tests/test_kernels_subtile.py"
+       tests/test_kernels_tma.py tests/test_kernels_segments.py tests/test_kernels_subtile.py
+       tests/test_kernels_autotune.py"
 if python -c "import xdist" 2>/dev/null; then PAR="-n 14"; else PAR=""; fi  # compiling dominates: spread it
 # shellcheck disable=SC2086
-timeout 120 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
+timeout 110 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
 TEST_RC=$?
 tail -n 1 "$OUT/tests.log"
 
@@ -78,12 +80,18 @@ MOM_KERNELS_TMA=1 timeout 45 python -m benchmarks.bench_routed_ffn --sweep check
 stage "GEMM tiles at the base point (forward): epilogue slices, persistent grid, tile shapes"
 timeout 25 python -m benchmarks.bench_routed_ffn --tiles >> "$OUT/bench.log" 2>&1 || echo "tile sweep failed or timed out"
 
+stage "routed step with MOM_KERNELS_AUTOTUNE=1 (each GEMM's fastest way, timed in the warm-up)"
+MOM_KERNELS_AUTOTUNE=1 timeout 40 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 \
+  --n-head 20 --modules 16 --top-k 2 --batch 8 --tokens 1024 --repeats 10 --csv /tmp/bench_step_tuned.csv 2>&1 \
+  | grep -E "^\| forward\+backward \| (dense|triton)|^autotune" | sed 's/^/tuned: /' >> "$OUT/step.log" \
+  || echo "autotuned step failed or timed out"
+
 stage "kernel timeline of the step"
 timeout 30 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
   --modules 16 --top-k 2 --batch 8 --tokens 1024 >> "$OUT/step.log" 2>&1 || echo "profile_step failed or timed out"
 
 stage "generation (bf16, graphed) and the few-token kernel"
-timeout 100 python -m benchmarks.bench_decode --device cuda --scale 1 --dtype bfloat16 --cuda-graph --batch 1 64 \
+timeout 90 python -m benchmarks.bench_decode --device cuda --scale 1 --dtype bfloat16 --cuda-graph --batch 1 64 \
   --prompt 128 --new-tokens 16 --repeats 1 --out "$OUT/decode" > "$OUT/decode.log" 2>&1 \
   || echo "bench_decode failed or timed out (rc $?)"
 rm -rf "$OUT/decode"   # its CSV / MD / PNG: the table is in decode.log
@@ -96,7 +104,7 @@ echo "-- tests"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
 tail -n 1 "$OUT/tests.log"
 echo "-- routed step"
-grep -E "^routed step|^FFN rows|^\||^GRU" "$OUT/step.log" || tail -n 5 "$OUT/step.log"
+grep -E "^routed step|^FFN rows|^\||^GRU|^tuned: " "$OUT/step.log" || tail -n 5 "$OUT/step.log"
 echo "targets: triton step fwd+bwd <= 1.6x dense eager, <= 1.3x graphed; routing <= 5% of the graphed step"
 echo "-- whole model"
 grep -E "^batch|^\|" "$OUT/model.log" || tail -n 5 "$OUT/model.log"

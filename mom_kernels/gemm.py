@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .common import (_cast, _env_override, _gelu, _gelu_grad, _mma, _p2, _row_module, _sm_count, acc_dtype,
                      interpreting, ln_pointers)
 from .gathers import gather_rows
@@ -376,46 +377,59 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
     u_t = u if u is not None else dummy.view(1, 1)
     g_t = weights if weights is not None else dummy
     part_t = part if part is not None else dummy
-    mode = gemm_mode(a.dtype, n_in, n_out, role)
     epi = dict(HAS_BIAS=bias is not None, EPI_GELU=gelu, SAVE_PRE=save_pre, GELU_BWD=gelu_bwd,
                WEIGHTED=weights is not None, ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode)
-    if mode == "grouped_mm":  # cuBLAS / CUTLASS grouped GEMM on A in sorted order, then the epilogue pass
-        if a_gather or ln is not None:
-            a = gather_rows(a, plan, gather=a_gather, mode=1 if ln is not None else 0, ln=ln)
-        c = torch._grouped_mm(a, w.transpose(1, 2) if w_transposed else w, offs=plan.offsets[1:])  # [P, N_out]
-    else:
-        if mode == "split":  # the Triton GEMM without epilogue into sorted fp32 rows, then the epilogue pass
-            c = torch.empty(plan.n_tokens * plan.top_k, n_out, device=a.device, dtype=cdt)
-            dst, dst_epi = c, dict(HAS_BIAS=False, EPI_GELU=False, SAVE_PRE=False, GELU_BWD=False, WEIGHTED=False,
-                                   ROWDOT=0, U_LN=False, STORE_MODE=0)
-        else:
-            dst, dst_epi = out, epi
-        desc = weight_descriptor(w, cfg, n_in, w_transposed)
-        a_desc = activation_descriptor(a, cfg, plan.block_m, a_gather, ln)
-        _grouped_gemm_kernel[grid](
-            a, a_desc if a_desc is not None else a, w, desc if desc is not None else w, bias_t, dst, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta,
-            plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
-            n_in, n_out, plan.top_k, E, plan.n_tokens * plan.top_k, plan.n_tiles,
-            a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
-            dst.stride(0), dst.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
-            gamma.stride(0), gamma.stride(1),
-            A_GATHER=a_gather, A_LN=ln is not None, **dst_epi,
-            UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
-            IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
-            EVEN_K=n_in % cfg["BLOCK_K"] == 0, A_TMA=a_desc is not None, W_TMA=desc is not None, W_T=desc is not None and w_transposed,
-            EPI_SUBTILE=cfg["EPI_SUBTILE"] if mode == "fused" else 1,
-            BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if mode == "fused":
-            return out
-    BLOCK_M = 16 if interp else 64
     P = plan.n_tokens * plan.top_k
-    _rows_epilogue_kernel[(max(1, triton.cdiv(P, BLOCK_M)), num_n)](
-        c, bias_t, out, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta, plan.sorted_pick, plan.offsets,
-        n_out, plan.top_k, E, P, c.stride(0), c.stride(1), bias_t.stride(0), bias_t.stride(1),
-        out.stride(0), out.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
-        gamma.stride(0), gamma.stride(1), **epi, RTNE=interp, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"],
-        num_warps=4 if interp else 8)
+
+    def launch(mode: str, slices: int):
+        """Run the GEMM one way: "fused" with its epilogue on `slices` column slices, "split" or "grouped_mm"."""
+        a_ = a
+        if mode == "grouped_mm":  # cuBLAS / CUTLASS grouped GEMM on A in sorted order, then the epilogue pass
+            if a_gather or ln is not None:
+                a_ = gather_rows(a, plan, gather=a_gather, mode=1 if ln is not None else 0, ln=ln)
+            c = torch._grouped_mm(a_, w.transpose(1, 2) if w_transposed else w, offs=plan.offsets[1:])  # [P, N_out]
+        else:
+            if mode == "split":  # the Triton GEMM without epilogue into sorted fp32 rows, then the epilogue pass
+                c = torch.empty(P, n_out, device=a.device, dtype=cdt)
+                dst, dst_epi = c, dict(HAS_BIAS=False, EPI_GELU=False, SAVE_PRE=False, GELU_BWD=False,
+                                       WEIGHTED=False, ROWDOT=0, U_LN=False, STORE_MODE=0)
+            else:
+                dst, dst_epi = out, epi
+            desc = weight_descriptor(w, cfg, n_in, w_transposed)
+            a_desc = activation_descriptor(a, cfg, plan.block_m, a_gather, ln)
+            _grouped_gemm_kernel[grid](
+                a, a_desc if a_desc is not None else a, w, desc if desc is not None else w, bias_t, dst, pre_t, g_t,
+                part_t, u_t, mean, rstd, gamma, beta,
+                plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
+                n_in, n_out, plan.top_k, E, P, plan.n_tiles,
+                a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
+                dst.stride(0), dst.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
+                gamma.stride(0), gamma.stride(1),
+                A_GATHER=a_gather, A_LN=ln is not None, **dst_epi,
+                UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
+                IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
+                EVEN_K=n_in % cfg["BLOCK_K"] == 0, A_TMA=a_desc is not None, W_TMA=desc is not None,
+                W_T=desc is not None and w_transposed, EPI_SUBTILE=slices if mode == "fused" else 1,
+                BLOCK_M=plan.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            if mode == "fused":
+                return
+        block_m = 16 if interp else 64
+        _rows_epilogue_kernel[(max(1, triton.cdiv(P, block_m)), num_n)](
+            c, bias_t, out, pre_t, g_t, part_t, u_t, mean, rstd, gamma, beta, plan.sorted_pick, plan.offsets,
+            n_out, plan.top_k, E, P, c.stride(0), c.stride(1), bias_t.stride(0), bias_t.stride(1),
+            out.stride(0), out.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
+            gamma.stride(0), gamma.stride(1), **epi, RTNE=interp, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+            num_warps=4 if interp else 8)
+
+    choice = (gemm_mode(a.dtype, n_in, n_out, role), cfg["EPI_SUBTILE"])
+    if autotune.enabled(a):  # MOM_KERNELS_AUTOTUNE=1: the fastest way for this role and shape, timed once
+        cands = [("fused", cfg["EPI_SUBTILE"])] + [("fused", 1)] * (cfg["EPI_SUBTILE"] != 1) + [("split", 1)]
+        if _grouped_mm_ok(a.dtype, n_in, n_out):
+            cands.append(("grouped_mm", 1))
+        key = (role, tuple(epi.values()), a_gather, ln is not None, a.dtype, n_in, n_out, E, triton.next_power_of_2(P))
+        choice = autotune.pick(key, cands, lambda c: launch(*c), a, default=choice)
+    launch(*choice)
     return out
 
 
@@ -423,7 +437,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
 GEMM_ROLES = ("ffn_up", "ffn_down", "ffn_down_dx", "ffn_up_dx", "linear", "linear_dx")
 GEMM_MODES = ("fused", "split", "grouped_mm")
 # default mode per role: "fused" everywhere until a GPU has timed the three modes per role and shape
-# (benchmarks/bench_routed_ffn.py under each MOM_KERNELS_GEMM setting)
+# (benchmarks/bench_routed_ffn.py under each MOM_KERNELS_GEMM setting, or MOM_KERNELS_AUTOTUNE=1's table)
 DEFAULT_GEMM_MODES = {role: "fused" for role in GEMM_ROLES}
 
 
@@ -456,16 +470,21 @@ def gemm_mode(dtype: torch.dtype, n_in: int, n_out: int, role: str = "linear") -
     `_rows_epilogue_kernel` does the epilogue: fewer registers in the mainloop, one more pass over the
     products) or "grouped_mm" (torch._grouped_mm on A gathered in sorted order, then the same epilogue pass;
     where it cannot run - fp64, rows not a multiple of 16 bytes - the "split" path runs instead). Which is
-    fastest per role and shape is for a GPU run to measure; until then DEFAULT_GEMM_MODES ("fused")."""
+    fastest per role and shape is for a GPU run to measure; until then DEFAULT_GEMM_MODES ("fused"), or, with
+    MOM_KERNELS_AUTOTUNE=1 and no MOM_KERNELS_GEMM, the fastest as timed on the GPU at hand (`autotune`)."""
     if role not in GEMM_ROLES:
         raise ValueError(f"gemm_mode: role must be one of {GEMM_ROLES}, got {role!r}")
     mode = _mode_setting()[role]
-    if mode == "grouped_mm":
-        size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 0
-        if not (hasattr(torch, "_grouped_mm") and dtype in (torch.bfloat16, torch.float16, torch.float32)
-                and (n_in * size) % 16 == 0 and (n_out * size) % 16 == 0):
-            return "split"
+    if mode == "grouped_mm" and not _grouped_mm_ok(dtype, n_in, n_out):
+        return "split"
     return mode
+
+
+def _grouped_mm_ok(dtype: torch.dtype, n_in: int, n_out: int) -> bool:
+    """torch._grouped_mm exists, takes the dtype, and the rows are multiples of 16 bytes."""
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 0
+    return (hasattr(torch, "_grouped_mm") and dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and (n_in * size) % 16 == 0 and (n_out * size) % 16 == 0)
 
 
 def gemm_programs(n_work: int, device) -> int:

@@ -206,6 +206,11 @@ MUTATIONS: List[Mutation] = [
     Mutation("tma_a_row_offset_by_module", "the TMA tiles of sorted A rows start at the module's first row", GEMM,
              "a = a_desc.load([row_start, k0])", "a = a_desc.load([tl.load(offsets_ptr + m), k0])",
              ("tests/test_kernels_tma.py",)),
+    Mutation("autotune_keeps_slowest", "the autotuner keeps the slowest candidate", "mom_kernels/autotune.py",
+             "best = min(candidates, key=lambda c: times[c])", "best = max(candidates, key=lambda c: times[c])",
+             ("tests/test_kernels_autotune.py",)),
+    Mutation("autotune_forgets", "the autotuner times every call again", "mom_kernels/autotune.py",
+             "    if key in _chosen:\n        return _chosen[key]\n", "", ("tests/test_kernels_autotune.py",)),
     # ---- the torch backend (mom/routed.py) ----
     Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
              "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",

@@ -1,0 +1,124 @@
+"""MOM_KERNELS_AUTOTUNE=1 (`mom_kernels.autotune`): each grouped GEMM's key is timed once over its candidates
+(fused on 4 slices, fused on the whole tile, split, grouped_mm), the fastest is kept and launched from then on,
+outputs and gradients still match the fp64 reference; a candidate that fails is never chosen; nothing is timed
+while a CUDA graph is being captured; an explicit MOM_KERNELS_GEMM turns tuning off. The timer is replaced by
+one that tells which candidate ran from the launches it sees and returns a set time for it, so the choice is
+known in advance (real timings would be the interpreter's)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mom_kernels import autotune, gemm  # noqa: E402
+from mom_kernels.routing import default_block_m  # noqa: E402
+from mom_kernels.testing import assert_matches_reference, routed_case  # noqa: E402
+from mom_kernels.testing import outputs_and_grads as _run  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+T = default_block_m(torch.device(DEVICE)) + 7
+SET_MS = {("fused", 4): 3.0, ("fused", 1): 2.0, ("split", 1): 1.0, ("grouped_mm", 1): 4.0}
+
+
+class _Spy:
+    """Records what a run launched: the GEMM kernel's EPI_SUBTILE, the epilogue pass, torch._grouped_mm."""
+
+    def __init__(self, monkeypatch):
+        self.seen = []
+        spy = self
+
+        class Wrap:
+            def __init__(self, name, kernel):
+                self.name, self.kernel = name, kernel
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    spy.seen.append((self.name, kwargs.get("EPI_SUBTILE")))
+                    return self.kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(gemm, "_grouped_gemm_kernel", Wrap("gemm", gemm._grouped_gemm_kernel))
+        monkeypatch.setattr(gemm, "_rows_epilogue_kernel", Wrap("epilogue", gemm._rows_epilogue_kernel))
+        real_mm = torch._grouped_mm
+        monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: spy.seen.append(("grouped_mm", None)) or
+                            real_mm(*a, **k))
+
+    def candidate(self):
+        names = [n for n, _ in self.seen]
+        if "grouped_mm" in names:
+            return ("grouped_mm", 1)
+        if "epilogue" in names:
+            return ("split", 1)
+        return ("fused", next(s for n, s in self.seen if n == "gemm"))
+
+
+@pytest.fixture
+def tuned(monkeypatch):
+    monkeypatch.setenv("MOM_KERNELS_AUTOTUNE", "1")
+    monkeypatch.delenv("MOM_KERNELS_GEMM", raising=False)
+    monkeypatch.delenv("MOM_KERNELS_GEMM_CONFIG", raising=False)
+    autotune.clear()
+    spy = _Spy(monkeypatch)
+    timed = []
+
+    def fake_timer(run, device):
+        spy.seen.clear()
+        run()
+        c = spy.candidate()
+        timed.append(c)
+        if c == ("grouped_mm", 1):
+            raise RuntimeError("grouped_mm unsupported here")  # a failing candidate is never chosen
+        return SET_MS[c]
+
+    monkeypatch.setattr(autotune, "time_candidate", fake_timer)
+    yield spy, timed
+    autotune.clear()
+
+
+@pytest.mark.parametrize("op", ["ffn", "linear"])
+def test_autotune_keeps_the_fastest(op, tuned):
+    spy, timed = tuned
+    ts, fn, ref, grad_idx, N = routed_case(op, T, 2, 4, 32, 48, seed=40, empty=(1,), device=DEVICE)
+    dy = torch.randn(T, N, dtype=torch.float64, device=DEVICE)
+    low = [t.float() if t.is_floating_point() else t for t in ts]
+    got = _run(fn, low, grad_idx, dy.float())
+    assert_matches_reference(f"{op} tuned", got, ref, low, grad_idx, dy)
+    rows = autotune.table()
+    assert rows and all(r["choice"] == "split/1" for r in rows), rows
+    for r in rows:  # every key timed each candidate once (grouped_mm failing: inf)
+        assert r["ms"]["fused/4"] == 3.0 and r["ms"]["fused/1"] == 2.0 and r["ms"]["split/1"] == 1.0
+        assert r["ms"].get("grouped_mm/1", float("inf")) == float("inf")
+    assert ("fused", 4) in timed and ("fused", 1) in timed
+    # later calls launch the kept choice (the epilogue pass after every GEMM) and time nothing
+    timed.clear()
+    spy.seen.clear()
+    again = _run(fn, low, grad_idx, dy.float())
+    assert not timed
+    gemms = [s for n, s in spy.seen if n == "gemm"]
+    assert gemms and all(s == 1 for s in gemms) and sum(n == "epilogue" for n, _ in spy.seen) == len(gemms)
+    for a, b in zip(again, got):
+        assert torch.equal(a, b)
+
+
+def test_autotune_off_when_set_by_hand_or_capturing(tuned, monkeypatch):
+    spy, timed = tuned
+    ts, fn, ref, grad_idx, N = routed_case("ffn", T, 2, 4, 32, 48, seed=41, device=DEVICE)
+    low = [t.float() if t.is_floating_point() else t for t in ts]
+    dy = torch.randn(T, N, device=DEVICE)
+    monkeypatch.setattr(autotune, "_capturing", lambda t: True)  # a key first met while capturing: the default
+    _run(fn, low, grad_idx, dy)
+    assert not timed and not autotune.table()
+    monkeypatch.setattr(autotune, "_capturing", lambda t: False)
+    monkeypatch.setenv("MOM_KERNELS_GEMM", "fused")  # modes set by hand win
+    _run(fn, low, grad_idx, dy)
+    assert not timed and not autotune.table()
+    monkeypatch.delenv("MOM_KERNELS_GEMM")
+    monkeypatch.setenv("MOM_KERNELS_GEMM_CONFIG", "EPI_SUBTILE=2")  # so do epilogue slices
+    _run(fn, low, grad_idx, dy)
+    assert not timed and not autotune.table()
+    monkeypatch.setenv("MOM_KERNELS_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="MOM_KERNELS_AUTOTUNE"):
+        autotune.enabled(low[0])
