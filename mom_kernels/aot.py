@@ -104,7 +104,7 @@ def _to_launch(fn, args, kwargs, role) -> Launch:
 
 
 _KERNEL_MODULES = ("mom_kernels.gemm", "mom_kernels.gathers", "mom_kernels.reductions", "mom_kernels.weight_grads",
-                   "mom_kernels.route")
+                   "mom_kernels.route", "mom_kernels.decode")
 
 
 class _env_set:
@@ -194,6 +194,15 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
         ro.route_bwd(logits, slots, f, r(T, K), None, r(E), r(()), 1.0, True, False)
         role[0] = "make_plan"
         ro.plan_from_ids(ids, E, plan.block_m)
+        # decoding (mom_kernels/decode.py): one token, the one-pass GEMV and the split-K pair with its second pass
+        de = importlib.import_module("mom_kernels.decode")
+        ids1 = torch.empty(1, K, device=dev, dtype=torch.int64)
+        for split in ("1", "4"):
+            with _env_set({"MOM_KERNELS_DECODE_SPLIT_K": split}):
+                role[0] = f"decode ffn, split {split}"
+                de.decode_routed_ffn(r(1, D), lw, lb, w1, b1, w2, b2, ids1, r(1, K))
+                role[0] = f"decode qkv, split {split}"
+                de.decode_routed_linear(r(1, D), wq, bq, ids1, None, lw, lb)
     finally:
         for mod, n in names:
             setattr(mod, n, saved[mod, n])

@@ -16,6 +16,9 @@ block). Each pick row lands in its own slot [P, N_out]; the combine (reductions.
 slots, SKIP masked, + residual) makes [T, N_out]. The FFN is two such launches (h slots [P, F] with b1 + GELU,
 then rows per pick through W2 with b2 and g) and the combine. LayerNorm statistics come from one F.layer_norm
 without affine in the accumulation dtype; the kernel applies gamma[m], beta[m]. No host sync: capturable.
+On a GPU the reduction is split over programs where the picked modules alone would leave SMs idle (`split_k`:
+about 4 programs per SM; grid (E, N_out / BLOCK_N, SPLIT)); each split writes fp32 partial sums [SPLIT, P, N_out]
+and `_decode_splitk_kernel` adds them in split order and applies the epilogue (deterministic, one more launch).
 
 Forward only (decoding runs under no_grad). `routed_linear` / `routed_ffn` below dispatch: this path when
 torch.is_grad_enabled() is False and T <= DECODE_MAX_TOKENS (16: with K <= 3 that is <= 48 picks, one pick
@@ -26,13 +29,15 @@ K = 1..3, SKIP, fp32 / bf16 by the 2x rule).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import checks
-from .common import _cast, _check_device, _gelu, _mma, _p2, acc_dtype, interpreting, slot_dtype
+from .common import _cast, _check_device, _gelu, _mma, _p2, _sm_count, acc_dtype, interpreting, slot_dtype
 from .reductions import combine
 
 __all__ = ["decode_routed_linear", "decode_routed_ffn", "routed_linear", "routed_ffn", "use_decode",
@@ -42,16 +47,19 @@ DECODE_MAX_TOKENS = 16  # tokens per call up to which the no-grad dispatch takes
 
 
 @triton.jit
-def _decode_gemv_kernel(a_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, out_ptr,
-                        P, N_in, N_out, K_PICKS, E,
+def _decode_gemv_kernel(a_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, out_ptr, part_ptr,
+                        P, N_in, N_out, K_PICKS, E, K_PER,
                         stride_am, stride_ak, stride_ge, stride_gk, stride_we, stride_wk, stride_wn,
-                        stride_be, stride_bn, stride_om, stride_on,
+                        stride_be, stride_bn, stride_om, stride_on, stride_ps, stride_pp,
                         ROW_PER_PICK: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_G: tl.constexpr, GELU: tl.constexpr, ACC_F64: tl.constexpr, UPCAST: tl.constexpr,
-                        IEEE: tl.constexpr, RTNE: tl.constexpr,
+                        IEEE: tl.constexpr, RTNE: tl.constexpr, PARTIAL: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     m = tl.program_id(0)                                       # module
     pid_n = tl.program_id(1)                                   # output columns tile
+    ks = tl.program_id(2)                                      # reduction split: rows [ks K_PER, (ks+1) K_PER)
+    k_lo = ks * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, N_in)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_out
     for p0 in range(0, P, BLOCK_P):
@@ -67,9 +75,9 @@ def _decode_gemv_kernel(a_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, g_ptr, ids_ptr
                 acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float64)
             else:
                 acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, N_in, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < N_in
+                k_mask = offs_k < k_hi
                 a_mask = sel[:, None] & k_mask[None, :]
                 a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
                 if HAS_LN:                                     # x_hat * gamma[m] + beta[m], in acc precision
@@ -80,16 +88,74 @@ def _decode_gemv_kernel(a_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, g_ptr, ids_ptr
                 w = tl.load(w_ptr + m * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)   # [BLOCK_K, BLOCK_N], once
                 acc = _mma(_cast(a, w.dtype, RTNE), w, acc, UPCAST, IEEE)
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + m * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
-                acc += bias[None, :].to(acc.dtype)
-            if GELU:
-                acc = _gelu(acc)
-            if HAS_G:
-                g = tl.load(g_ptr + offs_p, mask=sel, other=0.0)
-                acc = acc * g[:, None].to(acc.dtype)
-            tl.store(out_ptr + offs_p[:, None] * stride_om + offs_n[None, :] * stride_on,
-                     _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=sel[:, None] & n_mask[None, :])
+            if PARTIAL:  # this split's sum for the picks of module m; `_decode_splitk_kernel` finishes them
+                tl.store(part_ptr + ks * stride_ps + offs_p[:, None] * stride_pp + offs_n[None, :], acc,
+                         mask=sel[:, None] & n_mask[None, :])
+            else:
+                _gemv_epilogue(acc, m, offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, out_ptr, stride_be, stride_bn,
+                               stride_om, stride_on, HAS_BIAS, GELU, HAS_G, RTNE)
+
+
+@triton.jit
+def _gemv_epilogue(acc, m, offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, out_ptr, stride_be, stride_bn,
+                   stride_om, stride_on, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_G: tl.constexpr,
+                   RTNE: tl.constexpr):
+    """[BLOCK_P, BLOCK_N] sums of picks offs_p (rows where sel) of module m ([BLOCK_P] or a scalar): + b[m],
+    GELU, * g[p], stored to out[p]."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + m * stride_be + offs_n[None, :] * stride_bn, mask=sel[:, None] & n_mask[None, :],
+                       other=0.0)
+        acc += bias.to(acc.dtype)
+    if GELU:
+        acc = _gelu(acc)
+    if HAS_G:
+        g = tl.load(g_ptr + offs_p, mask=sel, other=0.0)
+        acc = acc * g[:, None].to(acc.dtype)
+    tl.store(out_ptr + offs_p[:, None] * stride_om + offs_n[None, :] * stride_on,
+             _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=sel[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _decode_splitk_kernel(part_ptr, b_ptr, g_ptr, ids_ptr, out_ptr, P, N_out, E, SPLIT,
+                          stride_ps, stride_pp, stride_be, stride_bn, stride_om, stride_on,
+                          HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_G: tl.constexpr, RTNE: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The split-K second pass: out[p] = epilogue(sum over the SPLIT partial sums of pick p, in split order), for
+    every pick p that is not SKIP (its module ids[p] wrote all SPLIT partials). Deterministic: no atomics."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_out
+    mod = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=E)
+    sel = mod < E
+    mask = sel[:, None] & n_mask[None, :]
+    ptrs = part_ptr + offs_p[:, None] * stride_pp + offs_n[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for ks in range(1, SPLIT):
+        acc += tl.load(ptrs + ks * stride_ps, mask=mask, other=0.0)
+    _gemv_epilogue(acc, mod[:, None], offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, out_ptr, stride_be, stride_bn,
+                   stride_om, stride_on, HAS_BIAS, GELU, HAS_G, RTNE)
+
+
+def split_k(n_in: int, n_tiles: int, max_modules: int, block_k: int, device: torch.device) -> int:
+    """How many programs share one (module, column tile)'s reduction. A decode step picks few modules, so
+    E x (N_out / BLOCK_N) programs of which only the picked modules' work leaves most SMs idle (batch 1 through
+    a 1280-wide FFN down: 2 modules x 20 tiles = 40 programs on 132 SMs), far from the copy bandwidth a GEMV
+    needs. Split the reduction until the picked modules (at most min(E, P): the host cannot read ids without a
+    sync) give about 4 programs per SM, each split keeping >= 4 BLOCK_K steps; partial sums then go through
+    `_decode_splitk_kernel` (one more launch). 1 in the interpreter; MOM_KERNELS_DECODE_SPLIT_K overrides."""
+    env = os.environ.get("MOM_KERNELS_DECODE_SPLIT_K", "").strip()
+    if env:
+        try:
+            want = int(env)
+        except ValueError:
+            want = 0
+        if want < 1:
+            raise ValueError(f"MOM_KERNELS_DECODE_SPLIT_K must be an int >= 1, got {env!r}")
+    elif device.type != "cuda":
+        return 1
+    else:
+        want = min(triton.cdiv(4 * _sm_count(device), max(1, max_modules * n_tiles)), max(1, n_in // (4 * block_k)))
+    return triton.cdiv(n_in, triton.cdiv(triton.cdiv(n_in, want), block_k) * block_k)  # no empty splits
 
 
 def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_per_pick: bool, gelu: bool):
@@ -102,20 +168,30 @@ def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_p
     BLOCK_P = min(_p2(P), 64)
     BLOCK_K = min(_p2(n_in), 128 if interp else 64)
     BLOCK_N = min(_p2(n_out), 128 if interp else 64)
+    n_tiles = triton.cdiv(n_out, BLOCK_N)
+    split = split_k(n_in, n_tiles, min(E, P), BLOCK_K, a.device)
+    k_per = triton.cdiv(triton.cdiv(n_in, split), BLOCK_K) * BLOCK_K
     dummy = weight.new_empty(1, 1)
     gm = gamma if gamma is not None else dummy
     bt = beta if beta is not None else dummy
     bs = bias if bias is not None else dummy
     gp = g_flat if g_flat is not None else dummy.view(-1)
     lowp = weight.dtype in (torch.float16, torch.bfloat16)
-    grid = (E, triton.cdiv(n_out, BLOCK_N))
-    _decode_gemv_kernel[grid](
-        a, gm, bt, weight, bs, gp, ids_flat, out, P, n_in, n_out, top_k, E,
+    acc_dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    part = torch.empty(split, P, n_out, device=a.device, dtype=acc_dt) if split > 1 else dummy.view(1, 1, 1)
+    epi = dict(HAS_BIAS=bias is not None, HAS_G=g_flat is not None, GELU=gelu, RTNE=interp)
+    _decode_gemv_kernel[(E, n_tiles, split)](
+        a, gm, bt, weight, bs, gp, ids_flat, out, part, P, n_in, n_out, top_k, E, k_per,
         a.stride(0), a.stride(1), gm.stride(0), gm.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
-        bs.stride(0), bs.stride(1), out.stride(0), out.stride(1),
-        ROW_PER_PICK=row_per_pick, HAS_LN=gamma is not None, HAS_BIAS=bias is not None, HAS_G=g_flat is not None,
-        GELU=gelu, ACC_F64=weight.dtype == torch.float64, UPCAST=interp and lowp, IEEE=not lowp, RTNE=interp,
+        bs.stride(0), bs.stride(1), out.stride(0), out.stride(1), part.stride(0), part.stride(1),
+        ROW_PER_PICK=row_per_pick, HAS_LN=gamma is not None, ACC_F64=acc_dt == torch.float64,
+        UPCAST=interp and lowp, IEEE=not lowp, PARTIAL=split > 1, **epi,
         BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=4)
+    if split > 1:
+        _decode_splitk_kernel[(triton.cdiv(P, BLOCK_P), n_tiles)](
+            part, bs, gp, ids_flat, out, P, n_out, E, split, part.stride(0), part.stride(1),
+            bs.stride(0), bs.stride(1), out.stride(0), out.stride(1), **epi,
+            BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4)
     return out
 
 

@@ -211,6 +211,11 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_kernels_autotune.py",)),
     Mutation("autotune_forgets", "the autotuner times every call again", "mom_kernels/autotune.py",
              "    if key in _chosen:\n        return _chosen[key]\n", "", ("tests/test_kernels_autotune.py",)),
+    Mutation("decode_splitk_last_split_dropped", "the split-K second pass leaves out the last split",
+             "mom_kernels/decode.py", "for ks in range(1, SPLIT):", "for ks in range(1, SPLIT - 1):",
+             ("tests/test_decode_kernels.py",)),
+    Mutation("decode_splitk_splits_overlap", "each split runs to the end of the reduction", "mom_kernels/decode.py",
+             "k_hi = tl.minimum(k_lo + K_PER, N_in)", "k_hi = N_in + 0 * K_PER", ("tests/test_decode_kernels.py",)),
     # ---- the torch backend (mom/routed.py) ----
     Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
              "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",

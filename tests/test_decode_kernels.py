@@ -86,3 +86,46 @@ def test_model_decoding_through_the_decode_path_equals_the_torch_backend(monkeyp
         got += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(3, 6)]
     assert len(calls) == 4 * cfg.chunks * cfg.depth
     assert_close_verbose("decode-path logits", torch.cat(got, 1), want, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("T,K", [(1, 2), (5, 3), (40, 2)])
+def test_split_k_matches_reference(T, K, split, monkeypatch):
+    """The reduction split over programs (MOM_KERNELS_DECODE_SPLIT_K; on a GPU chosen from the SM count), partial
+    sums finished by the second pass: linear with N_in 300 and the FFN with D 130, F 300 (the last split short),
+    against the reference; the same result on a rerun, bit for bit."""
+    monkeypatch.setenv("MOM_KERNELS_DECODE_SPLIT_K", str(split))
+    assert decode.split_k(300, 1, 1, 128, torch.device("cpu")) == min(split, 3)
+    x, w, b, ids, gw, lw, lb = linear_inputs(T, K, 4, 300, 24, seed=T + K, empty=(1,))
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
+        args = [t.to(dtype) if t.is_floating_point() else t for t in (x, w, b, ids, gw, lw, lb)]
+        got = decode.decode_routed_linear(*args)
+        assert_close_verbose(f"linear {dtype}", got, reference.routed_linear(*[
+            t.double() if t.is_floating_point() else t for t in args]), tol, tol)
+        assert torch.equal(got, decode.decode_routed_linear(*args))
+    inputs = ffn_inputs(T, K, 3, 130, 300, seed=T * K)
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
+        c = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
+        assert_close_verbose(f"ffn {dtype}", decode.decode_routed_ffn(*c), reference.routed_ffn(*inputs), tol, tol)
+    bf = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs]
+    assert_2x_rule("ffn bf16", decode.decode_routed_ffn(*bf), reference.routed_ffn(*bf), reference.routed_ffn(*inputs),
+                   1e-2)
+
+
+def test_split_k_choice(monkeypatch):
+    monkeypatch.delenv("MOM_KERNELS_DECODE_SPLIT_K", raising=False)
+    assert decode.split_k(5120, 20, 2, 64, torch.device("cpu")) == 1            # CPU / interpreter: one pass
+    monkeypatch.setenv("MOM_KERNELS_DECODE_SPLIT_K", "4")
+    assert decode.split_k(256, 4, 2, 64, torch.device("cpu")) == 4
+    assert decode.split_k(200, 4, 2, 64, torch.device("cpu")) == 4              # 64 + 64 + 64 + 8
+    assert decode.split_k(100, 4, 2, 64, torch.device("cpu")) == 2              # never an empty split
+    monkeypatch.delenv("MOM_KERNELS_DECODE_SPLIT_K")
+    monkeypatch.setattr(decode, "_sm_count", lambda device: 132)  # an H200's SMs: about 4 programs per SM
+    gpu = torch.device("cuda")
+    assert decode.split_k(5120, 20, 2, 64, gpu) == 14    # FFN down at batch 1: 2 modules x 20 tiles x 14 = 560
+    assert decode.split_k(1280, 80, 2, 64, gpu) == 4     # FFN up: 2 x 80 x 4 = 640 (>= 4 BLOCK_K steps each)
+    assert decode.split_k(1280, 20, 16, 64, gpu) == 2    # 16 modules picked: 16 x 20 x 2 = 640
+    assert decode.split_k(1280, 80, 16, 64, gpu) == 1    # enough programs already
+    monkeypatch.setenv("MOM_KERNELS_DECODE_SPLIT_K", "0")
+    with pytest.raises(ValueError, match="MOM_KERNELS_DECODE_SPLIT_K"):
+        decode.split_k(256, 4, 2, 64, torch.device("cpu"))
