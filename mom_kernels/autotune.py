@@ -3,8 +3,9 @@
     MOM_KERNELS_AUTOTUNE=1 python train.py ...      # opt-in; the first step of each shape pays the timing
 
 A grouped GEMM (`gemm.grouped_gemm`) can run as the Triton GEMM with its epilogue in registers on 4 column slices
-or on the whole tile ("fused"), as the Triton GEMM then an epilogue pass ("split"), or as `torch._grouped_mm` then
-the same pass ("grouped_mm", where torch has it for the dtype and the rows are 16-byte aligned). Which is fastest
+or on the whole tile ("fused"), on a grid of one program per tile or a persistent one of 2 programs per SM, as the
+Triton GEMM then an epilogue pass ("split"), or as `torch._grouped_mm` then the same pass ("grouped_mm", where
+torch has it for the dtype and the rows are 16-byte aligned). Which is fastest
 depends on the GPU, the GEMM's role (its epilogue) and its shape. With MOM_KERNELS_AUTOTUNE=1, the first call of a
 key - role, epilogue flags, dtype, n_in, n_out, E, and the number of picks rounded up to a power of 2 - on a CUDA
 device and outside CUDA-graph capture runs every candidate on the call's own operands (one untimed run that
@@ -12,7 +13,8 @@ compiles, then `REPEATS` timed with CUDA events; the median counts) and keeps th
 calls of the key, captured ones included, launch the kept choice; a key first met while capturing uses the
 default. Every candidate computes the same outputs (they differ in rounding order only, within the kernel tests'
 bounds), and each run writes its outputs whole, so the timing runs leave the call's result as the chosen
-candidate's. An explicit MOM_KERNELS_GEMM (modes) or an EPI_SUBTILE in MOM_KERNELS_GEMM_CONFIG wins over tuning.
+candidate's. An explicit MOM_KERNELS_GEMM (modes), MOM_KERNELS_PERSISTENT (grid) or an EPI_SUBTILE in
+MOM_KERNELS_GEMM_CONFIG wins over tuning.
 
 Why not `triton.autotune`: it chooses among one kernel's tile configs; these candidates are different launch
 sequences (one kernel, two kernels, or a cuBLAS/CUTLASS call and a kernel), so the choice sits above any one
@@ -28,7 +30,7 @@ from typing import Callable, Dict, Hashable, List, Tuple
 import torch
 
 REPEATS = 5
-Candidate = Tuple[str, int]  # (mode, epilogue slices)
+Candidate = Tuple[str, int, int]  # (mode, epilogue slices, programs per SM: 0 = one program per tile)
 
 _chosen: Dict[Hashable, Candidate] = {}
 _times: Dict[Hashable, Dict[Candidate, float]] = {}
@@ -36,14 +38,15 @@ _times: Dict[Hashable, Dict[Candidate, float]] = {}
 
 def enabled(t: torch.Tensor) -> bool:
     """MOM_KERNELS_AUTOTUNE=1 and t lives on a device the timing means something on (CUDA; the CPU under the
-    interpreter too, so the mechanism is tested), and neither the modes nor the epilogue slices are set by hand."""
+    interpreter too, so the mechanism is tested), and none of the modes, the grid or the epilogue slices is set by
+    hand."""
     choice = os.environ.get("MOM_KERNELS_AUTOTUNE", "0").strip()
     if choice not in ("0", "1"):
         raise ValueError(f"MOM_KERNELS_AUTOTUNE must be 0 or 1, got {choice!r}")
     if choice == "0" or t.device.type not in ("cuda", "cpu"):
         return False
-    return not os.environ.get("MOM_KERNELS_GEMM", "").strip() and \
-        "EPI_SUBTILE" not in os.environ.get("MOM_KERNELS_GEMM_CONFIG", "")
+    return not (os.environ.get("MOM_KERNELS_GEMM", "").strip() or os.environ.get("MOM_KERNELS_PERSISTENT", "").strip()
+                or "EPI_SUBTILE" in os.environ.get("MOM_KERNELS_GEMM_CONFIG", ""))
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -94,9 +97,13 @@ def table() -> List[dict]:
     """What was tuned in this process: one row per key with the choice and every candidate's median ms."""
     rows = []
     for key, best in _chosen.items():
-        rows.append(dict(key=key, choice=f"{best[0]}/{best[1]}",
-                         ms={f"{m}/{s}": round(v, 4) for (m, s), v in _times.get(key, {}).items()}))
+        rows.append(dict(key=key, choice=label(best), ms={label(c): round(v, 4) for c, v in _times.get(key, {}).items()}))
     return rows
+
+
+def label(c: Candidate) -> str:
+    """("fused", 4, 2) -> "fused/4/persistent2"; ("split", 1, 0) -> "split/1"."""
+    return f"{c[0]}/{c[1]}" + (f"/persistent{c[2]}" if c[2] else "")
 
 
 def clear() -> None:

@@ -370,7 +370,6 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
         raise ValueError("grouped_gemm: ln and u_ln are exclusive")
     mean, rstd, gamma, beta = ln_pointers(ln if ln is not None else u_ln, dummy)
     num_n = triton.cdiv(n_out, cfg["BLOCK_N"])
-    grid = (gemm_programs(plan.n_tiles * num_n, a.device),)
     store_mode = {"sorted": 0, "pick": 1, "token": 2}[store]
     bias_t = bias if bias is not None else dummy.view(1, 1)
     pre_t = pre if pre is not None else dummy.view(1, 1)
@@ -381,8 +380,9 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
                WEIGHTED=weights is not None, ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode)
     P = plan.n_tokens * plan.top_k
 
-    def launch(mode: str, slices: int):
-        """Run the GEMM one way: "fused" with its epilogue on `slices` column slices, "split" or "grouped_mm"."""
+    def launch(mode: str, slices: int, per_sm: int | None):
+        """Run the GEMM one way: "fused" with its epilogue on `slices` column slices, "split" or "grouped_mm";
+        the Triton GEMM on a grid of one program per tile, or per_sm programs per SM (None: MOM_KERNELS_PERSISTENT)."""
         a_ = a
         if mode == "grouped_mm":  # cuBLAS / CUTLASS grouped GEMM on A in sorted order, then the epilogue pass
             if a_gather or ln is not None:
@@ -397,7 +397,7 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
                 dst, dst_epi = out, epi
             desc = weight_descriptor(w, cfg, n_in, w_transposed)
             a_desc = activation_descriptor(a, cfg, plan.block_m, a_gather, ln)
-            _grouped_gemm_kernel[grid](
+            _grouped_gemm_kernel[(gemm_programs(plan.n_tiles * num_n, a.device, per_sm),)](
                 a, a_desc if a_desc is not None else a, w, desc if desc is not None else w, bias_t, dst, pre_t, g_t,
                 part_t, u_t, mean, rstd, gamma, beta,
                 plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
@@ -422,13 +422,14 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
             gamma.stride(0), gamma.stride(1), **epi, RTNE=interp, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
             num_warps=4 if interp else 8)
 
-    choice = (gemm_mode(a.dtype, n_in, n_out, role), cfg["EPI_SUBTILE"])
+    choice = (gemm_mode(a.dtype, n_in, n_out, role), cfg["EPI_SUBTILE"], None)
     if autotune.enabled(a):  # MOM_KERNELS_AUTOTUNE=1: the fastest way for this role and shape, timed once
-        cands = [("fused", cfg["EPI_SUBTILE"])] + [("fused", 1)] * (cfg["EPI_SUBTILE"] != 1) + [("split", 1)]
+        s_ = cfg["EPI_SUBTILE"]
+        cands = [("fused", s_, 0)] + [("fused", 1, 0)] * (s_ != 1) + [("fused", s_, 2), ("split", 1, 0)]
         if _grouped_mm_ok(a.dtype, n_in, n_out):
-            cands.append(("grouped_mm", 1))
+            cands.append(("grouped_mm", 1, 0))
         key = (role, tuple(epi.values()), a_gather, ln is not None, a.dtype, n_in, n_out, E, triton.next_power_of_2(P))
-        choice = autotune.pick(key, cands, lambda c: launch(*c), a, default=choice)
+        choice = autotune.pick(key, cands, lambda c: launch(*c), a, default=cands[0])
     launch(*choice)
     return out
 
@@ -487,20 +488,24 @@ def _grouped_mm_ok(dtype: torch.dtype, n_in: int, n_out: int) -> bool:
             and (n_in * size) % 16 == 0 and (n_out * size) % 16 == 0)
 
 
-def gemm_programs(n_work: int, device) -> int:
+def gemm_programs(n_work: int, device, per_sm: int | None = None) -> int:
     """Grid size of `_grouped_gemm_kernel` for n_work (row tile, N tile) pairs: one program each (default), or a
-    persistent grid of at most MOM_KERNELS_PERSISTENT programs per SM (e.g. 1 or 2) that walk the tiles in
-    strides; the interpreter uses 4 programs then, to run the walk on a CPU. Persistence stays opt-in until a
-    GPU run measures it against the one-program-per-tile grid."""
-    per_sm = os.environ.get("MOM_KERNELS_PERSISTENT", "").strip()
-    if not per_sm:
+    persistent grid of at most MOM_KERNELS_PERSISTENT (or per_sm, when given; 0 = one per tile) programs per SM
+    (e.g. 1 or 2) that walk the tiles in strides; the interpreter uses 4 programs then, to run the walk on a CPU.
+    Persistence stays opt-in until a GPU run measures it against the one-program-per-tile grid (MOM_KERNELS_AUTOTUNE
+    times both)."""
+    if per_sm is None:
+        env = os.environ.get("MOM_KERNELS_PERSISTENT", "").strip()
+        try:
+            n = int(env) if env else 0
+        except ValueError:
+            n = -1
+        if n < 0 or (env and n < 1):
+            raise ValueError(f"MOM_KERNELS_PERSISTENT must be an int >= 1 (programs per SM), got {env!r}")
+    else:
+        n = per_sm
+    if n == 0:
         return max(1, n_work)
-    try:
-        n = int(per_sm)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"MOM_KERNELS_PERSISTENT must be an int >= 1 (programs per SM), got {per_sm!r}")
     if interpreting() or torch.device(device).type != "cuda":
         return max(1, min(n_work, 4))
     return max(1, min(n_work, n * _sm_count(torch.device(device))))

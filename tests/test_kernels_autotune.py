@@ -1,5 +1,5 @@
 """MOM_KERNELS_AUTOTUNE=1 (`mom_kernels.autotune`): each grouped GEMM's key is timed once over its candidates
-(fused on 4 slices, fused on the whole tile, split, grouped_mm), the fastest is kept and launched from then on,
+(fused on 4 slices or the whole tile, fused on a persistent grid, split, grouped_mm), the fastest is kept and launched from then on,
 outputs and gradients still match the fp64 reference; a candidate that fails is never chosen; nothing is timed
 while a CUDA graph is being captured; an explicit MOM_KERNELS_GEMM turns tuning off. The timer is replaced by
 one that tells which candidate ran from the launches it sees and returns a set time for it, so the choice is
@@ -20,11 +20,12 @@ from mom_kernels.testing import outputs_and_grads as _run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 T = default_block_m(torch.device(DEVICE)) + 7
-SET_MS = {("fused", 4): 3.0, ("fused", 1): 2.0, ("split", 1): 1.0, ("grouped_mm", 1): 4.0}
+SET_MS = {("fused", 4, 0): 3.0, ("fused", 1, 0): 2.0, ("fused", 4, 2): 2.5, ("split", 1, 0): 1.0,
+          ("grouped_mm", 1, 0): 4.0}
 
 
 class _Spy:
-    """Records what a run launched: the GEMM kernel's EPI_SUBTILE, the epilogue pass, torch._grouped_mm."""
+    """Records what a run launched: the GEMM kernel's EPI_SUBTILE and grid, the epilogue pass, torch._grouped_mm."""
 
     def __init__(self, monkeypatch):
         self.seen = []
@@ -36,7 +37,7 @@ class _Spy:
 
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
-                    spy.seen.append((self.name, kwargs.get("EPI_SUBTILE")))
+                    spy.seen.append((self.name, (kwargs.get("EPI_SUBTILE"), grid[0])))
                     return self.kernel[grid](*args, **kwargs)
                 return launch
 
@@ -46,13 +47,14 @@ class _Spy:
         monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: spy.seen.append(("grouped_mm", None)) or
                             real_mm(*a, **k))
 
-    def candidate(self):
+    def candidate(self, n_work):
         names = [n for n, _ in self.seen]
         if "grouped_mm" in names:
-            return ("grouped_mm", 1)
+            return ("grouped_mm", 1, 0)
         if "epilogue" in names:
-            return ("split", 1)
-        return ("fused", next(s for n, s in self.seen if n == "gemm"))
+            return ("split", 1, 0)
+        slices, programs = next(s for n, s in self.seen if n == "gemm")
+        return ("fused", slices, 0 if programs == n_work[0] else 2)
 
 
 @pytest.fixture
@@ -60,16 +62,21 @@ def tuned(monkeypatch):
     monkeypatch.setenv("MOM_KERNELS_AUTOTUNE", "1")
     monkeypatch.delenv("MOM_KERNELS_GEMM", raising=False)
     monkeypatch.delenv("MOM_KERNELS_GEMM_CONFIG", raising=False)
+    monkeypatch.delenv("MOM_KERNELS_PERSISTENT", raising=False)
     autotune.clear()
     spy = _Spy(monkeypatch)
     timed = []
 
+    n_work = [None]
+    real_programs = gemm.gemm_programs
+    monkeypatch.setattr(gemm, "gemm_programs", lambda n, d, p=None: n_work.__setitem__(0, n) or real_programs(n, d, p))
+
     def fake_timer(run, device):
         spy.seen.clear()
         run()
-        c = spy.candidate()
+        c = spy.candidate(n_work)
         timed.append(c)
-        if c == ("grouped_mm", 1):
+        if c == ("grouped_mm", 1, 0):
             raise RuntimeError("grouped_mm unsupported here")  # a failing candidate is never chosen
         return SET_MS[c]
 
@@ -90,14 +97,15 @@ def test_autotune_keeps_the_fastest(op, tuned):
     assert rows and all(r["choice"] == "split/1" for r in rows), rows
     for r in rows:  # every key timed each candidate once (grouped_mm failing: inf)
         assert r["ms"]["fused/4"] == 3.0 and r["ms"]["fused/1"] == 2.0 and r["ms"]["split/1"] == 1.0
+        assert r["ms"]["fused/4/persistent2"] == 2.5
         assert r["ms"].get("grouped_mm/1", float("inf")) == float("inf")
-    assert ("fused", 4) in timed and ("fused", 1) in timed
+    assert {("fused", 4, 0), ("fused", 1, 0), ("fused", 4, 2)} <= set(timed)
     # later calls launch the kept choice (the epilogue pass after every GEMM) and time nothing
     timed.clear()
     spy.seen.clear()
     again = _run(fn, low, grad_idx, dy.float())
     assert not timed
-    gemms = [s for n, s in spy.seen if n == "gemm"]
+    gemms = [s for n, (s, _) in spy.seen if n == "gemm"]
     assert gemms and all(s == 1 for s in gemms) and sum(n == "epilogue" for n, _ in spy.seen) == len(gemms)
     for a, b in zip(again, got):
         assert torch.equal(a, b)
@@ -117,6 +125,10 @@ def test_autotune_off_when_set_by_hand_or_capturing(tuned, monkeypatch):
     assert not timed and not autotune.table()
     monkeypatch.delenv("MOM_KERNELS_GEMM")
     monkeypatch.setenv("MOM_KERNELS_GEMM_CONFIG", "EPI_SUBTILE=2")  # so do epilogue slices
+    _run(fn, low, grad_idx, dy)
+    assert not timed and not autotune.table()
+    monkeypatch.delenv("MOM_KERNELS_GEMM_CONFIG")
+    monkeypatch.setenv("MOM_KERNELS_PERSISTENT", "1")  # and the grid
     _run(fn, low, grad_idx, dy)
     assert not timed and not autotune.table()
     monkeypatch.setenv("MOM_KERNELS_AUTOTUNE", "yes")
