@@ -97,7 +97,8 @@ def table() -> List[dict]:
     """What was tuned in this process: one row per key with the choice and every candidate's median ms."""
     rows = []
     for key, best in _chosen.items():
-        rows.append(dict(key=key, choice=label(best), ms={label(c): round(v, 4) for c, v in _times.get(key, {}).items()}))
+        ms = {label(c): round(v, 4) for c, v in _times.get(key, {}).items()}
+        rows.append(dict(key=key, choice=label(best), ms=ms))
     return rows
 
 

@@ -316,12 +316,13 @@ def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> d
     epilogue on 4 column slices of 32: on sm_90 that keeps every variant at <= 153 registers (<= 130 but the
     GELU forward on pointer loads), where the whole-tile epilogue took up to 255 (the GELU backward and TMA
     variants), with the same mainloop (benchmarks/results/aot_cpu_2026-11-29_subtile.md); at <= 128 registers
-    two 8-warp programs fit on an SM. fp32/fp64 halve BLOCK_N/BLOCK_K to stay
-    in registers / shared memory and keep the whole-tile epilogue (slicing the FMA-path tiles saves no registers
-    there). The interpreter runs 4 slices too (the 16-bit GPU code path); MOM_KERNELS_GEMM_CONFIG overrides any
-    field, e.g. "EPI_SUBTILE=1" (16-bit GPU and interpreter)."""
+    two 8-warp programs fit on an SM. fp32/fp64 halve BLOCK_N/BLOCK_K to stay in registers / shared memory and
+    keep the whole-tile epilogue (slicing the FMA-path tiles saves no registers there). The interpreter runs 4
+    slices too (the 16-bit GPU code path); MOM_KERNELS_GEMM_CONFIG overrides any field, e.g. "EPI_SUBTILE=1"
+    (16-bit GPU and interpreter)."""
     if interpret:
-        cfg = dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=min(32, _p2(n_in)), num_warps=4, num_stages=1, EPI_SUBTILE=4)
+        cfg = dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=min(32, _p2(n_in)), num_warps=4, num_stages=1,
+                   EPI_SUBTILE=4)
         cfg.update(_env_override("MOM_KERNELS_GEMM_CONFIG"))
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _p2(n_out))
     elif dtype in (torch.float16, torch.bfloat16):

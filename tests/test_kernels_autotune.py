@@ -1,9 +1,9 @@
 """MOM_KERNELS_AUTOTUNE=1 (`mom_kernels.autotune`): each grouped GEMM's key is timed once over its candidates
-(fused on 4 slices or the whole tile, fused on a persistent grid, split, grouped_mm), the fastest is kept and launched from then on,
-outputs and gradients still match the fp64 reference; a candidate that fails is never chosen; nothing is timed
-while a CUDA graph is being captured; an explicit MOM_KERNELS_GEMM turns tuning off. The timer is replaced by
-one that tells which candidate ran from the launches it sees and returns a set time for it, so the choice is
-known in advance (real timings would be the interpreter's)."""
+(fused on 4 slices or the whole tile, fused on a persistent grid, split, grouped_mm), the fastest is kept and
+launched from then on, outputs and gradients still match the fp64 reference; a candidate that fails is never
+chosen; nothing is timed while a CUDA graph is being captured; modes, grid or slices set by hand turn tuning
+off. The timer is replaced by one that tells which candidate ran from the launches it sees and returns a set time
+for it, so the choice is known in advance (real timings would be the interpreter's)."""
 import os
 
 import torch

@@ -1,9 +1,9 @@
 """The grouped GEMM's TMA paths (MOM_KERNELS_TMA=1, `gemm.weight_descriptor`, `gemm.activation_descriptor`): W
-tiles, and A tiles whose rows are in sorted order, through tensor descriptors instead of pointers. In the interpreter (no GPU here) the same kernel code runs: routed_ffn and
-routed_linear, outputs and every gradient, against the pointer path (the forward bit for bit) and the fp64 reference
-(fp32 tight, bf16 by the 2x rule), with reductions that split into whole tiles (TMA) and ones that do not
-(the pointer path), dX tiles whose rows run into the next module (columns never stored), an empty module,
-K = 1 and 2, several tiles per module."""
+tiles, and A tiles whose rows are in sorted order, through tensor descriptors instead of pointers. In the
+interpreter (no GPU here) the same kernel code runs: routed_ffn and routed_linear, outputs and every gradient,
+against the pointer path (the forward bit for bit) and the fp64 reference (fp32 tight, bf16 by the 2x rule), with
+reductions that split into whole tiles (TMA) and ones that do not (the pointer path), dX tiles whose rows run into
+the next module (columns never stored), an empty module, K = 1 and 2, several tiles per module."""
 import os
 
 import torch
