@@ -176,7 +176,7 @@ def sweep(name):
 
 # tile configurations tried by --tiles (bf16 GEMM kernel; env overrides read by mom_kernels at launch)
 TILE_CONFIGS = [
-    ("128x128x64 w8 s3 (default)", {}),
+    ("128x128x64 w8 s3, 4 slices (default)", {}),
     ("  epilogue on the whole tile", {"MOM_KERNELS_GEMM_CONFIG": "EPI_SUBTILE=1"}),
     ("  epilogue on 2 slices", {"MOM_KERNELS_GEMM_CONFIG": "EPI_SUBTILE=2"}),
     ("  persistent, 2 programs/SM", {"MOM_KERNELS_PERSISTENT": "2"}),
