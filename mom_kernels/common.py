@@ -58,14 +58,31 @@ def _tanh(z):
 
 
 @triton.jit
+def _gelu_tanh(u):
+    """th = tanh(sqrt(2/pi) (u + 0.044715 u^3)): the one tanh that GELU (tanh form) and its derivative share."""
+    return _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
+
+
+@triton.jit
+def _gelu_of(u, th):
+    """gelu(u) from th = _gelu_tanh(u)."""
+    return 0.5 * u * (1.0 + th)
+
+
+@triton.jit
+def _gelu_grad_of(u, th):
+    """gelu'(u) from th = _gelu_tanh(u)."""
+    return 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
+
+
+@triton.jit
 def _gelu(u):
-    return 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
+    return _gelu_of(u, _gelu_tanh(u))
 
 
 @triton.jit
 def _gelu_grad(u):
-    th = _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
-    return 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
+    return _gelu_grad_of(u, _gelu_tanh(u))
 
 
 @triton.jit

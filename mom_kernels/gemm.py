@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .common import (_cast, _env_override, _gelu, _gelu_grad, _mma, _p2, _row_module, _sm_count, acc_dtype,
-                     interpreting, ln_pointers)
+from .common import (_cast, _env_override, _gelu, _gelu_grad_of, _gelu_of, _gelu_tanh, _mma, _p2, _row_module,
+                     _sm_count, acc_dtype, interpreting, ln_pointers)
 from .gathers import gather_rows
 from .routing import RoutingPlan
 
@@ -76,9 +76,10 @@ def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n,
     if ROWDOT == 1 or GELU_BWD:
         pre = tl.load(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
                       mask=mask_mn, other=0.0).to(cdt)
+        th = _gelu_tanh(pre)  # one tanh for gelu(pre) (the row dot) and gelu'(pre) (GELU backward)
     if ROWDOT != 0:
         if ROWDOT == 1:
-            uu = _gelu(pre)
+            uu = _gelu_of(pre, th)
         else:
             uu = tl.load(u_ptr + tok64[:, None] * stride_um + offs_n[None, :] * stride_uk,
                          mask=mask_mn, other=0.0).to(cdt)
@@ -94,7 +95,7 @@ def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n,
     else:
         part = tl.zeros_like(offs_s64).to(cdt)
     if GELU_BWD:
-        acc = acc * _gelu_grad(pre)
+        acc = acc * _gelu_grad_of(pre, th)
     if WEIGHTED:
         g = tl.load(g_ptr + pick, mask=mask_m, other=0.0).to(cdt)
         acc = acc * g[:, None]
