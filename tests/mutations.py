@@ -216,6 +216,13 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_decode_kernels.py",)),
     Mutation("decode_splitk_splits_overlap", "each split runs to the end of the reduction", "mom_kernels/decode.py",
              "k_hi = tl.minimum(k_lo + K_PER, N_in)", "k_hi = N_in + 0 * K_PER", ("tests/test_decode_kernels.py",)),
+    Mutation("few_tokens_route_ties_to_higher_slot", "the host top-K breaks ties to the higher slot",
+             "mom/few_tokens.py", "slots.append(sorted(range(len(row)), key=row.__getitem__, reverse=True)[:K])",
+             "slots.append(sorted(range(len(row)), key=lambda i: (row[i], i), reverse=True)[:K])",
+             ("tests/test_few_tokens.py",)),
+    Mutation("few_tokens_views_stale", "the per-module weight views outlive a new storage", "mom/few_tokens.py",
+             "if hit is not None and hit[1] == where and hit[0]() is t:", "if hit is not None:",
+             ("tests/test_few_tokens.py",)),
     # ---- the torch backend (mom/routed.py) ----
     Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
              "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",
