@@ -81,10 +81,14 @@ stage "GEMM tiles at the base point (forward): epilogue slices, persistent grid,
 timeout 25 python -m benchmarks.bench_routed_ffn --tiles >> "$OUT/bench.log" 2>&1 || echo "tile sweep failed or timed out"
 
 stage "routed step with MOM_KERNELS_AUTOTUNE=1 (each GEMM's fastest way, timed in the warm-up)"
-MOM_KERNELS_AUTOTUNE=1 timeout 40 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 \
-  --n-head 20 --modules 16 --top-k 2 --batch 8 --tokens 1024 --repeats 10 --csv /tmp/bench_step_tuned.csv 2>&1 \
+rm -f /tmp/mom_autotune.json
+MOM_KERNELS_AUTOTUNE=1 MOM_KERNELS_AUTOTUNE_CACHE=/tmp/mom_autotune.json timeout 40 \
+  python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 --modules 16 \
+  --top-k 2 --batch 8 --tokens 1024 --repeats 10 --csv /tmp/bench_step_tuned.csv 2>&1 \
   | grep -E "^\| forward\+backward \| (dense|triton)|^autotune" | sed 's/^/tuned: /' >> "$OUT/step.log" \
   || echo "autotuned step failed or timed out"
+{ echo "autotune table (MOM_KERNELS_AUTOTUNE_CACHE; commit it under benchmarks/results/):"
+  cat /tmp/mom_autotune.json; } >> "$OUT/step.log" 2>&1
 
 stage "kernel timeline of the step"
 timeout 30 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \

@@ -19,13 +19,20 @@ MOM_KERNELS_GEMM_CONFIG wins over tuning.
 Why not `triton.autotune`: it chooses among one kernel's tile configs; these candidates are different launch
 sequences (one kernel, two kernels, or a cuBLAS/CUTLASS call and a kernel), so the choice sits above any one
 kernel. `table()` returns the choices and times (benchmarks print it); `clear()` forgets them.
+
+MOM_KERNELS_AUTOTUNE_CACHE=path.json keeps the choices on disk for the next processes (and the other ranks of a
+job, which then launch the same kernels): read at the first tuned call, entries for this device name only;
+written after each new choice, merged with what the file holds then, through a temporary file and a rename (an
+interrupted write leaves the old file). A file that is not such a table is an error that names it.
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
-from typing import Callable, Dict, Hashable, List, Tuple
+import warnings
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
@@ -34,6 +41,65 @@ Candidate = Tuple[str, int, int]  # (mode, epilogue slices, programs per SM: 0 =
 
 _chosen: Dict[Hashable, Candidate] = {}
 _times: Dict[Hashable, Dict[Candidate, float]] = {}
+_disk: Dict[str, Dict[str, Candidate]] = {}  # cache path -> {str(key): choice} read from it, for this device
+
+
+def _device_name(t: torch.Tensor) -> str:
+    return torch.cuda.get_device_name(t.device) if t.is_cuda else t.device.type
+
+
+def _cache_path() -> Optional[str]:
+    return os.environ.get("MOM_KERNELS_AUTOTUNE_CACHE", "").strip() or None
+
+
+def _read_cache(path: str) -> dict:
+    """The whole file ({device name: {str(key): {"choice": [mode, slices, per_sm], "ms": {...}}}}), {} if absent."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        for entries in data.values():
+            for e in entries.values():
+                mode, slices, per_sm = e["choice"]
+                if not (isinstance(mode, str) and isinstance(slices, int) and isinstance(per_sm, int)):
+                    raise TypeError(e["choice"])
+        return data
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"MOM_KERNELS_AUTOTUNE_CACHE: {path} is not an autotune table ({type(e).__name__}: {e}); "
+                         f"delete it or point the variable elsewhere") from None
+
+
+def _from_disk(key: Hashable, like: torch.Tensor) -> Optional[Candidate]:
+    path = _cache_path()
+    if path is None:
+        return None
+    if path not in _disk:
+        _disk[path] = {k: tuple(e["choice"]) for k, e in _read_cache(path).get(_device_name(like), {}).items()}
+    return _disk[path].get(str(key))
+
+
+def _to_disk(key: Hashable, like: torch.Tensor) -> None:
+    path = _cache_path()
+    if path is None:
+        return
+    data = _read_cache(path)  # what other processes wrote meanwhile stays
+    data.setdefault(_device_name(like), {})[str(key)] = dict(choice=list(_chosen[key]),
+                                                            ms={label(c): v for c, v in _times[key].items()})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # the table is an optimisation: the step goes on, the old file stays
+        warnings.warn(f"MOM_KERNELS_AUTOTUNE_CACHE: could not write {path} ({e}); this process keeps its choices "
+                      f"in memory")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _disk.setdefault(path, {})[str(key)] = _chosen[key]
 
 
 def enabled(t: torch.Tensor) -> bool:
@@ -78,6 +144,10 @@ def pick(key: Hashable, candidates: List[Candidate], run: Callable[[Candidate], 
     now with run(candidate) and kept; while capturing a new key, the default (nothing is timed or kept)."""
     if key in _chosen:
         return _chosen[key]
+    kept = _from_disk(key, like)
+    if kept in candidates:  # tuned by an earlier process on this device (MOM_KERNELS_AUTOTUNE_CACHE)
+        _chosen[key] = kept
+        return kept
     if _capturing(like) or len(candidates) < 2:
         return default
     times = {}
@@ -90,6 +160,7 @@ def pick(key: Hashable, candidates: List[Candidate], run: Callable[[Candidate], 
             times[c] = float("inf")
     best = min(candidates, key=lambda c: times[c])  # ties: the earlier candidate (the default comes first)
     _chosen[key], _times[key] = best, times
+    _to_disk(key, like)
     return best
 
 
@@ -108,5 +179,7 @@ def label(c: Candidate) -> str:
 
 
 def clear() -> None:
+    """Forget the choices of this process (and what was read from a cache file; the file stays)."""
     _chosen.clear()
     _times.clear()
+    _disk.clear()

@@ -223,6 +223,12 @@ MUTATIONS: List[Mutation] = [
     Mutation("few_tokens_views_stale", "the per-module weight views outlive a new storage", "mom/few_tokens.py",
              "if hit is not None and hit[1] == where and hit[0]() is t:", "if hit is not None:",
              ("tests/test_few_tokens.py",)),
+    Mutation("autotune_cache_any_device", "the autotune cache file's choices are used on any device",
+             "mom_kernels/autotune.py", ".get(_device_name(like), {}).items()}",
+             ".get(next(iter(_read_cache(path)), None), {}).items()}", ("tests/test_kernels_autotune.py",)),
+    Mutation("autotune_cache_written_in_place", "the autotune cache is written in place (no temporary file)",
+             "mom_kernels/autotune.py", 'tmp = f"{path}.tmp-{os.getpid()}"', "tmp = path",
+             ("tests/test_kernels_autotune.py",)),
     # ---- the torch backend (mom/routed.py) ----
     Mutation("torch_combine_weights_dropped", "torch backend's combine sums the K rows unweighted",
              "mom/routed.py", "return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)",

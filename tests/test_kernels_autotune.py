@@ -4,6 +4,7 @@ launched from then on, outputs and gradients still match the fp64 reference; a c
 chosen; nothing is timed while a CUDA graph is being captured; modes, grid or slices set by hand turn tuning
 off. The timer is replaced by one that tells which candidate ran from the launches it sees and returns a set time
 for it, so the choice is known in advance (real timings would be the interpreter's)."""
+import json
 import os
 
 import torch
@@ -134,3 +135,44 @@ def test_autotune_off_when_set_by_hand_or_capturing(tuned, monkeypatch):
     monkeypatch.setenv("MOM_KERNELS_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match="MOM_KERNELS_AUTOTUNE"):
         autotune.enabled(low[0])
+
+
+def test_autotune_cache_file(tuned, monkeypatch, tmp_path):
+    """MOM_KERNELS_AUTOTUNE_CACHE: choices written per device name, read back by a later process (nothing timed,
+    same results), other devices' entries kept but not used, an interrupted write leaves the old file, a file
+    that is not a table is an error naming it."""
+    spy, timed = tuned
+    path = tmp_path / "tuned.json"
+    monkeypatch.setenv("MOM_KERNELS_AUTOTUNE_CACHE", str(path))
+    ts, fn, ref, grad_idx, N = routed_case("ffn", T, 2, 4, 32, 48, seed=42, device=DEVICE)
+    low = [t.float() if t.is_floating_point() else t for t in ts]
+    dy = torch.randn(T, N, device=DEVICE)
+    first = _run(fn, low, grad_idx, dy)
+    dev = "cpu" if DEVICE == "cpu" else torch.cuda.get_device_name()
+    data = json.loads(path.read_text())
+    assert set(data) == {dev} and len(data[dev]) == len(autotune.table()) > 0
+    assert all(e["choice"] == ["split", 1, 0] and e["ms"]["split/1"] == 1.0 for e in data[dev].values())
+    autotune.clear()  # a new process: the choices come from the file
+    timed.clear()
+    again = _run(fn, low, grad_idx, dy)
+    assert not timed and {r["choice"] for r in autotune.table()} == {"split/1"}
+    for a, b in zip(again, first):
+        assert torch.equal(a, b)
+    path.write_text(json.dumps({"another GPU": data[dev]}))  # not this device's: tuned again, both kept
+    autotune.clear()
+    _run(fn, low, grad_idx, dy)
+    assert timed and set(json.loads(path.read_text())) == {"another GPU", dev}
+    path.write_text(json.dumps({"another GPU": data[dev]}))
+    old = path.read_text()
+    autotune.clear()
+    monkeypatch.setattr(autotune.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.warns(UserWarning, match="could not write"):
+        _run(fn, low, grad_idx, dy)
+    assert path.read_text() == old and [p.name for p in tmp_path.iterdir()] == ["tuned.json"]
+    monkeypatch.undo()
+    monkeypatch.setenv("MOM_KERNELS_AUTOTUNE", "1")
+    monkeypatch.setenv("MOM_KERNELS_AUTOTUNE_CACHE", str(path))
+    path.write_text("not a table")
+    autotune.clear()
+    with pytest.raises(ValueError, match="tuned.json"):
+        _run(fn, low, grad_idx, dy)
