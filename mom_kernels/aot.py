@@ -332,14 +332,9 @@ def main(argv=None):
     rows = run(tuple(a.dtypes.split(",")), tuple(int(x) for x in a.archs.split(",")),
                tuple(int(x) for x in a.shape.split(",")))
     if a.json:
-        import json
+        from mom.io import atomic_write_json  # an interrupted run leaves the old file
 
-        tmp = f"{a.json}.tmp-{os.getpid()}"  # written whole, then renamed: an interrupted run leaves the old file
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, a.json)
+        atomic_write_json(a.json, rows, indent=1)
     bad = [r for r in rows if r["local"]]
     gemm_no_wgmma = [r for r in rows if r["gemm"] and r["arch"] == 90 and r["dtype"] in ("bf16", "fp16") and not r["wgmma"]]
     print(f"\n{len(rows)} compiles; spills in {len(bad)}; sm_90 16-bit GEMMs without wgmma: {len(gemm_no_wgmma)}")

@@ -86,19 +86,13 @@ def _to_disk(key: Hashable, like: torch.Tensor) -> None:
     data = _read_cache(path)  # what other processes wrote meanwhile stays
     data.setdefault(_device_name(like), {})[str(key)] = dict(choice=list(_chosen[key]),
                                                             ms={label(c): v for c, v in _times[key].items()})
-    tmp = f"{path}.tmp-{os.getpid()}"
+    from mom.io import atomic_write_json  # temp file, fsync, rename: an interrupted write leaves the old file
+
     try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_json(path, data, indent=1)
     except OSError as e:  # the table is an optimisation: the step goes on, the old file stays
         warnings.warn(f"MOM_KERNELS_AUTOTUNE_CACHE: could not write {path} ({e}); this process keeps its choices "
                       f"in memory")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     _disk.setdefault(path, {})[str(key)] = _chosen[key]
 
 
@@ -154,7 +148,7 @@ def pick(key: Hashable, candidates: List[Candidate], run: Callable[[Candidate], 
     for c in candidates:
         try:
             times[c] = time_candidate(lambda c=c: run(c), like.device)
-        except (RuntimeError, NotImplementedError):  # e.g. torch._grouped_mm on a GPU it does not support
+        except RuntimeError:  # e.g. torch._grouped_mm on a GPU it does not support
             if c == default:
                 raise
             times[c] = float("inf")

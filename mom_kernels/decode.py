@@ -100,7 +100,7 @@ def _decode_gemv_kernel(a_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, g_ptr, ids_ptr
 def _gemv_epilogue(acc, m, offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, out_ptr, stride_be, stride_bn,
                    stride_om, stride_on, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_G: tl.constexpr,
                    RTNE: tl.constexpr):
-    """[BLOCK_P, BLOCK_N] sums of picks offs_p (rows where sel) of module m ([BLOCK_P] or a scalar): + b[m],
+    """[BLOCK_P, BLOCK_N] sums of picks offs_p (rows where sel) of module m ([BLOCK_P, 1] or a scalar): + b[m],
     GELU, * g[p], stored to out[p]."""
     if HAS_BIAS:
         bias = tl.load(b_ptr + m * stride_be + offs_n[None, :] * stride_bn, mask=sel[:, None] & n_mask[None, :],
