@@ -317,11 +317,47 @@ def run(dtypes=("bf16", "fp16", "fp32"), archs=(90, 80), shape=(4096, 2, 8, 768,
     return rows
 
 
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
+                "float64": "fp64", "double": "fp64"}
+
+
+def _dtype_list(text: str) -> tuple:
+    """--dtypes: "bf16,fp32" (torch names too) -> ("bf16", "fp32"); anything else is an argparse error."""
+    out = tuple(_DTYPE_NAMES.get(d.strip(), d.strip()) for d in text.split(","))
+    bad = [d for d in out if d not in _DTYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {bad}: choose from {sorted(_DTYPES)}")
+    return out
+
+
+def _arch_list(text: str) -> tuple:
+    """--archs: "90,80" or "sm_90,sm_80" -> (90, 80)."""
+    try:
+        out = tuple(int(a.strip().lower().removeprefix("sm_")) for a in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give compute capabilities like 90,80 or sm_90,sm_80") from None
+    if any(a < 80 for a in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: the kernels target sm_80 and newer")
+    return out
+
+
+def _shape(text: str) -> tuple:
+    """--shape: "T,K,E,D,F" -> five positive ints."""
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        out = ()
+    if len(out) != 5 or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give five positive ints T,K,E,D,F")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtypes", default="bf16,fp16,fp32")
-    p.add_argument("--archs", default="90,80")
-    p.add_argument("--shape", default="4096,2,8,768,3072", help="T,K,E,D,F the launches are recorded at")
+    p.add_argument("--dtypes", default="bf16,fp16,fp32", type=_dtype_list,
+                   help="comma-separated: bf16, fp16, fp32, fp64 (or torch names: bfloat16, float32, ...)")
+    p.add_argument("--archs", default="90,80", type=_arch_list, help="comma-separated: 90, 80 (or sm_90, sm_80)")
+    p.add_argument("--shape", default="4096,2,8,768,3072", type=_shape, help="T,K,E,D,F the launches are recorded at")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # kernels were (or would be) interpreted
@@ -329,8 +365,7 @@ def main(argv=None):
         env.pop("TRITON_INTERPRET")
         return subprocess.call([sys.executable, "-m", "mom_kernels.aot"] + (argv if argv is not None else sys.argv[1:]),
                                env=env)
-    rows = run(tuple(a.dtypes.split(",")), tuple(int(x) for x in a.archs.split(",")),
-               tuple(int(x) for x in a.shape.split(",")))
+    rows = run(a.dtypes, a.archs, a.shape)
     if a.json:
         from mom.io import atomic_write_json  # an interrupted run leaves the old file
 

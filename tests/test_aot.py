@@ -67,3 +67,21 @@ def test_aot_compile_sm90_sm80(tmp_path):
     assert not fat, f"sm_90 grouped GEMMs over 168 registers: {fat}"
     assert all(r["triton_shared"] <= 227 * 1024 for r in rows if r["arch"] == 90)
     assert all(r["triton_shared"] <= 163 * 1024 for r in rows if r["arch"] == 80)
+
+
+@pytest.mark.parametrize("argv, named", [(["--archs", "sm_70"], "--archs"), (["--archs", "ninety"], "--archs"),
+                                         (["--dtypes", "bfloat17"], "--dtypes"), (["--shape", "4096,2"], "--shape")])
+def test_aot_bad_arguments_name_the_argument(argv, named, capsys):
+    from mom_kernels import aot
+
+    with pytest.raises(SystemExit) as e:
+        aot.main(argv)
+    assert e.value.code == 2 and f"argument {named}" in capsys.readouterr().err
+
+
+def test_aot_argument_spellings():
+    from mom_kernels import aot
+
+    assert aot._dtype_list("bfloat16,fp32,float16") == ("bf16", "fp32", "fp16")
+    assert aot._arch_list("sm_90, 80") == (90, 80)
+    assert aot._shape("4096,2,8,768,3072") == (4096, 2, 8, 768, 3072)
