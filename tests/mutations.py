@@ -248,6 +248,13 @@ MUTATIONS: List[Mutation] = [
              "return torch.baddbmm(residual.unsqueeze(1), g, slots).squeeze(1)",
              "return torch.bmm(g, slots).squeeze(1)",
              ("tests/test_few_tokens.py",)),
+    Mutation("gpu_check_option_typo", "a benchmark option misspelt in the GPU script", "benchmarks/gpu_check.sh",
+             "--seq-len 1024", "--seqlen 1024", ("benchmarks/test_gpu_check.py",)),
+    Mutation("gpu_check_missing_test_file", "the GPU script names a test file that does not exist",
+             "benchmarks/gpu_check.sh", "tests/test_kernels_gru.py", "tests/test_kernels_grus.py",
+             ("benchmarks/test_gpu_check.py",)),
+    Mutation("aot_arch_prefix_kept", "--archs sm_90 no longer parsed", "mom_kernels/aot.py",
+             '.removeprefix("sm_")', "", ("tests/test_aot.py",)),
 ]
 
 
