@@ -50,12 +50,13 @@ def causal_attention(q, k, v, past=None, mask: Optional[torch.Tensor] = None):
     """
     if past is not None and hasattr(past, "update"):  # static cache: fixed shapes, masked
         k, v = past.update(k, v)                       # [B, n_head, L, head_dim]
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask), past
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
+                                              attn_mask=additive_mask(mask, q.dtype)), past
     if past is not None:
         k = torch.cat([past[0], k], dim=2)
         v = torch.cat([past[1], v], dim=2)
     if mask is not None:                               # padding (attention_mask) with a dynamic cache
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(mask, q.dtype)), (k, v)
     T, S = q.shape[2], k.shape[2]
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         # flash-attn >= 2.1 aligns the causal mask bottom-right: query i sees keys 0 .. S - T + i, as below
@@ -69,6 +70,25 @@ def causal_attention(q, k, v, past=None, mask: Optional[torch.Tensor] = None):
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return o, (k, v)
+
+
+def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """mask [B, 1, T, S] bool (True = may attend) -> the additive mask SDPA makes of it (0 / -inf in `dtype`,
+    bit for bit the same attention), converted once per mask tensor and dtype. Why: SDPA converts a bool mask
+    with three kernels (two scalar_tensor, a where) at every call, and every attention call of a forward gets
+    the same mask tensor: 3 launches per layer of each decode step (42 of the 316 a mom-large-efficient token
+    launched on the Triton path), now 3 per forward. The conversion is kept on the mask tensor itself (freed
+    with it; its version counter makes an in-place change convert again); inside a CUDA graph capture it is
+    captured once and replayed with the step. None and float masks pass through; so does everything while
+    torch.compile traces (the compiler fuses the conversion itself)."""
+    if mask is None or mask.dtype != torch.bool or torch.compiler.is_compiling():
+        return mask
+    hit = getattr(mask, "_mom_additive", None)
+    if hit is not None and hit[0] == mask._version and hit[1] == dtype:
+        return hit[2]
+    add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(), float("-inf"))
+    mask._mom_additive = (mask._version, dtype, add)
+    return add
 
 
 def split_heads(x, n_head):  # [B, T, D] -> [B, n_head, T, head_dim] (a view)

@@ -253,6 +253,13 @@ MUTATIONS: List[Mutation] = [
     Mutation("gpu_check_missing_test_file", "the GPU script names a test file that does not exist",
              "benchmarks/gpu_check.sh", "tests/test_kernels_gru.py", "tests/test_kernels_grus.py",
              ("benchmarks/test_gpu_check.py",)),
+    Mutation("additive_mask_not_kept", "the mask converted again at every attention call", "mom/blocks.py",
+             "    mask._mom_additive = (mask._version, dtype, add)\n", "", ("tests/test_attention_mask.py",)),
+    Mutation("additive_mask_inverted", "the additive mask blocks the keys the bool mask allows", "mom/blocks.py",
+             ".masked_fill_(mask.logical_not(), float(\"-inf\"))", ".masked_fill_(mask, float(\"-inf\"))",
+             ("tests/test_attention_mask.py",)),
+    Mutation("additive_mask_version_ignored", "an in-place change of the mask keeps the old conversion",
+             "mom/blocks.py", "hit[0] == mask._version and ", "", ("tests/test_attention_mask.py",)),
     Mutation("aot_arch_prefix_kept", "--archs sm_90 no longer parsed", "mom_kernels/aot.py",
              '.removeprefix("sm_")', "", ("tests/test_aot.py",)),
 ]
