@@ -47,7 +47,7 @@ def check_past_key_values(past: Sequence, cfg: MoMConfig, batch: int, dtype: Opt
     is accepted while autocast is on).
     """
     n_entries = cfg.n_cache_layers if n_entries is None else n_entries
-    locate = locate or (lambda i: graph_location(cfg, i))
+    locate = locate if locate is not None else (lambda i: graph_location(cfg, i))
     if not isinstance(past, (list, tuple)):
         raise TypeError(f"{name} must be a list of (k, v) tensor pairs (the past_key_values of an earlier "
                         f"forward with use_cache=True), got {type(past).__name__}")

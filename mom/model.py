@@ -176,14 +176,19 @@ class MoMForCausalLM(nn.Module):
         if past_key_values is not None and not static and not layered:  # the cache is concatenated with this dtype's keys
             check_cache_matches(past_key_values, x.dtype, None)
         ops = get_ops(cfg.backend, x.device)
-        past = iter(past_key_values) if past_key_values is not None else None
+        # the cache entries in graph order, taken by position (not next() on an iterator: torch 2.11's Dynamo
+        # raised StopIteration on that in a comprehension while tracing cached decoding)
+        past = list(past_key_values) if past_key_values is not None else None
+        at = 0
         presents, routing, aux = [], [], []
 
         for block in self.bottom:
-            x, kv = block(x, next(past) if past else None, mask)
+            x, kv = block(x, past[at] if past else None, mask)
+            at += 1
             presents.append(kv)
         for chunk in self.chunks:
-            chunk_past = [next(past) for _ in range(chunk.n_caches)] if past else None
+            chunk_past = past[at:at + chunk.n_caches] if past else None
+            at += chunk.n_caches
             if cfg.checkpoint_chunks and self.training and not use_cache and torch.is_grad_enabled():
                 out = checkpoint(chunk, x, chunk_past, False, ops, mask, use_reentrant=False)
             else:
@@ -194,7 +199,8 @@ class MoMForCausalLM(nn.Module):
             if use_cache:
                 presents.extend(out.present)
         for block in self.top:
-            x, kv = block(x, next(past) if past else None, mask)
+            x, kv = block(x, past[at] if past else None, mask)
+            at += 1
             presents.append(kv)
         if static:
             past_key_values.end(new_mask)

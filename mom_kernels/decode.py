@@ -14,8 +14,10 @@ N_in (split along K in BLOCK_K chunks) and multiplies it with all P pick rows at
 masked to zero (P <= BLOCK_P = 64 rows fit one tl.dot; more picks loop over blocks of 64, re-reading W[m] per
 block). Each pick row lands in its own slot [P, N_out]; the combine (reductions.combine: fp32 sum over the K
 slots, SKIP masked, + residual) makes [T, N_out]. The FFN is two such launches (h slots [P, F] with b1 + GELU,
-then rows per pick through W2 with b2 and g) and the combine. LayerNorm statistics come from one F.layer_norm
-without affine in the accumulation dtype; the kernel applies gamma[m], beta[m]. No host sync: capturable.
+then rows per pick through W2 with b2 and g) and the combine. The LayerNorm runs inside the kernel: each program
+computes its rows' mean and rstd over the whole input width in the accumulation dtype (two passes over a few
+rows: cheaper than the separate LayerNorm launch, and its fp32 copy of 16-bit x, they replace) and applies
+gamma[m], beta[m] to each loaded tile. No host sync: capturable.
 On a GPU the reduction is split over programs where the picked modules alone would leave SMs idle (`split_k`:
 about 4 programs per SM; grid (E, N_out / BLOCK_N, SPLIT)); each split writes fp32 partial sums [SPLIT, P, N_out]
 and `_decode_splitk_kernel` adds them in split order and applies the epilogue (deterministic, one more launch).
@@ -32,12 +34,11 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import checks
-from .common import _cast, _check_device, _gelu, _mma, _p2, _sm_count, acc_dtype, interpreting, slot_dtype
+from .common import _cast, _check_device, _gelu, _mma, _p2, _sm_count, interpreting, slot_dtype
 from .reductions import combine
 
 __all__ = ["decode_routed_linear", "decode_routed_ffn", "routed_linear", "routed_ffn", "use_decode",
@@ -48,7 +49,7 @@ DECODE_MAX_TOKENS = 16  # tokens per call up to which the no-grad dispatch takes
 
 @triton.jit
 def _decode_gemv_kernel(a_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, out_ptr, part_ptr,
-                        P, N_in, N_out, K_PICKS, E, K_PER,
+                        P, N_in, N_out, K_PICKS, E, K_PER, EPS,
                         stride_am, stride_ak, stride_ge, stride_gk, stride_we, stride_wk, stride_wn,
                         stride_be, stride_bn, stride_om, stride_on, stride_ps, stride_pp,
                         ROW_PER_PICK: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -75,15 +76,19 @@ def _decode_gemv_kernel(a_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, g_ptr, ids_ptr
                 acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float64)
             else:
                 acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+            if HAS_LN:  # the rows' LayerNorm statistics over all N_in (every split needs them), two passes
+                mean, rstd = _row_stats(a_ptr, rows, sel, N_in, stride_am, stride_ak, EPS, acc.dtype, BLOCK_P,
+                                        BLOCK_K)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < k_hi
                 a_mask = sel[:, None] & k_mask[None, :]
                 a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0.0)
-                if HAS_LN:                                     # x_hat * gamma[m] + beta[m], in acc precision
+                if HAS_LN:                                     # (x - mean) rstd gamma[m] + beta[m], in acc precision
                     gam = tl.load(gamma_ptr + m * stride_ge + offs_k * stride_gk, mask=k_mask, other=0.0)
                     bet = tl.load(beta_ptr + m * stride_ge + offs_k * stride_gk, mask=k_mask, other=0.0)
-                    a = a * gam[None, :] + bet[None, :]
+                    a = (a.to(acc.dtype) - mean[:, None]) * rstd[:, None]
+                    a = a * gam[None, :].to(acc.dtype) + bet[None, :].to(acc.dtype)
                     a = tl.where(a_mask, a, 0.0)
                 w = tl.load(w_ptr + m * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)   # [BLOCK_K, BLOCK_N], once
@@ -94,6 +99,30 @@ def _decode_gemv_kernel(a_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, g_ptr, ids_ptr
             else:
                 _gemv_epilogue(acc, m, offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, out_ptr, stride_be, stride_bn,
                                stride_om, stride_on, HAS_BIAS, GELU, HAS_G, RTNE)
+
+
+@triton.jit
+def _row_stats(a_ptr, rows, sel, N_in, stride_am, stride_ak, EPS, ACC_DT: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Mean and 1 / sqrt(var + EPS) [BLOCK_P] of input rows `rows` (where sel) over N_in, in ACC_DT: the sum,
+    then the sum of squared deviations (two passes over the row, as a LayerNorm without the one-pass
+    cancellation). Unselected rows get mean 0, rstd 1 / sqrt(EPS) (never used)."""
+    s1 = tl.zeros((BLOCK_P,), dtype=ACC_DT)
+    for k0 in range(0, N_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = sel[:, None] & (offs_k < N_in)[None, :]
+        x = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=mask, other=0.0)
+        s1 += tl.sum(x.to(ACC_DT), axis=1)
+    mean = s1 / N_in
+    s2 = tl.zeros((BLOCK_P,), dtype=ACC_DT)
+    for k0 in range(0, N_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = sel[:, None] & (offs_k < N_in)[None, :]
+        x = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=mask, other=0.0)
+        d = tl.where(mask, x.to(ACC_DT) - mean[:, None], 0.0)
+        s2 += tl.sum(d * d, axis=1)
+    rstd = 1.0 / tl.sqrt(s2 / N_in + EPS)
+    return mean, rstd
 
 
 @triton.jit
@@ -158,8 +187,10 @@ def split_k(n_in: int, n_tiles: int, max_modules: int, block_k: int, device: tor
     return triton.cdiv(n_in, triton.cdiv(triton.cdiv(n_in, want), block_k) * block_k)  # no empty splits
 
 
-def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_per_pick: bool, gelu: bool):
-    """out[p] (only picks of modules 0..E-1 written) = [gelu](U_m(a[row(p)]) @ W[m] + b[m]) [* g[p]]."""
+def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_per_pick: bool, gelu: bool,
+          eps: float = 1e-5):
+    """out[p] (only picks of modules 0..E-1 written) = [gelu](U_m(a[row(p)]) @ W[m] + b[m]) [* g[p]], where
+    U_m(a) = LN(a) gamma[m] + beta[m] (statistics computed in the kernel) when gamma is given, else a."""
     P, n_out = out.shape
     E, n_in, _ = weight.shape
     if P == 0:
@@ -181,7 +212,7 @@ def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_p
     part = torch.empty(split, P, n_out, device=a.device, dtype=acc_dt) if split > 1 else dummy.view(1, 1, 1)
     epi = dict(HAS_BIAS=bias is not None, HAS_G=g_flat is not None, GELU=gelu, RTNE=interp)
     _decode_gemv_kernel[(E, n_tiles, split)](
-        a, gm, bt, weight, bs, gp, ids_flat, out, part, P, n_in, n_out, top_k, E, k_per,
+        a, gm, bt, weight, bs, gp, ids_flat, out, part, P, n_in, n_out, top_k, E, k_per, float(eps),
         a.stride(0), a.stride(1), gm.stride(0), gm.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
         bs.stride(0), bs.stride(1), out.stride(0), out.stride(1), part.stride(0), part.stride(1),
         ROW_PER_PICK=row_per_pick, HAS_LN=gamma is not None, ACC_F64=acc_dt == torch.float64,
@@ -195,11 +226,6 @@ def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_p
     return out
 
 
-def _x_hat(x, eps):
-    """(x - mean) * rstd per token, in the accumulation dtype (fp32 for 16-bit x): [T, D]."""
-    return F.layer_norm(x.to(acc_dtype(x.dtype)), (x.shape[1],), eps=eps)
-
-
 def decode_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
                          plan=None, residual=None):
     """routed_linear for few tokens, forward only (module docstring). x [T, N_in] -> [T, N_out] (+ residual).
@@ -209,15 +235,13 @@ def decode_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_
     _check_device(x)
     T, K = ids.shape
     E, n_in, n_out = weight.shape
+    beta = None
     if ln_weight is not None:
-        a = _x_hat(x, eps)
         beta = ln_bias if ln_bias is not None else torch.zeros_like(ln_weight)
-    else:
-        a, beta = x, None
     ids_flat = ids.reshape(-1).contiguous()
     g = weights.reshape(-1).contiguous() if weights is not None else None
     buf = torch.empty(T * K, n_out, device=x.device, dtype=slot_dtype(x.dtype))   # per-pick slots
-    _gemv(a, weight, bias, ln_weight, beta, ids_flat, g, buf, K, row_per_pick=False, gelu=False)
+    _gemv(x, weight, bias, ln_weight, beta, ids_flat, g, buf, K, row_per_pick=False, gelu=False, eps=eps)
     y = x.new_empty(T, n_out)
     return combine(buf, ids, E, y, res=residual)
 
@@ -231,7 +255,7 @@ def decode_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1
     E, D, Fw = w1.shape
     ids_flat = ids.reshape(-1).contiguous()
     h = torch.empty(T * K, Fw, device=x.device, dtype=x.dtype)                # gelu(LN_m(x) W1 + b1) per pick
-    _gemv(_x_hat(x, eps), w1, b1, ln_weight, ln_bias, ids_flat, None, h, K, row_per_pick=False, gelu=True)
+    _gemv(x, w1, b1, ln_weight, ln_bias, ids_flat, None, h, K, row_per_pick=False, gelu=True, eps=eps)
     buf = torch.empty(T * K, D, device=x.device, dtype=slot_dtype(x.dtype))
     _gemv(h, w2, b2, None, None, ids_flat, weights.reshape(-1).contiguous(), buf, K, row_per_pick=True,
           gelu=False)

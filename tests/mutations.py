@@ -260,6 +260,12 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_attention_mask.py",)),
     Mutation("additive_mask_version_ignored", "an in-place change of the mask keeps the old conversion",
              "mom/blocks.py", "hit[0] == mask._version and ", "", ("tests/test_attention_mask.py",)),
+    Mutation("decode_ln_mean_not_subtracted", "the decode GEMV's in-kernel LayerNorm forgets the mean",
+             "mom_kernels/decode.py", "a = (a.to(acc.dtype) - mean[:, None]) * rstd[:, None]",
+             "a = a.to(acc.dtype) * rstd[:, None]", ("tests/test_decode_kernels.py",)),
+    Mutation("decode_ln_stats_over_split", "the in-kernel LayerNorm statistics cover only the program's split",
+             "mom_kernels/decode.py", "mean, rstd = _row_stats(a_ptr, rows, sel, N_in,",
+             "mean, rstd = _row_stats(a_ptr, rows, sel, k_hi,", ("tests/test_decode_kernels.py",)),
     Mutation("aot_arch_prefix_kept", "--archs sm_90 no longer parsed", "mom_kernels/aot.py",
              '.removeprefix("sm_")', "", ("tests/test_aot.py",)),
 ]
