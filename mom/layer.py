@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree  # (torch's own pytree registry; transformers registers its outputs there too)
 
 from .blocks import AttentionPool, Block, FFNPool, KVCache, causal_attention, init_weights, merge_heads, split_heads
 from .cache import check_chunk_cache
@@ -46,6 +47,13 @@ class MoMLayerOutput:
     routing: List[StepRouting]              # one per step
     aux_loss: torch.Tensor                  # scalar: mean load-balancing loss of this chunk's routers (0: balance off)
     present: Optional[List[KVCache]] = None  # depth (+1 anchor) KV caches, when use_cache
+
+
+# Both as pytree nodes, so tools that look for the tensors in a module's output find them: FSDP2 registers a
+# chunk's pre-backward all-gather on its output tensors, and on torch 2.11 it did not look inside a plain
+# dataclass (the backward then read freed parameters; tests/test_train.py's FSDP run on 2.11 caught it).
+pytree.register_dataclass(StepRouting)
+pytree.register_dataclass(MoMLayerOutput)
 
 
 class MoMLayer(nn.Module):

@@ -261,3 +261,18 @@ def test_autocast_bf16_trains_fp32_parameters(backend):
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
     assert model.chunks[0].ffn_pool.c_fc_weight.grad.abs().sum() > 0
     assert abs(float(out.loss) - float(expected)) < 0.05
+
+
+def test_chunk_output_tensors_are_visible_to_pytree():
+    """FSDP2 hooks a sharded chunk's backward all-gather onto the tensors it finds in the chunk's output with
+    torch's pytree; torch 2.11 did not look inside plain dataclasses, and the backward then read freed
+    parameters. MoMLayerOutput and StepRouting are pytree nodes, so every tensor in them is found."""
+    import torch.utils._pytree as pytree
+
+    from mom.layer import MoMLayerOutput, StepRouting
+
+    h, aux = torch.randn(2, 3, 4), torch.tensor(0.5)
+    r = StepRouting(*(torch.randn(2, 3, 2) for _ in range(4)))
+    leaves = pytree.tree_leaves(MoMLayerOutput(h, [r], aux))
+    for t in (h, aux, r.attn_ids, r.attn_weights, r.ffn_ids, r.ffn_weights):
+        assert any(x is t for x in leaves)
