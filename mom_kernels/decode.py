@@ -20,7 +20,10 @@ rows: cheaper than the separate LayerNorm launch, and its fp32 copy of 16-bit x,
 gamma[m], beta[m] to each loaded tile. No host sync: capturable.
 On a GPU the reduction is split over programs where the picked modules alone would leave SMs idle (`split_k`:
 about 4 programs per SM; grid (E, N_out / BLOCK_N, SPLIT)); each split writes fp32 partial sums [SPLIT, P, N_out]
-and `_decode_splitk_kernel` adds them in split order and applies the epilogue (deterministic, one more launch).
+and a second pass adds them in split order (deterministic). Where the pick rows are only summed per token (QKV,
+output projection, FFN down) that pass is `_decode_splitk_combine_kernel`: epilogue, sum over the token's K
+picks and residual in one launch, so the combine's launch and the per-pick slots go; the FFN up's per-pick
+rows go through `_decode_splitk_kernel` (epilogue with GELU).
 
 Forward only (decoding runs under no_grad). `routed_linear` / `routed_ffn` below dispatch: this path when
 torch.is_grad_enabled() is False and T <= DECODE_MAX_TOKENS (16: with K <= 3 that is <= 48 picks, one pick
@@ -131,6 +134,16 @@ def _gemv_epilogue(acc, m, offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, out_ptr, s
                    RTNE: tl.constexpr):
     """[BLOCK_P, BLOCK_N] sums of picks offs_p (rows where sel) of module m ([BLOCK_P, 1] or a scalar): + b[m],
     GELU, * g[p], stored to out[p]."""
+    acc = _pick_values(acc, m, offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, stride_be, stride_bn, HAS_BIAS, GELU,
+                       HAS_G)
+    tl.store(out_ptr + offs_p[:, None] * stride_om + offs_n[None, :] * stride_on,
+             _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=sel[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _pick_values(acc, m, offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, stride_be, stride_bn, HAS_BIAS: tl.constexpr,
+                 GELU: tl.constexpr, HAS_G: tl.constexpr):
+    """The epilogue's values: acc + b[m], GELU, * g[p] (rows where sel; the others get 0 bias and weight)."""
     if HAS_BIAS:
         bias = tl.load(b_ptr + m * stride_be + offs_n[None, :] * stride_bn, mask=sel[:, None] & n_mask[None, :],
                        other=0.0)
@@ -140,8 +153,7 @@ def _gemv_epilogue(acc, m, offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, out_ptr, s
     if HAS_G:
         g = tl.load(g_ptr + offs_p, mask=sel, other=0.0)
         acc = acc * g[:, None].to(acc.dtype)
-    tl.store(out_ptr + offs_p[:, None] * stride_om + offs_n[None, :] * stride_on,
-             _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=sel[:, None] & n_mask[None, :])
+    return acc
 
 
 @triton.jit
@@ -163,6 +175,41 @@ def _decode_splitk_kernel(part_ptr, b_ptr, g_ptr, ids_ptr, out_ptr, P, N_out, E,
         acc += tl.load(ptrs + ks * stride_ps, mask=mask, other=0.0)
     _gemv_epilogue(acc, mod[:, None], offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, out_ptr, stride_be, stride_bn,
                    stride_om, stride_on, HAS_BIAS, GELU, HAS_G, RTNE)
+
+
+@triton.jit
+def _decode_splitk_combine_kernel(part_ptr, b_ptr, g_ptr, ids_ptr, res_ptr, y_ptr, T, N_out, E, SPLIT, K_PICKS,
+                                  stride_ps, stride_pp, stride_be, stride_bn, stride_rt, stride_rn, stride_yt, stride_yn,
+                                  HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr, HAS_RES: tl.constexpr,
+                                  RTNE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The split-K second pass and the combine in one: y[t] = res[t] + sum_k ([g[t, k]] (sum over the SPLIT
+    partial sums of pick t*K + k) + b[m]) over the token's non-SKIP picks, in the partials' precision, splits
+    and picks added in order (deterministic, no atomics), one rounding to y's dtype. It replaces
+    `_decode_splitk_kernel` + reductions.combine (one launch, and no per-pick slots) wherever the pick rows are
+    only summed per token (QKV, output projection, FFN down)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_mask = offs_t < T
+    n_mask = offs_n < N_out
+    y = tl.zeros((BLOCK_T, BLOCK_N), dtype=part_ptr.dtype.element_ty)
+    for k in range(0, K_PICKS):
+        offs_p = offs_t * K_PICKS + k                          # [BLOCK_T] pick k of each token
+        mod = tl.load(ids_ptr + offs_p, mask=t_mask, other=E)
+        sel = mod < E
+        mask = sel[:, None] & n_mask[None, :]
+        ptrs = part_ptr + offs_p[:, None] * stride_pp + offs_n[None, :]
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+        for ks in range(1, SPLIT):
+            acc += tl.load(ptrs + ks * stride_ps, mask=mask, other=0.0)
+        acc = _pick_values(acc, mod[:, None], offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, stride_be, stride_bn,
+                           HAS_BIAS, False, HAS_G)
+        y += tl.where(mask, acc, 0.0)
+    out_mask = t_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        y += tl.load(res_ptr + offs_t[:, None] * stride_rt + offs_n[None, :] * stride_rn, mask=out_mask,
+                     other=0.0).to(y.dtype)
+    tl.store(y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn, _cast(y, y_ptr.dtype.element_ty, RTNE),
+             mask=out_mask)
 
 
 def split_k(n_in: int, n_tiles: int, max_modules: int, block_k: int, device: torch.device) -> int:
@@ -188,13 +235,15 @@ def split_k(n_in: int, n_tiles: int, max_modules: int, block_k: int, device: tor
 
 
 def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_per_pick: bool, gelu: bool,
-          eps: float = 1e-5):
+          eps: float = 1e-5, y=None, residual=None) -> bool:
     """out[p] (only picks of modules 0..E-1 written) = [gelu](U_m(a[row(p)]) @ W[m] + b[m]) [* g[p]], where
-    U_m(a) = LN(a) gamma[m] + beta[m] (statistics computed in the kernel) when gamma is given, else a."""
+    U_m(a) = LN(a) gamma[m] + beta[m] (statistics computed in the kernel) when gamma is given, else a.
+    y [T, N_out] given (no GELU): where the reduction is split, the second pass also combines, y[t] =
+    [residual[t] +] sum_k out[t*K + k], and out is not written. Returns whether y was written."""
     P, n_out = out.shape
     E, n_in, _ = weight.shape
     if P == 0:
-        return out
+        return False
     interp = interpreting()
     BLOCK_P = min(_p2(P), 64)
     BLOCK_K = min(_p2(n_in), 128 if interp else 64)
@@ -218,12 +267,22 @@ def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_p
         ROW_PER_PICK=row_per_pick, HAS_LN=gamma is not None, ACC_F64=acc_dt == torch.float64,
         UPCAST=interp and lowp, IEEE=not lowp, PARTIAL=split > 1, **epi,
         BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=4)
+    if split > 1 and y is not None:
+        T = y.shape[0]
+        BLOCK_T = min(_p2(T), 16)
+        r = residual if residual is not None else y
+        _decode_splitk_combine_kernel[(triton.cdiv(T, BLOCK_T), n_tiles)](
+            part, bs, gp, ids_flat, r, y, T, n_out, E, split, top_k, part.stride(0), part.stride(1),
+            bs.stride(0), bs.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, HAS_G=g_flat is not None, HAS_RES=residual is not None, RTNE=interp,
+            BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, num_warps=4)
+        return True
     if split > 1:
         _decode_splitk_kernel[(triton.cdiv(P, BLOCK_P), n_tiles)](
             part, bs, gp, ids_flat, out, P, n_out, E, split, part.stride(0), part.stride(1),
             bs.stride(0), bs.stride(1), out.stride(0), out.stride(1), **epi,
             BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4)
-    return out
+    return False
 
 
 def decode_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
@@ -241,8 +300,10 @@ def decode_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_
     ids_flat = ids.reshape(-1).contiguous()
     g = weights.reshape(-1).contiguous() if weights is not None else None
     buf = torch.empty(T * K, n_out, device=x.device, dtype=slot_dtype(x.dtype))   # per-pick slots
-    _gemv(x, weight, bias, ln_weight, beta, ids_flat, g, buf, K, row_per_pick=False, gelu=False, eps=eps)
     y = x.new_empty(T, n_out)
+    if _gemv(x, weight, bias, ln_weight, beta, ids_flat, g, buf, K, row_per_pick=False, gelu=False, eps=eps,
+             y=y, residual=residual):
+        return y                                                                   # split: combined already
     return combine(buf, ids, E, y, res=residual)
 
 
@@ -257,9 +318,10 @@ def decode_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1
     h = torch.empty(T * K, Fw, device=x.device, dtype=x.dtype)                # gelu(LN_m(x) W1 + b1) per pick
     _gemv(x, w1, b1, ln_weight, ln_bias, ids_flat, None, h, K, row_per_pick=False, gelu=True, eps=eps)
     buf = torch.empty(T * K, D, device=x.device, dtype=slot_dtype(x.dtype))
-    _gemv(h, w2, b2, None, None, ids_flat, weights.reshape(-1).contiguous(), buf, K, row_per_pick=True,
-          gelu=False)
     y = x.new_empty(T, D)
+    if _gemv(h, w2, b2, None, None, ids_flat, weights.reshape(-1).contiguous(), buf, K, row_per_pick=True,
+             gelu=False, y=y, residual=residual):
+        return y                                                                   # split: combined already
     return combine(buf, ids, E, y, res=residual)
 
 

@@ -97,19 +97,47 @@ def test_split_k_matches_reference(T, K, split, monkeypatch):
     monkeypatch.setenv("MOM_KERNELS_DECODE_SPLIT_K", str(split))
     assert decode.split_k(300, 1, 1, 128, torch.device("cpu")) == min(split, 3)
     x, w, b, ids, gw, lw, lb = linear_inputs(T, K, 4, 300, 24, seed=T + K, empty=(1,))
+    res = torch.randn(T, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
-        args = [t.to(dtype) if t.is_floating_point() else t for t in (x, w, b, ids, gw, lw, lb)]
-        got = decode.decode_routed_linear(*args)
-        assert_close_verbose(f"linear {dtype}", got, reference.routed_linear(*[
-            t.double() if t.is_floating_point() else t for t in args]), tol, tol)
-        assert torch.equal(got, decode.decode_routed_linear(*args))
+        for weighted in (True, False):  # the output projection (g) and the QKV form (a plain sum over K)
+            args = [t.to(dtype) if t is not None and t.is_floating_point() else t
+                    for t in (x, w, b, ids, gw if weighted else None, lw, lb)]
+            want = reference.routed_linear(*[t.double() if t is not None and t.is_floating_point() else t
+                                             for t in args])
+            got = decode.decode_routed_linear(*args)
+            assert_close_verbose(f"linear {dtype} weighted={weighted}", got, want, tol, tol)
+            assert torch.equal(got, decode.decode_routed_linear(*args))
+            got = decode.decode_routed_linear(*args, residual=res.to(dtype))
+            assert_close_verbose(f"linear + residual {dtype}", got, want + res, tol, tol)
     inputs = ffn_inputs(T, K, 3, 130, 300, seed=T * K)
+    res = torch.randn(T, 130, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
         c = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
         assert_close_verbose(f"ffn {dtype}", decode.decode_routed_ffn(*c), reference.routed_ffn(*inputs), tol, tol)
+        assert_close_verbose(f"ffn + residual {dtype}", decode.decode_routed_ffn(*c, residual=res.to(dtype)),
+                             reference.routed_ffn(*inputs) + res, tol, tol)
     bf = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs]
     assert_2x_rule("ffn bf16", decode.decode_routed_ffn(*bf), reference.routed_ffn(*bf), reference.routed_ffn(*inputs),
                    1e-2)
+
+
+def test_split_k_combines_in_its_second_pass(monkeypatch):
+    """With the reduction split, the second pass also sums each token's picks (and the residual): no combine
+    launch, no per-pick slots for the QKV / projection / FFN down; the FFN up keeps its per-pick rows."""
+    from mom_kernels.launches import count_launches
+
+    x, w, b, ids, gw, lw, lb = linear_inputs(2, 2, 4, 300, 24, seed=3)
+    inputs = ffn_inputs(2, 2, 3, 130, 300, seed=4)
+    for split, want in (("1", {"_decode_gemv_kernel": 1, "_combine_kernel": 1}),
+                        ("2", {"_decode_gemv_kernel": 1, "_decode_splitk_combine_kernel": 1})):
+        monkeypatch.setenv("MOM_KERNELS_DECODE_SPLIT_K", split)
+        with count_launches() as c:
+            decode.decode_routed_linear(x, w, b, ids, gw, lw, lb, residual=x[:, :24])
+        assert dict(c.triton) == want, c.table()
+    with count_launches() as c:
+        decode.decode_routed_ffn(*inputs, residual=inputs[0])
+    assert dict(c.triton) == {"_decode_gemv_kernel": 2, "_decode_splitk_kernel": 1,
+                              "_decode_splitk_combine_kernel": 1}, c.table()
 
 
 def test_split_k_choice(monkeypatch):
