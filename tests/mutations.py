@@ -275,6 +275,11 @@ MUTATIONS: List[Mutation] = [
     Mutation("decode_splitk_combine_unweighted", "the fused second pass ignores the routing weights",
              "mom_kernels/decode.py", "HAS_BIAS=bias is not None, HAS_G=g_flat is not None, HAS_RES",
              "HAS_BIAS=bias is not None, HAS_G=False, HAS_RES", ("tests/test_decode_kernels.py",)),
+    Mutation("decode_extra_copies", "the decode routed linear copies its ids and weights (two launches more)",
+             "mom_kernels/decode.py",
+             "ids_flat = ids.reshape(-1).contiguous()\n    g = weights.reshape(-1).contiguous()",
+             "ids_flat = ids.reshape(-1).clone()\n    g = weights.reshape(-1).clone()",
+             ("tests/test_launches.py",)),
     Mutation("chunk_output_not_pytree", "MoMLayerOutput no longer a pytree node (FSDP2 on torch 2.11 misses its "
              "tensors)", "mom/layer.py", "pytree.register_dataclass(MoMLayerOutput)\n", "",
              ("tests/test_model.py",)),

@@ -21,6 +21,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 STEP_BUDGET = 60        # one routed step: attention + FFN, K 2, forward + backward with the balance loss
 ROUTE_PLAN_BUDGET = 6   # one router call's route + plan, forward + backward
+DECODE_STEP_BUDGET = 16  # one routed step of a decode step (no grad, one token per row, balance off): per router
+#                          call the GRU's GEMMs (one at a zero state, two after) + its gate/head kernel + route;
+#                          4 GEMVs (LayerNorm inside), 3 combines (on a GPU the split's second passes do them)
+#                          and the attention
 
 
 def _layer(depth=1, **kw):
@@ -50,6 +54,20 @@ def test_decode_step_routes_in_one_launch_per_router_call():
             layer(x, balance=False)
     assert c.triton["_route_kernel"] == 4, c.table()               # 2 steps x (attention + FFN router)
     assert c.triton["_plan_scan_kernel"] == 0 and c.triton["_plan_scatter_kernel"] == 0, c.table()
+    assert not c.syncs, c.table()
+
+
+def test_decode_step_launch_budget():
+    """A decode step launches at most DECODE_STEP_BUDGET per routed step, with no LayerNorm launch of its own
+    (the decode GEMV computes the statistics) and no host read."""
+    layer = _layer(depth=2).eval()
+    x = torch.randn(2, 1, layer.config.n_embd, device=DEVICE)
+    with torch.no_grad():
+        layer(x, balance=False)  # warm-up
+        with count_launches() as c:
+            layer(x, balance=False)
+    assert c.total <= 2 * DECODE_STEP_BUDGET, c.table()
+    assert c.aten["native_layer_norm"] == 0 and c.aten["layer_norm"] == 0, c.table()
     assert not c.syncs, c.table()
 
 
