@@ -80,14 +80,17 @@ def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[
     launched on the Triton path), now 3 per forward. The conversion is kept on the mask tensor itself (freed
     with it; its version counter makes an in-place change convert again); inside a CUDA graph capture it is
     captured once and replayed with the step. None and float masks pass through; so does everything while
-    torch.compile traces (the compiler fuses the conversion itself)."""
+    torch.compile traces (the compiler fuses the conversion itself). A mask made under torch.inference_mode has
+    no version counter: it is converted at every call, as SDPA would."""
     if mask is None or mask.dtype != torch.bool or torch.compiler.is_compiling():
         return mask
-    hit = getattr(mask, "_mom_additive", None)
+    keep = not mask.is_inference()
+    hit = getattr(mask, "_mom_additive", None) if keep else None
     if hit is not None and hit[0] == mask._version and hit[1] == dtype:
         return hit[2]
     add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(), float("-inf"))
-    mask._mom_additive = (mask._version, dtype, add)
+    if keep:
+        mask._mom_additive = (mask._version, dtype, add)
     return add
 
 

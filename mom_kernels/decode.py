@@ -179,7 +179,8 @@ def _decode_splitk_kernel(part_ptr, b_ptr, g_ptr, ids_ptr, out_ptr, P, N_out, E,
 
 @triton.jit
 def _decode_splitk_combine_kernel(part_ptr, b_ptr, g_ptr, ids_ptr, res_ptr, y_ptr, T, N_out, E, SPLIT, K_PICKS,
-                                  stride_ps, stride_pp, stride_be, stride_bn, stride_rt, stride_rn, stride_yt, stride_yn,
+                                  stride_ps, stride_pp, stride_be, stride_bn, stride_rt, stride_rn,
+                                  stride_yt, stride_yn,
                                   HAS_BIAS: tl.constexpr, HAS_G: tl.constexpr, HAS_RES: tl.constexpr,
                                   RTNE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     """The split-K second pass and the combine in one: y[t] = res[t] + sum_k ([g[t, k]] (sum over the SPLIT

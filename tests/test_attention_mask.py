@@ -48,6 +48,24 @@ def test_converted_once_per_mask_dtype_and_version():
     assert blocks.additive_mask(f, torch.float32) is f                    # float masks pass through
 
 
+def test_inference_mode_masks_are_converted_each_time():
+    """Tensors made under torch.inference_mode have no version counter: converted at every call, still right."""
+    cfg = small_config(backend="torch")
+    model = make_model(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits[:, 4:]
+    with torch.inference_mode():
+        mask = torch.tensor([[[[True, False, True]]]])
+        a = blocks.additive_mask(mask, torch.float32)
+        assert torch.equal(a, torch.tensor([[[[0.0, float("-inf"), 0.0]]]]))
+        assert blocks.additive_mask(mask, torch.float32) is not a
+        cache = StaticCache(cfg, 1, 6, torch.float64)
+        model(ids[:, :4], past_key_values=cache)
+        step = model(ids[:, 4:], past_key_values=cache).logits
+    assert torch.allclose(step, full, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_decode_step_converts_the_mask_once_and_matches_bool_masks(backend, monkeypatch):
     """A static-cache decode step of a model with several attention calls: the mask is converted once (one
