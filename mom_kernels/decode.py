@@ -157,6 +157,20 @@ def _pick_values(acc, m, offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, stride_be, s
 
 
 @triton.jit
+def _split_sum(part_ptr, ids_ptr, offs_p, p_mask, offs_n, n_mask, E, SPLIT, stride_ps, stride_pp):
+    """Picks offs_p (where p_mask) x columns offs_n: the sum of their SPLIT partial sums in split order, with each
+    pick's module and which entries are real (the pick is not SKIP, the column exists)."""
+    mod = tl.load(ids_ptr + offs_p, mask=p_mask, other=E)
+    sel = mod < E
+    mask = sel[:, None] & n_mask[None, :]
+    ptrs = part_ptr + offs_p[:, None] * stride_pp + offs_n[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for ks in range(1, SPLIT):
+        acc += tl.load(ptrs + ks * stride_ps, mask=mask, other=0.0)
+    return acc, mod, sel, mask
+
+
+@triton.jit
 def _decode_splitk_kernel(part_ptr, b_ptr, g_ptr, ids_ptr, out_ptr, P, N_out, E, SPLIT,
                           stride_ps, stride_pp, stride_be, stride_bn, stride_om, stride_on,
                           HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_G: tl.constexpr, RTNE: tl.constexpr,
@@ -166,13 +180,8 @@ def _decode_splitk_kernel(part_ptr, b_ptr, g_ptr, ids_ptr, out_ptr, P, N_out, E,
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_out
-    mod = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=E)
-    sel = mod < E
-    mask = sel[:, None] & n_mask[None, :]
-    ptrs = part_ptr + offs_p[:, None] * stride_pp + offs_n[None, :]
-    acc = tl.load(ptrs, mask=mask, other=0.0)
-    for ks in range(1, SPLIT):
-        acc += tl.load(ptrs + ks * stride_ps, mask=mask, other=0.0)
+    acc, mod, sel, _ = _split_sum(part_ptr, ids_ptr, offs_p, offs_p < P, offs_n, n_mask, E, SPLIT, stride_ps,
+                                  stride_pp)
     _gemv_epilogue(acc, mod[:, None], offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, out_ptr, stride_be, stride_bn,
                    stride_om, stride_on, HAS_BIAS, GELU, HAS_G, RTNE)
 
@@ -195,13 +204,8 @@ def _decode_splitk_combine_kernel(part_ptr, b_ptr, g_ptr, ids_ptr, res_ptr, y_pt
     y = tl.zeros((BLOCK_T, BLOCK_N), dtype=part_ptr.dtype.element_ty)
     for k in range(0, K_PICKS):
         offs_p = offs_t * K_PICKS + k                          # [BLOCK_T] pick k of each token
-        mod = tl.load(ids_ptr + offs_p, mask=t_mask, other=E)
-        sel = mod < E
-        mask = sel[:, None] & n_mask[None, :]
-        ptrs = part_ptr + offs_p[:, None] * stride_pp + offs_n[None, :]
-        acc = tl.load(ptrs, mask=mask, other=0.0)
-        for ks in range(1, SPLIT):
-            acc += tl.load(ptrs + ks * stride_ps, mask=mask, other=0.0)
+        acc, mod, sel, mask = _split_sum(part_ptr, ids_ptr, offs_p, t_mask, offs_n, n_mask, E, SPLIT, stride_ps,
+                                         stride_pp)
         acc = _pick_values(acc, mod[:, None], offs_p, sel, offs_n, n_mask, b_ptr, g_ptr, stride_be, stride_bn,
                            HAS_BIAS, False, HAS_G)
         y += tl.where(mask, acc, 0.0)

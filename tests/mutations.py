@@ -147,7 +147,7 @@ MUTATIONS: List[Mutation] = [
              "v = _cast(v, out_ptr.dtype.element_ty, RTNE).to(cdt)",
              ("tests/test_kernels_weight_grad.py",) + tuple(KERNEL_TESTS[:3])),
     Mutation("ffn_dg_rowdot_without_gelu", "FFN routing-weight gradient dots G with pre instead of gelu(pre)",
-             GEMM, "uu = _gelu(pre)", "uu = pre", tuple(KERNEL_TESTS)),
+             GEMM, "uu = _gelu_of(pre, th)", "uu = pre", tuple(KERNEL_TESTS)),
     Mutation("ln_stats_eps_outside_sqrt", "LayerNorm statistics kernel (fused path, backward): 1/sqrt(var) + eps "
              "instead of 1/sqrt(var + eps)", GA, "rstd = 1.0 / tl.sqrt(acc / D + eps)",
              "rstd = 1.0 / tl.sqrt(acc / D) + eps", tuple(KERNEL_TESTS)),
@@ -254,7 +254,8 @@ MUTATIONS: List[Mutation] = [
              "benchmarks/gpu_check.sh", "tests/test_kernels_gru.py", "tests/test_kernels_grus.py",
              ("benchmarks/test_gpu_check.py",)),
     Mutation("additive_mask_not_kept", "the mask converted again at every attention call", "mom/blocks.py",
-             "    mask._mom_additive = (mask._version, dtype, add)\n", "", ("tests/test_attention_mask.py",)),
+             "        mask._mom_additive = (mask._version, dtype, add)\n", "        mask = mask\n",
+             ("tests/test_attention_mask.py",)),
     Mutation("additive_mask_inverted", "the additive mask blocks the keys the bool mask allows", "mom/blocks.py",
              ".masked_fill_(mask.logical_not(), float(\"-inf\"))", ".masked_fill_(mask, float(\"-inf\"))",
              ("tests/test_attention_mask.py",)),
