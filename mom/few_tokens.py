@@ -110,10 +110,7 @@ class HostPlan:
         return y
 
     def group_rows(self, buf):
-        """buf's rows of each group, in self.groups' order: one split for one token (row k = pick k), else slices."""
-        if self.T == 1:
-            rows = buf.split(1)
-            return [rows[lo] for _, lo, _ in self.groups]
+        """buf's rows of each group, in self.groups' order (one token: row k = pick k, the same slices)."""
         return [buf[lo:hi] for _, lo, hi in self.groups]
 
 
