@@ -35,6 +35,7 @@ K = 1..3, SKIP, fp32 / bf16 by the 2x rule).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -239,16 +240,16 @@ def split_k(n_in: int, n_tiles: int, max_modules: int, block_k: int, device: tor
     return triton.cdiv(n_in, triton.cdiv(triton.cdiv(n_in, want), block_k) * block_k)  # no empty splits
 
 
-def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_per_pick: bool, gelu: bool,
-          eps: float = 1e-5, y=None, residual=None) -> bool:
-    """out[p] (only picks of modules 0..E-1 written) = [gelu](U_m(a[row(p)]) @ W[m] + b[m]) [* g[p]], where
-    U_m(a) = LN(a) gamma[m] + beta[m] (statistics computed in the kernel) when gamma is given, else a.
-    y [T, N_out] given (no GELU): where the reduction is split, the second pass also combines, y[t] =
-    [residual[t] +] sum_k out[t*K + k], and out is not written. Returns whether y was written."""
-    P, n_out = out.shape
-    E, n_in, _ = weight.shape
+def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, top_k: int, row_per_pick: bool, gelu: bool,
+          out_dtype: torch.dtype, eps: float = 1e-5, y=None, residual=None) -> Optional[torch.Tensor]:
+    """The per-pick rows out [P, N_out] (out_dtype; only picks of modules 0..E-1 written) =
+    [gelu](U_m(a[row(p)]) @ W[m] + b[m]) [* g[p]], where U_m(a) = LN(a) gamma[m] + beta[m] (statistics computed in
+    the kernel) when gamma is given, else a. y [T, N_out] given (no GELU): where the reduction is split, the
+    second pass combines instead, y[t] = [residual[t] +] sum_k out[t*K + k], and None is returned (no rows)."""
+    P = ids_flat.shape[0]
+    E, n_in, n_out = weight.shape
     if P == 0:
-        return False
+        return a.new_empty(0, n_out, dtype=out_dtype)
     interp = interpreting()
     BLOCK_P = min(_p2(P), 64)
     BLOCK_K = min(_p2(n_in), 128 if interp else 64)
@@ -264,6 +265,8 @@ def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_p
     lowp = weight.dtype in (torch.float16, torch.bfloat16)
     acc_dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     part = torch.empty(split, P, n_out, device=a.device, dtype=acc_dt) if split > 1 else dummy.view(1, 1, 1)
+    fused = split > 1 and y is not None              # the second pass combines: no per-pick rows
+    out = dummy if fused else torch.empty(P, n_out, device=a.device, dtype=out_dtype)
     epi = dict(HAS_BIAS=bias is not None, HAS_G=g_flat is not None, GELU=gelu, RTNE=interp)
     _decode_gemv_kernel[(E, n_tiles, split)](
         a, gm, bt, weight, bs, gp, ids_flat, out, part, P, n_in, n_out, top_k, E, k_per, float(eps),
@@ -272,7 +275,7 @@ def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_p
         ROW_PER_PICK=row_per_pick, HAS_LN=gamma is not None, ACC_F64=acc_dt == torch.float64,
         UPCAST=interp and lowp, IEEE=not lowp, PARTIAL=split > 1, **epi,
         BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=4)
-    if split > 1 and y is not None:
+    if fused:
         T = y.shape[0]
         BLOCK_T = min(_p2(T), 16)
         r = residual if residual is not None else y
@@ -281,13 +284,13 @@ def _gemv(a, weight, bias, gamma, beta, ids_flat, g_flat, out, top_k: int, row_p
             bs.stride(0), bs.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, HAS_G=g_flat is not None, HAS_RES=residual is not None, RTNE=interp,
             BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, num_warps=4)
-        return True
+        return None
     if split > 1:
         _decode_splitk_kernel[(triton.cdiv(P, BLOCK_P), n_tiles)](
             part, bs, gp, ids_flat, out, P, n_out, E, split, part.stride(0), part.stride(1),
             bs.stride(0), bs.stride(1), out.stride(0), out.stride(1), **epi,
             BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4)
-    return False
+    return out
 
 
 def decode_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
@@ -304,12 +307,10 @@ def decode_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_
         beta = ln_bias if ln_bias is not None else torch.zeros_like(ln_weight)
     ids_flat = ids.reshape(-1).contiguous()
     g = weights.reshape(-1).contiguous() if weights is not None else None
-    buf = torch.empty(T * K, n_out, device=x.device, dtype=slot_dtype(x.dtype))   # per-pick slots
     y = x.new_empty(T, n_out)
-    if _gemv(x, weight, bias, ln_weight, beta, ids_flat, g, buf, K, row_per_pick=False, gelu=False, eps=eps,
-             y=y, residual=residual):
-        return y                                                                   # split: combined already
-    return combine(buf, ids, E, y, res=residual)
+    slots = _gemv(x, weight, bias, ln_weight, beta, ids_flat, g, K, row_per_pick=False, gelu=False,
+                  out_dtype=slot_dtype(x.dtype), eps=eps, y=y, residual=residual)          # per-pick slots
+    return y if slots is None else combine(slots, ids, E, y, res=residual)          # None: combined already
 
 
 def decode_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5, plan=None, residual=None):
@@ -318,16 +319,14 @@ def decode_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1
                                                                              b2, residual)
     _check_device(x)
     T, K = ids.shape
-    E, D, Fw = w1.shape
+    E, D, _ = w1.shape
     ids_flat = ids.reshape(-1).contiguous()
-    h = torch.empty(T * K, Fw, device=x.device, dtype=x.dtype)                # gelu(LN_m(x) W1 + b1) per pick
-    _gemv(x, w1, b1, ln_weight, ln_bias, ids_flat, None, h, K, row_per_pick=False, gelu=True, eps=eps)
-    buf = torch.empty(T * K, D, device=x.device, dtype=slot_dtype(x.dtype))
+    h = _gemv(x, w1, b1, ln_weight, ln_bias, ids_flat, None, K, row_per_pick=False, gelu=True,
+              out_dtype=x.dtype, eps=eps)                                      # [P, F] gelu(LN_m(x) W1 + b1)
     y = x.new_empty(T, D)
-    if _gemv(h, w2, b2, None, None, ids_flat, weights.reshape(-1).contiguous(), buf, K, row_per_pick=True,
-             gelu=False, y=y, residual=residual):
-        return y                                                                   # split: combined already
-    return combine(buf, ids, E, y, res=residual)
+    slots = _gemv(h, w2, b2, None, None, ids_flat, weights.reshape(-1).contiguous(), K, row_per_pick=True,
+                  gelu=False, out_dtype=slot_dtype(x.dtype), y=y, residual=residual)
+    return y if slots is None else combine(slots, ids, E, y, res=residual)          # None: combined already
 
 
 def use_decode(ids) -> bool:
