@@ -90,3 +90,17 @@ def test_counter_sees_launches_and_syncs():
     assert sum(c.triton.values()) == 3 and c.aten["clone"] + c.aten["_unsafe_view"] >= 1 and c.aten["sum"] == 1
     assert "_local_scalar_dense" in c.syncs or "item" in c.syncs
     assert "tolist" in c.syncs
+
+
+def test_decode_count_of_a_preset_against_its_gpt2():
+    """benchmarks.count_launches --decode (the figures in docs/generation.md): a decoded token of
+    mom-large-efficient launches fewer ops than one of GPT-2-large, every attention call converts no mask of its
+    own (one logical_not per forward), and nothing is read back to the host."""
+    from benchmarks.count_launches import decode_counts
+
+    counts = decode_counts("mom-large-efficient", 1 / 32, 1, DEVICE, table=False)
+    mom, gpt2 = counts["mom-large-efficient"], counts["gpt2-large"]
+    assert mom.total < 0.6 * gpt2.total, (mom.table(), gpt2.table())
+    for c in (mom, gpt2):
+        assert c.aten["logical_not"] == 1 and c.aten["where"] == 0, c.table()
+        assert not c.syncs, c.table()
