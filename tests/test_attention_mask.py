@@ -10,14 +10,14 @@ from mom.cache import StaticCache
 from mom_kernels.launches import count_launches
 
 
+_SDPA = F.scaled_dot_product_attention
+
+
 def _bool_sdpa(q, k, v, attn_mask=None, **kw):
     """SDPA given the bool mask back (what SDPA did before the conversion moved out)."""
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask == 0
     return _SDPA(q, k, v, attn_mask=attn_mask, **kw)
-
-
-_SDPA = F.scaled_dot_product_attention
 
 
 def test_conversion_equals_sdpa_bool_mask():
