@@ -15,8 +15,9 @@ setup(
                       "matplotlib"],
     package_data={"mom": ["assets/*.txt"]},
     extras_require={
-        # pytest-benchmark: benchmarks/test_bench.py; hypothesis: property tests; transformers: GPT-2 parity tests.
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
+        # pytest-benchmark: benchmarks/test_bench.py; hypothesis: property tests; transformers: parity tests;
+        # pytest-xdist: the suite on every core (-n auto).
+        "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers"],
         "flash": ["flash-attn"], "hf": ["transformers"],
     },
 )

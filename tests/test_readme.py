@@ -25,7 +25,7 @@ PY = _blocks("python")
 def test_readme_starts_with_the_two_commands():
     first = _blocks("bash")[0].strip().splitlines()
     assert first[:2] == ['pip install torch==2.13.0 -e . && python -m benchmarks.efficiency',
-                         'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q']
+                         'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q -n auto']
 
 
 def test_readme_has_python_blocks():
