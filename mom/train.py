@@ -271,6 +271,53 @@ def train_flops_per_token(cfg: MoMConfig, T: int) -> float:
         return 3.0 * (n_fixed * fixed + cfg.chunks * cfg.depth * step + 2 * D * cfg.vocab_size)
 
 
+# --- one optimiser step -------------------------------------------------------------------------------------
+def backward_micro_batches(fwd, batch_of, accum: int, sync=None, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Forward + backward of one optimiser step's `accum` micro-batches, batch_of(micro) -> ids [B, T].
+
+    Each micro-batch's loss is divided by accum, so the gradients add up to those of the mean loss over the
+    step's accum x B sequences: one micro-batch of all of them gives the same gradients, to rounding (the LM
+    loss is a mean over a micro-batch's tokens, and every micro-batch holds as many). The balance loss is the
+    exception: each micro-batch's f and P are taken over its own tokens (the loss is not linear in them), so
+    with aux_loss_coef > 0 accumulation is close to, not equal to, one large batch.
+    sync(last) -> a context for the micro-batch's forward + backward (the gradient all-reduce of DDP / FSDP runs
+    on the last micro-batch only); autocast() -> the forward's autocast context.
+    Returns the micro-batches' (loss, lm_loss, aux_loss), summed: float64 [3] on the CPU."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for micro in range(accum):
+        x = batch_of(micro)
+        with sync(micro == accum - 1) if sync is not None else contextlib.nullcontext():
+            with autocast():
+                out = fwd(x, labels=x)
+            (out.loss / accum).backward()
+        sums += torch.tensor([float(out.loss.detach()), float(out.lm_loss.detach()), float(out.aux_loss.detach())],
+                             dtype=torch.float64)
+    return sums
+
+
+def optimizer_step(model, optimizer, grad_clip: float) -> float:
+    """One optimiser step on the accumulated gradients: their global norm is clipped to grad_clip first (0: no
+    clipping), so AdamW steps with the clipped gradient; then the gradients are cleared (set to None).
+    Returns the norm before clipping (nan without clipping)."""
+    if grad_clip > 0:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    else:
+        gnorm = float("nan")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return gnorm
+
+
+def _grad_sync(model, raw, d: "Dist", tc: TrainConfig, last: bool):
+    """The context of one micro-batch's backward: gradients are reduced over ranks with the last one only
+    (DDP: no_sync() before it; FSDP: set_requires_gradient_sync)."""
+    if d.on and tc.distributed == "fsdp":
+        raw.set_requires_gradient_sync(last)
+    if d.on and tc.distributed == "ddp" and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 # --- distributed -------------------------------------------------------------------------------------------
 @dataclass
 class Dist:
@@ -594,28 +641,12 @@ def _train(tc: TrainConfig, d: Dist, device) -> dict:
         lr = lr_at(step, tc)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, lm_loss, aux over micro-batches
-        for micro in range(accum):
-            x = train_data.train_batch(step, micro, d.rank, d.world, accum, tc.batch_size, tc.seed).to(device)
-            last = micro == accum - 1
-            if d.on and tc.distributed == "ddp" and not last:
-                sync = model.no_sync()
-            else:
-                sync = contextlib.nullcontext()
-            if d.on and tc.distributed == "fsdp":
-                raw.set_requires_gradient_sync(last)
-            with sync:
-                with autocast():
-                    out = fwd(x, labels=x)
-                (out.loss / accum).backward()
-            sums += torch.tensor([float(out.loss.detach()), float(out.lm_loss.detach()), float(out.aux_loss.detach())], dtype=torch.float64)
+        sums = backward_micro_batches(
+            fwd, lambda micro: train_data.train_batch(step, micro, d.rank, d.world, accum, tc.batch_size,
+                                                      tc.seed).to(device),
+            accum, sync=lambda last: _grad_sync(model, raw, d, tc, last), autocast=autocast)
         sums = _all_mean(sums.to(device), d).cpu() / accum
-        if tc.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-        else:
-            gnorm = float("nan")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        gnorm = optimizer_step(model, optimizer, tc.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

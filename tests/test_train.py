@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mom import data as mdata
-from mom.train import RunError, TrainConfig, load_config, lr_at, main, no_decay, train
+from mom.train import RunError, TrainConfig, load_config, main, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,13 +182,3 @@ def test_cli_config_file_and_overrides(sample_data, tmp_path, capsys):
         main(["--config", str(cfg), "--set", "model_overrides.vocab_size=64", "--out_dir", str(tmp_path / "o"),
               "--progress", "false"])
     assert e.value.code == 2 and "tokenizer/vocab mismatch" in capsys.readouterr().err
-
-
-def test_schedule_and_weight_decay_groups():
-    tc = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
-    assert lr_at(0, tc) == pytest.approx(1e-4) and lr_at(9, tc) == pytest.approx(1e-3)
-    assert lr_at(60, tc) == pytest.approx(0.55e-3) and lr_at(110, tc) == pytest.approx(1e-4)
-    assert no_decay("wte.weight") and no_decay("bottom.0.ln_1.weight") and no_decay("chunks.0.attn_pool.ln_weight")
-    assert no_decay("chunks.0.ffn_pool.c_fc_bias") and no_decay("chunks.0.attn_router.cell.bias_hh")
-    assert not no_decay("chunks.0.ffn_pool.c_fc_weight") and not no_decay("bottom.0.attn.c_attn.weight")
-    assert not no_decay("chunks.0.attn_router.cell.weight_ih")
