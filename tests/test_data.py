@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from mom import data as mdata
 from mom.tokenizer import EOT, ByteBPE, bytes_to_unicode, load_local, train_bpe
@@ -127,3 +128,38 @@ def test_token_data_order_is_a_function_of_seed_and_step(tmp_path):
     assert len(set(seen)) == len({tuple(td.window(i)[:4].tolist()) for i in range(n)})
     with pytest.raises(FileNotFoundError, match="train.bin"):
         mdata.TokenData(str(tmp_path / "nothing"), "train", 32)
+
+
+def test_each_epoch_is_a_new_permutation_of_the_windows(tmp_path):
+    """Global sample g (= ((step * accum + micro) * world + rank) * B + row) reads window perm_e[g mod n] of
+    epoch e = g div n, perm_e = numpy's default_rng([seed, e]).permutation(n): every epoch visits each window
+    once, in an order of its own (epoch 2 is not epoch 1 again), and a batch may straddle two epochs."""
+    mdata.prepare("sample", str(tmp_path / "d"), "bpe:512", cache=str(tmp_path / "cache"))
+    td = mdata.TokenData(str(tmp_path / "d"), "train", 64)
+    n, B, seed = td.n_windows, 5, 11
+    perms = [np.random.default_rng([seed, e]).permutation(n) for e in range(3)]
+    assert not np.array_equal(perms[0], perms[1])
+    steps = -(-2 * n // B) + 1                                  # into the third epoch
+    got = torch.cat([td.train_batch(s, 0, 0, 1, 1, B, seed) for s in range(steps)])   # [steps * B, T]
+    for g in range(steps * B):
+        e, pos = divmod(g, n)
+        assert np.array_equal(got[g].numpy(), td.window(int(perms[e][pos]))), (g, e, pos)
+    # 2 ranks x 2 micro-batches: sample ((step * 2 + micro) * 2 + rank) * B + row
+    for step, micro, rank in ((3, 1, 0), (3, 1, 1), (7, 0, 1)):
+        x = td.train_batch(step, micro, rank, 2, 2, B, seed)
+        for row in range(B):
+            g = ((step * 2 + micro) * 2 + rank) * B + row
+            assert np.array_equal(x[row].numpy(), td.window(int(perms[g // n][g % n]))), (step, micro, rank, row)
+
+
+def test_windows_are_consecutive_slices_of_the_token_file(tmp_path):
+    """Window i = tokens [i T, (i + 1) T) of train.bin (read here with numpy); the last partial window is left
+    out; ids come back as int64."""
+    mdata.prepare("sample", str(tmp_path / "d"), "bpe:512", cache=str(tmp_path / "cache"))
+    raw = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16)
+    for T in (32, 100):
+        td = mdata.TokenData(str(tmp_path / "d"), "train", T)
+        assert td.n_windows == len(raw) // T
+        for i in (0, 1, td.n_windows - 1):
+            w = td.window(i)
+            assert w.dtype == np.int64 and np.array_equal(w, raw[i * T:(i + 1) * T].astype(np.int64)), (T, i)
