@@ -198,6 +198,55 @@ def test_atomic_dir_killed_at_every_step(tmp_path):
     assert seen == {"v1", "v2"}
 
 
+def _write_listed_and_unlisted(folder, v):
+    """The writer owns a.txt (listed) and also writes c.txt, which it did not list."""
+    with mio.atomic_dir(str(folder), owned=("a.txt",)) as tmp:
+        for name in ("a.txt", "c.txt"):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(f"{name} v{v}")
+
+
+def test_atomic_dir_keeps_what_the_block_wrote_listed_or_not_at_every_step(tmp_path):
+    """What survives a swap: every file the block wrote, listed in `owned` or not (c.txt is never replaced by
+    the old folder's copy), and the old folder's files the block neither owns nor wrote (notes.md). A kill at
+    any step leaves all of the old version or all of the new one."""
+    faults = Faults()
+    probe = tmp_path / "probe"
+    _write_listed_and_unlisted(probe, 1)
+    n = faults.count_ops(lambda: _write_listed_and_unlisted(probe, 2))
+    assert open(probe / "c.txt").read() == "c.txt v2" and open(probe / "a.txt").read() == "a.txt v2"
+    seen = set()
+    for k in range(1, n + 2):                                    # n + 1: the write runs to its end
+        root = tmp_path / f"k{k}"
+        os.makedirs(root)
+        folder = root / "d"
+        _write_listed_and_unlisted(folder, 1)
+        (folder / "notes.md").write_text("the user's")
+        if k <= n:
+            faults.kill(k, lambda: _write_listed_and_unlisted(folder, 2))
+        else:
+            _write_listed_and_unlisted(folder, 2)
+        done = mio.complete_dir(str(folder))
+        got = {name: open(os.path.join(done, name)).read() for name in ("a.txt", "c.txt", "notes.md")}
+        assert got["notes.md"] == "the user's", (k, faults.log)
+        v = got["a.txt"].split()[-1]
+        assert got["c.txt"] == f"c.txt {v}", (k, got, faults.log)  # never the new a.txt beside the old c.txt
+        seen.add(v)
+        mio.recover_dir(str(folder))
+        assert sorted(os.listdir(folder)) == ["a.txt", "c.txt", "notes.md"] and leftovers(root) == []
+    assert seen == {"v1", "v2"}
+
+
+def test_atomic_dir_owning_the_whole_folder_keeps_only_what_the_block_wrote(tmp_path):
+    """owned=None: the writer owns the folder; files of the old version it did not write are gone."""
+    f = tmp_path / "d"
+    _write_version(f, 1)
+    (f / "notes.md").write_text("old")
+    with mio.atomic_dir(str(f)) as tmp:
+        open(os.path.join(tmp, "a.txt"), "w").write("a.txt v2")
+    assert sorted(os.listdir(f)) == ["a.txt"] and (f / "a.txt").read_text() == "a.txt v2"
+
+
 def test_recover_dir_states(tmp_path):
     f = tmp_path / "ckpt"
     new, old = tmp_path / ".ckpt.new", tmp_path / ".ckpt.old"
