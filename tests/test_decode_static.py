@@ -111,6 +111,94 @@ def test_eos_stops_rows_and_pads_after():
         assert seq.shape[1] == 4 + max(free[b, 4:].tolist().index(eos) for b in range(2)) + 1
 
 
+def test_every_row_stops_output_ends_after_the_last_rows_first_stop():
+    """Stop ids every row emits (one taken from each row's free run): each row is its free run up to and
+    including its first stop id, then padding; the output ends right after the last row's first stop,
+    whether the loop noticed after every token or only every few."""
+    cfg = small_config(backend="torch")
+    model = make_model(cfg).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (3, 4))
+    free = model.generate(prompt, max_new_tokens=10, do_sample=False)[:, 4:].tolist()    # [3][10]
+    eos = [free[0][2], free[1][5], free[2][3]]
+    first = [next(i for i, t in enumerate(row) if t in eos) for row in free]
+    n = max(first) + 1                                               # <= 6 of the 10 allowed
+    want = [row[:f + 1] + [60] * (n - f - 1) for row, f in zip(free, first)]
+    for every in (1, 3, 8):
+        seq = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=60,
+                             stop_check_every=every)
+        assert torch.equal(seq[:, :4], prompt) and seq[:, 4:].tolist() == want, (every, seq[:, 4:].tolist(), want)
+
+
+def test_padding_masks_and_positions_against_loops():
+    """The masks and position ids of a left-padded batch, dynamic (padding_attention) and static
+    (StaticCache.begin, prefill then a decode step), against loops: query t at absolute position s sees key l
+    iff l <= s and (l is a real token or l == s: a padding query sees itself, so its softmax has a term);
+    its position id is the number of real tokens up to s, minus one (0 for leading padding)."""
+    from mom.cache import padding_attention
+
+    m = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])   # [B, 7]
+    B, S = m.shape
+
+    def want(mask_row, s, l):
+        return l <= s and (bool(mask_row[l]) or l == s)
+
+    for P in (0, 4):                                   # no cache; 4 cached + 3 new
+        pos, mask = padding_attention(m, P, S - P)
+        for b in range(B):
+            for t in range(S - P):
+                s = P + t
+                assert int(pos[b, t]) == max(0, int(m[b, :s + 1].sum()) - 1), (P, b, t)
+                assert [bool(x) for x in mask[b, 0, t]] == [want(m[b], s, l) for l in range(S)], (P, b, t)
+    cfg = small_config()
+    L = 9
+    cache = StaticCache(cfg, B, L, torch.float64)
+    new = m[:, :5].bool()                              # prefill of 5 (row 0: 3 padding, row 1: 1)
+    pos, mask = cache.begin(new)
+    keys = torch.zeros(B, L, dtype=torch.long)
+    keys[:, :5] = m[:, :5]
+    for b in range(B):
+        for t in range(5):
+            assert int(pos[b, t]) == max(0, int(new[b, :t + 1].sum()) - 1), (b, t)
+            assert [bool(x) for x in mask[b, 0, t]] == [want(keys[b], t, l) for l in range(L)], (b, t)
+    cache.end(new)
+    pos, mask = cache.begin(torch.ones(B, 1, dtype=torch.bool))   # a decode step at position 5
+    keys[:, 5] = 1
+    for b in range(B):
+        assert int(pos[b, 0]) == int(new[b].sum()), b  # the row's real tokens so far, not the cache's length
+        assert [bool(x) for x in mask[b, 0, 0]] == [want(keys[b], 5, l) for l in range(L)], b
+
+
+def test_left_padded_static_prefill_equals_the_dynamic_forward_everywhere():
+    """A left-padded prefill into a static cache gives the logits of the same forward without a cache at every
+    position, the padded ones included (fp64)."""
+    cfg = small_config(backend="torch")
+    model = make_model(cfg).eval()
+    ids, mask = _left_pad([torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (3, 7, 5)], pad=7)
+    with torch.no_grad():
+        dyn = model(ids, attention_mask=mask).logits                                   # [3, 7, V]
+        stat = model(ids, past_key_values=StaticCache(cfg, 3, 9, torch.float64), attention_mask=mask).logits
+    assert_close("static prefill logits (padded positions too)", stat, dyn, 1e-10, 1e-10)
+
+
+def test_padded_rows_decode_step_logits_equal_each_row_alone():
+    """Decode steps of a left-padded batch: each row's logits (not only its argmax) equal those of the row's
+    tokens alone, unpadded, through a full forward (fp64)."""
+    cfg = small_config(backend="torch")
+    model = make_model(cfg).eval()
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (3, 7, 5)]
+    cont = torch.randint(0, cfg.vocab_size, (3, 4))                                    # fed tokens, [B, 4]
+    ids, mask = _left_pad(prompts, pad=7)
+    cache = StaticCache(cfg, 3, 7 + 4, torch.float64)
+    with torch.no_grad():
+        got = [model(ids, past_key_values=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1]]
+        step = DecodeStep(model, cache)
+        got += [step(cont[:, t]).clone() for t in range(3)]
+        got = torch.stack(got, 1)                                                      # [B, 4, V]
+        for b, p in enumerate(prompts):
+            alone = model(torch.tensor([p + cont[b, :3].tolist()])).logits[0, len(p) - 1:]   # [4, V]
+            assert_close(f"row {b} (prompt of {len(p)}) decode logits", got[b], alone, 1e-10, 1e-10)
+
+
 def test_sampling_options():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g)
@@ -135,6 +223,17 @@ def test_sampling_options():
     a = model.generate(prompt, generator=torch.Generator().manual_seed(3), **kw)
     b = model.generate(prompt, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a, b)
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+    """Nucleus sampling keeps the smallest set of the most likely tokens whose probability reaches top_p, the
+    token that crosses it included, renormalised: p = (0.2, 0.5, 0.3) with top_p 0.6 samples token 1 5/8 and
+    token 2 3/8 of the time, token 0 never."""
+    n = 4000
+    logits = torch.tensor([[0.2, 0.5, 0.3]]).log().repeat(n, 1)
+    s = sample_next(logits, True, 1.0, top_p=0.6, generator=torch.Generator().manual_seed(0))
+    share = torch.bincount(s, minlength=3).double() / n
+    assert share[0] == 0 and abs(share[2] - 0.375) < 0.03 and abs(share[1] - 0.625) < 0.03, share.tolist()
 
 
 def test_bad_input_names_the_problem():
