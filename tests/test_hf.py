@@ -83,3 +83,23 @@ def test_pipeline_text_generation_offline():
     out = gen(["The model", "A longer prompt here"], max_new_tokens=5, do_sample=False)
     assert len(out) == 2 and all(o[0]["generated_text"].startswith(p) for o, p in
                                  zip(out, ["The model", "A longer prompt here"]))
+
+
+def test_logits_to_keep_computes_only_the_last_positions():
+    """logits_to_keep=k: logits [B, k, V], those of the last k positions of the full forward; with a cache too
+    (transformers' generate asks for 1 at every prefill and step)."""
+    from transformers.cache_utils import DynamicCache
+
+    model, hf = _models()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    full = model(ids).logits                                                   # [2, 9, V]
+    for k in (1, 3):
+        out = hf(ids, logits_to_keep=k, use_cache=False).logits
+        assert out.shape == (2, k, VOCAB)
+        assert_close(f"last {k} logits", out, full[:, -k:], 1e-6, 1e-6)
+    assert hf(ids, logits_to_keep=0, use_cache=False).logits.shape == (2, 9, VOCAB)   # 0: every position
+    cache = DynamicCache(config=hf.config)
+    hf(ids[:, :6], cache=cache)
+    out = hf(ids[:, 6:], cache=cache, logits_to_keep=1).logits
+    assert out.shape == (2, 1, VOCAB)
+    assert_close("cached last logits", out, full[:, -1:], 1e-6, 1e-6)
