@@ -113,6 +113,27 @@ def test_expected_equals_count_without_skip():
         assert flops.count(model, ids).as_dict() == flops.expected(cfg, 2, 7).as_dict()
 
 
+@pytest.mark.parametrize("name", ["vanilla-tiny-gpt2", "no-skip-weighted-qkv", "dense-routing"])
+def test_expected_with_a_cache_equals_count_and_flop_counter(name):
+    """T new tokens after P = 9 cached ones: expected(..., past_length=9), from the config alone, equals the
+    count of that forward (no SKIP: every pick runs a module) and torch's FlopCounterMode; its attention core is
+    4 B T (P + T) D per attention call (causal: 4 B D (T P + T (T + 1) / 2))."""
+    cfg = CONFIGS[name]().replace(backend="torch")
+    model = make_model(cfg, dtype=torch.float32, seed=5)
+    B, P = 2, 9
+    ids = torch.randint(0, cfg.vocab_size, (B, 12))
+    with torch.no_grad():
+        past = model(ids[:, :P], use_cache=True).past_key_values
+    for T in (1, 3):
+        new = ids[:, P:P + T]
+        want = flops.expected(cfg, B, T, past_length=P)
+        assert want.attention == cfg.n_cache_layers * 4 * B * T * (P + T) * cfg.n_embd
+        assert want.attention_causal == cfg.n_cache_layers * 4 * B * cfg.n_embd * (T * P + T * (T + 1) // 2)
+        assert flops.count(model, new, past_key_values=past).as_dict() == want.as_dict(), (name, T)
+        counted, _ = _flop_counter_total(model, new, past)
+        assert want == pytest.approx(counted, rel=RTOL), (name, T, want, counted)
+
+
 def test_expected_skip_rate():
     cfg = MoMConfig.from_name("mom-large-efficient")
     e0, e_half, e1 = (flops.expected(cfg, 1, 1024, skip_rate=s) for s in (0.0, 0.5, 1.0))
