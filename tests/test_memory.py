@@ -76,3 +76,20 @@ def test_decode_weight_bytes_counts_each_picked_module_once():
     assert decode_weight_bytes(model, routing) == want
     vanilla = MoMForCausalLM(cfg.vanilla())
     assert decode_weight_bytes(vanilla, []) == nbytes(vanilla.parameters())
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(shared_slots=True)])
+def test_no_skip_measurement_picks_no_skip_slot(overrides):
+    """routing="no-skip" (force_no_skip_, the efficiency report's default): no router picks any SKIP slot (the
+    one per router, or shared_slots' several), so the forward's counted FLOPs are the no-SKIP expectation.
+    The routers as initialised ("init") do pick SKIP on this config, so the check can fail."""
+    from mom import flops
+    from mom.memory import _measure_here
+
+    cfg = MoMConfig.from_name("tiny", backend="torch", **overrides)
+    B, T = 2, 16
+    init = _measure_here(Spec(cfg.to_dict(), B, T, "prefill", routing="init", repeats=0))
+    assert init["skip_share"] > 0
+    r = _measure_here(Spec(cfg.to_dict(), B, T, "prefill", routing="no-skip", repeats=0))
+    assert r["skip_share"] == 0
+    assert r["flops"] == flops.expected(cfg, B, T).as_dict()
