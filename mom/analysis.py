@@ -10,11 +10,11 @@ that went to each module and to SKIP (`pick_frequencies`): JSON + one heatmap PN
 columns = modules then SKIP).
 
 Removal (the paper's "removing 50% of the attention modules and 25% of the FFN modules"): per chunk, drop the
-least-picked round(fraction * pool) modules (`least_used`), i.e. a config with smaller n_attn / n_ffn whose
-pools keep the other modules' weights and whose routers keep the logits rows of the kept modules and of SKIP
-(`remove_modules`): the router's softmax then runs over the slots that are left. Validation loss before and
-after, and optionally after a short re-training of the smaller model, against the full model re-trained
-alike (mom.train, same data).
+least-picked fraction * pool modules, rounded to the nearest with halves up (`removal_count`: 50% of 3 is 2;
+`least_used`), i.e. a config with smaller n_attn / n_ffn whose pools keep the other modules' weights and whose
+routers keep the logits rows of the kept modules and of SKIP (`remove_modules`): the router's softmax then runs
+over the slots that are left. Validation loss before and after, and optionally after a short re-training of the
+smaller model, against the full model re-trained alike (mom.train, same data).
 """
 from __future__ import annotations
 
@@ -106,9 +106,17 @@ def plot_heatmaps(freqs: dict, out_dir: str, title: str = "") -> List[str]:
     return paths
 
 
+def removal_count(frac: float, pool: int) -> int:
+    """How many of a pool's modules a removal share names: frac * pool rounded to the nearest integer, halves
+    rounded up (floor(frac * pool + 1/2)): 50% of 3 modules is 2 (flooring would give 1), 50% of 5 is 3
+    (Python's round, halves to even, would give 2), 25% of 4 is 1, 30% of 3 is 1. One rule for every pool
+    size, so a share that falls midway removes the larger count whatever its parity."""
+    return int(math.floor(frac * pool + 0.5))
+
+
 def least_used(freqs: dict, frac_attn: float, frac_ffn: float) -> Dict[str, List[List[int]]]:
-    """Per chunk, the round(frac * pool) modules with the fewest picks summed over the chunk's steps (ties:
-    the higher id goes first)."""
+    """Per chunk, the removal_count(frac, pool) modules with the fewest picks summed over the chunk's steps
+    (ties: the higher id goes first)."""
     out = {}
     for kind, frac in (("attn", frac_attn), ("ffn", frac_ffn)):
         if not 0 <= frac < 1:
@@ -116,7 +124,7 @@ def least_used(freqs: dict, frac_attn: float, frac_ffn: float) -> Dict[str, List
         drops = []
         for chunk in freqs[kind]:
             use = np.asarray(chunk)[:, :-1].sum(0)                       # [E], SKIP column left out
-            n = int(round(frac * len(use)))
+            n = removal_count(frac, len(use))
             order = sorted(range(len(use)), key=lambda e: (use[e], -e))
             drops.append(sorted(order[:n]))
         out[kind] = drops

@@ -50,6 +50,27 @@ def test_least_used():
         analysis.least_used(freqs, 1.0, 0.0)
 
 
+@pytest.mark.parametrize("frac,pool,n", [
+    (0.5, 3, 2),     # the paper's 50% of a pool of 3: rounding gives 2, flooring 1
+    (0.5, 5, 3),     # a half rounds up (Python's round would go to the even 2)
+    (0.5, 4, 2), (0.25, 4, 1), (0.3, 3, 1), (0.1, 4, 0), (0.74, 4, 3), (0.5, 16, 8), (0.25, 16, 4),
+])
+def test_removal_counts_round_to_nearest_halves_up(frac, pool, n):
+    """The documented rule (analysis.removal_count): frac * pool to the nearest integer, halves up; least_used
+    drops that many modules of every chunk, the least picked."""
+    assert analysis.removal_count(frac, pool) == n
+    use = np.arange(pool, 0, -1, dtype=float)                  # module e picked pool - e times: the last least
+    step = np.append(use, 0.0) / use.sum()                     # one step's shares, SKIP column 0
+    freqs = {"attn": [[step.tolist()]], "ffn": [[step.tolist()]]}
+    d = analysis.least_used(freqs, frac, 0.0)
+    assert d["attn"] == [list(range(pool - n, pool))] and d["ffn"] == [[]]
+
+
+def test_least_used_breaks_ties_toward_the_higher_id():
+    freqs = {"attn": [[[0.2, 0.3, 0.2, 0.3, 0.0]]], "ffn": [[[0.5, 0.5, 0.0]]]}   # modules 0 and 2 tie
+    assert analysis.least_used(freqs, 0.25, 0.5) == {"attn": [[2]], "ffn": [[1]]}
+
+
 def test_removing_never_picked_modules_changes_nothing():
     """Modules whose router logit is -1e4 are never picked and have probability 0: removing them (and their
     router rows) must leave the logits unchanged."""
@@ -123,3 +144,4 @@ def test_cli_routing_removal_and_retrain(sample_data, tmp_path):
     assert len(f["attn"]) == 2 and os.path.exists(tmp_path / "a" / "routing_chunk1.png")
     small = MoMForCausalLM.from_pretrained(str(tmp_path / "a" / "pruned"))
     assert small.config.n_attn == 2
+
