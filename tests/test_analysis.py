@@ -145,3 +145,49 @@ def test_cli_routing_removal_and_retrain(sample_data, tmp_path):
     small = MoMForCausalLM.from_pretrained(str(tmp_path / "a" / "pruned"))
     assert small.config.n_attn == 2
 
+
+def _metrics_file(run, rows):
+    os.makedirs(run, exist_ok=True)
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_loss_curves_continue_the_init_from_runs_token_axis(tmp_path):
+    """plot_curves: a run's tokens start where its init_from run's ended (phase 2 continues phase 1's axis),
+    through a chain of runs; the summary and the Markdown table give each run's last step, its own tokens, the
+    tokens it started from, its last validation loss and its median tok/s."""
+    runs = [tmp_path / n for n in ("p1", "p2", "p3")]
+    for i, run in enumerate(runs):
+        per = 100 * (i + 1)                                   # tokens per step: 100, 200, 300
+        rows = [{"step": s, "tokens": per * s, "lm_loss": 5.0 - s / 10 - i, "tok_per_s": 1000.0 * s} for s in
+                range(1, 5)]
+        rows += [{"step": s, "tokens": per * s, "val_loss": 4.5 - s / 10 - i} for s in (2, 4)]
+        _metrics_file(run, rows)
+        if i:                                                 # init_from: the previous run's checkpoint folder
+            with open(run / "run.json", "w") as f:
+                json.dump({"train": {"init_from": str(runs[i - 1] / "ckpt")}}, f)
+    summary = analysis.plot_curves([str(r) for r in runs], str(tmp_path / "c.png"), table=str(tmp_path / "t.md"))
+    assert [s["start_tokens"] for s in summary] == [0, 400, 400 + 800]
+    assert [s["tokens"] for s in summary] == [400, 800, 1200] and [s["steps"] for s in summary] == [4, 4, 4]
+    assert [s["val_loss"] for s in summary] == pytest.approx([4.1, 3.1, 2.1])
+    assert [s["tok_per_s"] for s in summary] == [2500.0] * 3
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert lines[0].startswith("| run | steps |") and len(lines) == 2 + 3
+    assert lines[3] == "| p2 | 4 | 800 | 3.1000 | 22.20 | 2,500 |"
+    assert os.path.getsize(tmp_path / "c.png") > 1000
+
+
+def test_cli_bad_settings_exit_2_naming_the_option(sample_data, tmp_path, capsys):
+    for args, expect in ((["--windows", "0"], "--windows 0: must be >= 1"),
+                         (["--remove_attn", "1.0"], "--remove_attn 1.0: must be in [0, 1)"),
+                         (["--retrain_lr", "nan"], "--retrain_lr nan: must be a finite number > 0"),
+                         ([], "--ckpt and --data are needed")):
+        with pytest.raises(SystemExit) as e:
+            analysis.main(["--out", str(tmp_path / "a")] + args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expect in err, err
+    with pytest.raises(SystemExit) as e:                      # a missing checkpoint: one line naming it
+        analysis.main(["--ckpt", str(tmp_path / "nope"), "--data", sample_data, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("mom.analysis: error:") and "nope" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "a").exists()
