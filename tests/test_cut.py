@@ -73,6 +73,68 @@ def test_presets():
                   preserving=True)
 
 
+def test_exactness_bound_at_its_boundary_fp64():
+    """routing_prior P = 38, the bound: with the routers as the cut leaves them (N(0, 0.02): own logits of a few
+    hundredths) every step's weight on module h, renormalised over {h, SKIP}, is exactly 1.0 in fp64 and the MoM
+    computes the vanilla's logits; P = 37.9, just past the bound, is refused, naming it. Why 38: the weight
+    1 / (1 + exp(-P)) rounds to 1.0 from P = 53 ln 2 = 36.74 on; below that it is 1 - 2^-53 (P = 36.5 here,
+    routers zeroed), and 38 leaves 1.26 nats of margin for the router's own logits."""
+    from mom.routers import GRURouter, route
+
+    cfg = MoMConfig.from_name("tiny", **REPRO, backend="torch")
+    assert preserving_problems(cfg.replace(routing_prior=38.0, routing_prior_steps=10)) == []
+    past = preserving_problems(cfg.replace(routing_prior=37.9, routing_prior_steps=10))
+    assert any("routing_prior=37.9 < 38" in p for p in past), past
+    with pytest.raises(ValueError, match="routing_prior=37.9 < 38"):
+        preserving_config(cfg, 10, prior=37.9)
+    torch.manual_seed(0)
+    van = MoMForCausalLM(cfg.vanilla()).eval()
+    with torch.no_grad():
+        for p in van.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cut = cfg.replace(routing_prior=38.0, routing_prior_steps=10)
+    mom = from_gpt2(van.state_dict(), cut, preserving=True).double()
+    mom.eval()
+    assert mom.config.routing_prior == 38.0
+    x = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(5))
+    out = mom(x)
+    for chunk in out.routing:
+        for r in chunk:
+            assert torch.all(r.attn_weights[..., 0] == 1.0) and torch.all(r.ffn_weights[..., 0] == 1.0)
+    assert (out.logits - van.double()(x).logits).abs().max().item() < 1e-12
+    for P, exact in ((38.0, True), (36.8, True), (36.5, False)):   # the edge itself, routers zeroed
+        c = cfg.replace(routing_prior=P, routing_prior_steps=10)
+        router = GRURouter(c, c.attn_slots).double()
+        with torch.no_grad():
+            for p in router.parameters():
+                p.zero_()
+        logits, _ = router(torch.randn(2, c.n_embd, dtype=torch.float64), None)
+        w = route(logits, c.n_attn, c).weights[:, 0]
+        assert bool(torch.all(w == 1.0)) == exact, (P, (1 - w).tolist())
+
+
+@pytest.mark.filterwarnings("ignore:MoMConfig. top_k=1")
+@pytest.mark.parametrize("over,problem", [
+    (dict(skip=False, top_k=2), "top_k=2 > 1 + skip"),           # no SKIP slot: the 2nd pick is a module
+    (dict(top_k=3), "top_k=3 > 1 + skip"),
+    (dict(depth=6), "depth=6 > M=4"),                             # K = 2: the extra steps add a module
+    (dict(depth=6, top_k=1, skip=False), "depth=6 > M=4"),        # K = 1 without SKIP: likewise
+    (dict(depth=3), "depth=3 < M=4"),
+    (dict(n_attn=3), "n_attn=3 != n_ffn=4"),
+    (dict(dense_routing=True), "dense_routing"),
+    (dict(top_k=1, depth=6, renormalize=False), None),            # the extra steps pick SKIP alone
+    (dict(top_k=1, skip=False, renormalize=False), None),
+    ({}, None),
+])
+def test_which_configs_can_preserve_the_function(over, problem):
+    """Each rule of preserving_problems, one config on each side of it."""
+    got = preserving_problems(MoMConfig.from_name("tiny", **{**REPRO, **over}))
+    if problem is None:
+        assert got == []
+    else:
+        assert any(problem in p for p in got), got
+
+
 def test_default_cut_and_state_dict_unchanged():
     cfg = MoMConfig.from_name("tiny", **REPRO, backend="torch")
     assert cfg.routing_prior == 0
