@@ -97,3 +97,18 @@ def test_gpt2_real_files_known_ids():
 def test_bytebpe_from_merge_ids_rejects_forward_references():
     with pytest.raises(ValueError, match="refers to an id not defined before it"):
         ByteBPE.from_merge_ids([[0, 300]], {EOT: 257}, "t")
+
+
+def test_local_tokenizer_file_round_trip_and_vocab_size_check(tmp_path):
+    """save -> load_local gives the same ids; a file whose vocab_size does not match the tokens its merges and
+    specials rebuild is refused, naming the file (a merge list cut short would otherwise shift the ids)."""
+    tok = train_bpe([SAMPLE], 300)
+    path = tmp_path / "t.json"
+    tok.save(path)
+    back = mtok.load_local(str(path))
+    assert back.vocab_size == 300 and back.eot_id == 299 and back.encode(SAMPLE[:500]) == tok.encode(SAMPLE[:500])
+    d = json.loads(path.read_text())
+    d["merges"], d["special"] = d["merges"][:-1], {EOT: 298}      # one merge lost, vocab_size still 300
+    path.write_text(json.dumps(d))
+    with pytest.raises(FileFormatError, match=r"t\.json: vocab_size 300 but 299 tokens rebuilt"):
+        mtok.load_local(str(path))
