@@ -17,6 +17,33 @@ def test_refuses_what_cannot_be_captured():
             GraphedTrainStep(model.cuda(), ids.cuda())
 
 
+class _LooksCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: gets past the device check to the checks after it, which must refuse
+    before anything touches CUDA."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_refuses_uncapturable_backends_and_host_checks_before_any_cuda_call():
+    import mom_kernels.checks as checks
+
+    ids = torch.randint(0, 512, (2, 8)).as_subclass(_LooksCuda)
+    for backend in ("torch", "reference"):                     # their plans read counts back to the host
+        model = MoMForCausalLM(MoMConfig.from_name("tiny", backend=backend))
+        with pytest.raises(ValueError, match=f"backend='{backend}' cannot be captured"):
+            GraphedTrainStep(model, ids)
+    model = MoMForCausalLM(MoMConfig.from_name("tiny", backend="triton"))
+    old = checks._CHECK_IDS
+    checks.set_check_ids(True)
+    try:
+        with pytest.raises(ValueError, match="host id checks are on"):
+            GraphedTrainStep(model, ids)
+    finally:
+        checks.set_check_ids(old)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_replays_match_eager():
     torch.manual_seed(0)
