@@ -1,8 +1,11 @@
-"""benchmarks/efficiency.py without measuring (seconds): the verdict from given tables, both charts, the
-analytic run, and where it writes (the ignored output folder unless --update-results)."""
+"""benchmarks/efficiency.py in seconds: the verdict from given tables, both charts, the analytic rows and the
+scaled configs against the configs, measure()'s counts and ratios (forwards measured in this process at a
+tiny scale), and where it writes (the ignored output folder unless --update-results)."""
 from __future__ import annotations
 
 import os
+
+import pytest
 
 from . import efficiency as eff
 from .common import OUT, RESULTS
@@ -48,3 +51,66 @@ def test_analytic_run_writes_only_into_out(tmp_path, capsys):
     assert {f: os.path.getmtime(os.path.join(RESULTS, f)) for f in os.listdir(RESULTS)} == before
     assert "Verdict" in capsys.readouterr().out
     assert os.path.basename(OUT) == "out"
+
+
+def test_analytic_rows_against_the_configs():
+    """Each analytic row: FLOPs and parameters against its same-width GPT-2 (mom.flops, from the configs), and
+    the KV cache ratio = the ratio of attention calls (one cache per call, the same width), e.g. 14 / 36 for the
+    efficient MoM."""
+    from mom import flops
+
+    rows = {r["model"]: r for r in eff.analytic_rows()}
+    assert set(rows) == {r[0] for r in eff.ROWS}
+    for name, r in rows.items():
+        cfg = eff.row_config(name)
+        base = eff.row_config(eff.BASELINE[cfg.n_embd])
+        assert r["baseline"] == eff.BASELINE[cfg.n_embd] and r["depth"] == cfg.graph_depth
+        assert r["flops_ratio"] == flops.expected(cfg, 1, 1024) / flops.expected(base, 1, 1024)
+        assert r["params_ratio"] == flops.num_parameters(cfg) / flops.num_parameters(base)
+        assert r["kv_cache_ratio"] == r["depth_ratio"] == cfg.graph_depth / base.graph_depth
+    assert rows["mom-large-efficient"]["kv_cache_ratio"] == 14 / 36
+    assert rows["gpt2-large"]["flops_ratio"] == 1.0
+
+
+def test_scaled_configs_shrink_width_vocab_routers_and_keep_the_layout():
+    big = eff.row_config("mom-large-efficient")
+    s = eff.scaled(big, 0.25, 256)
+    assert (s.n_embd, s.n_head, s.vocab_size, s.router_dim, s.n_positions) == (320, 20, 12564, 64, 256)
+    assert (s.chunks, s.depth, s.n_attn, s.n_ffn, s.top_k, s.n_bottom, s.n_top) == (2, 5, 16, 16, 2, 1, 1)
+    tiny = eff.scaled(big, 1 / 64, 16)
+    assert (tiny.n_embd, tiny.vocab_size, tiny.router_dim, tiny.n_positions) == (20, 785, 4, 16)
+    assert eff.scaled(big, 1.0, 2048) == big.replace(n_positions=2048)
+
+
+def test_measured_rows_count_the_picks_and_divide_by_the_same_width_gpt2(monkeypatch):
+    """measure() at a tiny scale, each forward measured in this process (mom.memory's worker function instead of
+    a fresh interpreter: the same measurement), routers as initialised so some picks are SKIP: each row's
+    counted GFLOPs are the forward's count, its flops_ratio the counted ratio to gpt2-large's (not the
+    analytic one), time and memory ratios likewise."""
+    import argparse
+
+    from mom import memory
+
+    seen = {}
+
+    def in_process(spec, timeout=None):
+        r = memory._measure_here(spec)
+        seen[eff.CLAIM_MOM if spec.config["chunks"] else eff.CLAIM_BASE] = r
+        return r
+
+    monkeypatch.setattr(eff, "measure_isolated", in_process)
+    args = argparse.Namespace(models=[eff.CLAIM_MOM], modes=["prefill"], scale=1 / 64, seq_len=16, batch=1,
+                              dtype="float32", device="cpu", routing="init", repeats=1, seed=0, jobs=1)
+    rows = {r["model"]: r for r in eff.measure(args)}
+    assert list(rows) == [eff.CLAIM_BASE, eff.CLAIM_MOM]          # the MoM brings its GPT-2
+    for name, r in seen.items():
+        assert rows[name]["GFLOPs_counted"] == r["flops"]["total"] / 1e9
+        assert rows[name]["skip_share"] == r["skip_share"]
+        assert rows[name]["prefill_ms"] == r["time_s"] * 1e3
+    mom, base = rows[eff.CLAIM_MOM], rows[eff.CLAIM_BASE]
+    assert mom["skip_share"] > 0 and mom["GFLOPs_counted"] < mom["GFLOPs_analytic"]
+    want = seen[eff.CLAIM_MOM]["flops"]["total"] / seen[eff.CLAIM_BASE]["flops"]["total"]
+    assert mom["flops_ratio"] == pytest.approx(want, rel=1e-12)
+    assert mom["prefill_time_ratio"] == mom["prefill_ms"] / base["prefill_ms"]
+    assert mom["prefill_mem_ratio"] == mom["prefill_peak_MB"] / base["prefill_peak_MB"]
+    assert base["flops_ratio"] == 1.0
