@@ -115,16 +115,16 @@ def test_exactness_bound_at_its_boundary_fp64():
 
 @pytest.mark.filterwarnings("ignore:MoMConfig. top_k=1")
 @pytest.mark.parametrize("over,problem", [
-    (dict(skip=False, top_k=2), "top_k=2 > 1 + skip"),           # no SKIP slot: the 2nd pick is a module
-    (dict(top_k=3), "top_k=3 > 1 + skip"),
-    (dict(depth=6), "depth=6 > M=4"),                             # K = 2: the extra steps add a module
-    (dict(depth=6, top_k=1, skip=False), "depth=6 > M=4"),        # K = 1 without SKIP: likewise
-    (dict(depth=3), "depth=3 < M=4"),
-    (dict(n_attn=3), "n_attn=3 != n_ffn=4"),
-    (dict(dense_routing=True), "dense_routing"),
-    (dict(top_k=1, depth=6, renormalize=False), None),            # the extra steps pick SKIP alone
-    (dict(top_k=1, skip=False, renormalize=False), None),
-    ({}, None),
+    pytest.param(dict(skip=False, top_k=2), "top_k=2 > 1 + skip", id="k2-no-skip"),   # 2nd pick: a module
+    pytest.param(dict(top_k=3), "top_k=3 > 1 + skip", id="k3"),
+    pytest.param(dict(depth=6), "depth=6 > M=4", id="extra-steps-k2"),                # they add a module
+    pytest.param(dict(depth=6, top_k=1, skip=False), "depth=6 > M=4", id="extra-steps-no-skip"),
+    pytest.param(dict(depth=3), "depth=3 < M=4", id="fewer-steps"),
+    pytest.param(dict(n_attn=3), "n_attn=3 != n_ffn=4", id="pools-differ"),
+    pytest.param(dict(dense_routing=True), "dense_routing", id="dense"),
+    pytest.param(dict(top_k=1, depth=6, renormalize=False), None, id="extra-steps-k1-skip"),  # SKIP alone
+    pytest.param(dict(top_k=1, skip=False, renormalize=False), None, id="k1-no-skip"),
+    pytest.param({}, None, id="repro"),
 ])
 def test_which_configs_can_preserve_the_function(over, problem):
     """Each rule of preserving_problems, one config on each side of it."""
