@@ -344,8 +344,36 @@ def setup_distributed(tc: TrainConfig) -> tuple:
     else:
         device = torch.device("cpu")
     if d.on and not dist.is_initialized():
+        # imported before the group exists: its collectives take `group=group.WORLD` as a default argument, so
+        # imported later (DDP and fully_shard import it) it would hold the group forever (see teardown_distributed)
+        from torch.distributed import nn as _dist_nn  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return d, device
+
+
+def teardown_distributed(ok: bool):
+    """Destroy the process group. ok: the run ended normally on this rank, so every rank first meets the others
+    at a barrier (no rank tears down while another still runs collectives or writes the checkpoint); after an
+    error no rank waits.
+
+    destroy_process_group() frees the group only when nothing else holds it, and its backend owns threads
+    (gloo: two workers and a TCP loop). torch.distributed.nn.functional holds the default group in default
+    arguments when imported after it exists (DDP and fully_shard import it): setup_distributed imports it
+    first, and the gc pass frees the wrappers' reference cycles, so a DDP run's group and threads are gone
+    here. After FSDP2 they are not: DTensor's module-level caches keep its device mesh, and the mesh the group.
+    A backend left alive is destroyed during interpreter shutdown, where a worker thread releasing a tensor
+    owned by Python must take the GIL of a finalizing interpreter: Python ends the thread and std::terminate
+    aborts the process ("terminate called without an active exception", SIGABRT), now and then, after a run
+    that finished. `main` therefore ends a torchrun worker with os._exit (_exit_command)."""
+    if not dist.is_initialized():
+        return
+    import gc
+
+    if ok:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def _all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -550,11 +578,14 @@ def train(tc: TrainConfig) -> dict:
     d, device = setup_distributed(tc)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    ok = False
     try:
-        return _train(tc, d, device)
+        result = _train(tc, d, device)
+        ok = True
+        return result
     finally:
-        if d.on and dist.is_initialized():
-            dist.destroy_process_group()
+        if d.on:
+            teardown_distributed(ok)
 
 
 def _train(tc: TrainConfig, d: Dist, device) -> dict:
@@ -701,15 +732,37 @@ def main(argv=None):
         v = getattr(a, name)
         if v is not None:
             overrides[name] = v if isinstance(v, bool) else _parse_value(v)
+    worker = int(os.environ.get("WORLD_SIZE", "1")) > 1        # one of torchrun's processes
     try:
         tc = load_config(a.config, overrides)
         result = train(tc)
     except (RunError, ValueError, OSError) as e:  # settings, files, folders: one line naming the problem
         msg = " ".join(str(e).split())
         print(f"mom.train: error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        _exit_command(2, worker)
+    except BaseException:
+        if not worker:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        _exit_command(1, worker)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
+    if worker:
+        _exit_command(0, worker)
+
+
+def _exit_command(code: int, worker: bool):
+    """sys.exit(code); a torchrun worker ends with os._exit(code) once stdout and stderr are flushed, so that no
+    interpreter shutdown runs beside the threads of a process group torch kept alive (teardown_distributed:
+    after FSDP2 they can abort the process with SIGABRT). Every file the run wrote is closed and fsynced
+    before (mom.io), so the shutdown skipped has nothing left to do."""
+    if not worker:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,32 @@ def assert_same_run(got, expected, rtol, atol):
     assert_close("aux_loss", out.aux_loss, ref.aux_loss, rtol, atol)
     for n in ref_grads:
         assert_close(f"grad {n}", grads[n], ref_grads[n], rtol, atol)
+
+
+def run_torchrun(args, timeout: float, what: str):
+    """`python -m torch.distributed.run ARGS` (torchrun's options, then the program and its arguments) with the
+    checkout on PYTHONPATH, one thread per process. Returns the CompletedProcess; a run that fails or hangs is
+    an AssertionError naming `what`, each failed rank's exit code (from torchrun's report), any signal or
+    std::terminate line, and the end of the output - never an exception from subprocess."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    try:
+        r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise AssertionError(f"{what}: torchrun did not finish within {timeout:.0f} s (a rank hung in a collective?)"
+                             f"; its stderr ends:\n{out[-3000:]}") from None
+    if r.returncode != 0:
+        ranks = re.findall(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)", r.stderr)
+        signals = re.findall(r"Signal \d+ \(\w+\) received by PID \d+", r.stderr)
+        terminate = [ln for ln in r.stderr.splitlines() if ln.startswith("terminate called")]
+        raise AssertionError(f"{what}: torchrun exited with {r.returncode}; failed ranks (rank, exit code): "
+                             f"{ranks or 'not reported'}; {'; '.join(signals + terminate) or 'no signal'}; "
+                             f"stderr ends:\n{r.stderr[-3000:]}")
+    return r

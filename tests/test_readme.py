@@ -45,9 +45,8 @@ def test_readme_torchrun_line_runs_with_the_tiny_config(tmp_path):
     """The README's torchrun command as written (2 processes, configs/tiny.json), on the shipped sample text
     instead of the downloaded one, for 2 steps."""
     import shlex
-    import subprocess
-    import sys
 
+    from helpers import run_torchrun
     from mom.data import prepare
 
     line = next(ln for b in _blocks("bash") for ln in b.splitlines() if ln.startswith("torchrun "))
@@ -56,8 +55,5 @@ def test_readme_torchrun_line_runs_with_the_tiny_config(tmp_path):
     prepare("sample", str(tmp_path / "data"), "bpe:512", cache=str(tmp_path / "cache"))
     args[args.index("--data") + 1] = str(tmp_path / "data")
     args[args.index("--out_dir") + 1] = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run"] + args[1:] + ["--max_steps", "2", "--eval_interval", "2"]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_torchrun(args[1:] + ["--max_steps", "2", "--eval_interval", "2"], 300, "the README's torchrun line")
     assert '"step": 2' in r.stdout

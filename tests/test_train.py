@@ -4,16 +4,14 @@ import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import run_torchrun
 from mom import data as mdata
 from mom.train import RunError, TrainConfig, load_config, main, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tolerance of the 2-process DDP run against the 1-process run with the same global batch: the two sum the
 # same gradients in another order (gloo all-reduce vs accumulation), and the routers' top-K turns such
@@ -99,11 +97,31 @@ def test_resume_gives_the_same_losses(phase1, sample_data, tmp_path):
     assert sa == sha(os.path.join(tmp_path, "split", "ckpt", "model.safetensors"))
 
 
-def _torchrun(args, timeout=240):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mom.train"]
-    r = subprocess.run(cmd + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
+# Run by torchrun in the two-process tests: mom.train's command line, plus two checks made as the worker ends
+# (just before its os._exit): a DDP run's process group is destroyed, its gloo threads gone (teardown_distributed),
+# and no interpreter shutdown runs in a worker (an atexit handler would say so).
+_WORKER = r"""
+import atexit, os, sys
+import mom.train as mt
+
+atexit.register(lambda: print("interpreter shutdown ran in a worker", file=sys.stderr, flush=True))
+real_exit = mt._exit_command
+
+
+def exit_command(code, worker):
+    gloo = [n for n in (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+            if "gloo" in n]
+    mode = sys.argv[len(sys.argv) - sys.argv[::-1].index("--distributed")]       # the last --distributed wins
+    if code == 0 and mode == "ddp" and gloo:
+        print(f"rank {os.environ['RANK']}: gloo threads still running after mom.train: {gloo}", file=sys.stderr,
+              flush=True)
+        code = 3
+    real_exit(code, worker)
+
+
+mt._exit_command = exit_command
+mt.main(sys.argv[1:])
+"""
 
 
 @pytest.mark.slow
@@ -116,7 +134,11 @@ def test_torchrun_two_processes_match_one(phase1, sample_data, tmp_path, mode):
     for k, v in vars(cfg).items():
         if v is not None and k != "resume":
             args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-    _torchrun(args + ["--distributed", mode])            # 2 processes x 1 micro-batch of 4
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER)
+    r = run_torchrun(["--standalone", "--nproc_per_node=2", str(worker)] + args + ["--distributed", mode], 240,
+                     f"mom.train --distributed {mode}")                  # 2 processes x 1 micro-batch of 4
+    assert "interpreter shutdown ran in a worker" not in r.stderr
     for key in ("loss", "val_loss"):
         a, b = rows(tmp_path / "one", key), rows(tmp_path / "two", key)
         assert [s for s, _ in a] == [s for s, _ in b]
