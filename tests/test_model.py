@@ -63,6 +63,30 @@ def test_mom_subsumes_vanilla(backend):
     assert_close("logits vs HF", got.logits, hf.double()(ids).logits, rtol=1e-10, atol=1e-10)
 
 
+def test_from_gpt2_layer_map_with_unequal_pools():
+    """paper.md's layer map with n_attn = 2 < n_ffn = 3 (M = 3): per chunk, the next M layers give attention
+    module j (ln_1 + attn) for j < 2 and FFN module j (ln_2 + mlp) for j < 3, then the anchor; bottom first, top
+    last (written out here layer by layer)."""
+    cfg = small_config(n_attn=2, n_ffn=3, top_k=1, renormalize=False, depth=2)    # 1 + 2 x (3 + 1) + 1 = 10
+    assert cfg.source_layers == 10
+    van = randomize_(MoMForCausalLM(cfg.vanilla()))
+    sd = van.state_dict()
+    mom = MoMForCausalLM.from_gpt2(sd, cfg)
+    got = mom.state_dict()
+    layer = lambda i, name: sd[f"bottom.{i}.{name}"]  # noqa: E731
+    assert torch.equal(got["bottom.0.attn.c_attn.weight"], layer(0, "attn.c_attn.weight"))
+    for c, first in ((0, 1), (1, 5)):                                             # chunk c: layers first..first+3
+        for j in range(3):
+            if j < 2:
+                attn = f"chunks.{c}.attn_pool"
+                assert torch.equal(got[f"{attn}.c_attn_weight"][j], layer(first + j, "attn.c_attn.weight"))
+                assert torch.equal(got[f"{attn}.ln_weight"][j], layer(first + j, "ln_1.weight"))
+            assert torch.equal(got[f"chunks.{c}.ffn_pool.c_fc_weight"][j], layer(first + j, "mlp.c_fc.weight"))
+            assert torch.equal(got[f"chunks.{c}.ffn_pool.ln_bias"][j], layer(first + j, "ln_2.bias"))
+        assert torch.equal(got[f"chunks.{c}.anchor.mlp.c_proj.weight"], layer(first + 3, "mlp.c_proj.weight"))
+    assert torch.equal(got["top.0.ln_2.weight"], layer(9, "ln_2.weight"))
+
+
 def test_from_gpt2_parameter_count():
     """GPT-2's parameters + the routers' - the dropped modules (tiny: n_attn 3 < n_ffn 4, one attention
     module dropped per chunk)."""
@@ -276,3 +300,21 @@ def test_chunk_output_tensors_are_visible_to_pytree():
     leaves = pytree.tree_leaves(MoMLayerOutput(h, [r], aux))
     for t in (h, aux, r.attn_ids, r.attn_weights, r.ffn_ids, r.ffn_weights):
         assert any(x is t for x in leaves)
+
+
+def test_lm_loss_is_the_next_token_cross_entropy():
+    """lm_loss = the mean over positions t < T - 1 whose next label is not -100 of -log softmax(logits[t])
+    [labels[t + 1]] (a loop here, fp64; the model takes the cross-entropy in fp32); loss = lm_loss +
+    aux_loss_coef * aux_loss."""
+    cfg = small_config(backend="torch")
+    model = make_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    labels = ids.clone()
+    labels[0, 3] = labels[1, 8] = -100
+    out = model(ids, labels=labels)
+    logp = torch.log_softmax(out.logits.double(), dim=-1)
+    terms = [-logp[b, t, labels[b, t + 1]] for b in range(2) for t in range(8) if labels[b, t + 1] != -100]
+    want = torch.stack(terms).mean()
+    assert len(terms) == 14
+    assert_close("lm_loss", out.lm_loss, want, 1e-6, 1e-6)
+    assert_close("loss", out.loss, want + cfg.aux_loss_coef * out.aux_loss, 1e-6, 1e-6)
