@@ -131,3 +131,17 @@ def test_from_gpt2_rejects_mismatched_checkpoint():
         MoMForCausalLM.from_gpt2(sd, small_config(n_embd=24, n_head=4))
     with pytest.raises(FileNotFoundError):
         MoMForCausalLM.from_gpt2("/nonexistent/model.safetensors", small_config())
+
+
+@pytest.mark.parametrize("over,source,depth", [
+    (dict(), 12, 10),                                   # tiny: 1 + 2 x (max(3, 4) + 1) + 1; 1 + 2 x (3 + 1) + 1
+    (dict(n_attn=4, n_ffn=3), 12, 10),                  # the larger pool sets M either way
+    (dict(anchor=False, n_top=0), 9, 7),
+    (dict(chunks=0, n_bottom=5), 6, 6),                 # a GPT-2: 5 + 1 top block
+])
+def test_source_layers_and_graph_depth(over, source, depth):
+    """source_layers = n_bottom + chunks x (max(n_attn, n_ffn) + anchor) + n_top (the GPT-2 layers a cut
+    consumes); graph_depth = n_bottom + chunks x (depth + anchor) + n_top; the vanilla is that many layers."""
+    cfg = MoMConfig.from_name("tiny", **over)
+    assert (cfg.source_layers, cfg.graph_depth, cfg.n_cache_layers) == (source, depth, depth)
+    assert cfg.vanilla().n_bottom == cfg.vanilla().graph_depth == source
