@@ -1,16 +1,19 @@
 """Mutation check: do the tests catch the bugs that matter?
 
     python tests/mutations.py                     # every mutation (long: see DEVELOPERS.md)
-    python tests/mutations.py --list              # names, files and the tests each one runs
+    python tests/mutations.py --list              # by file: names, bugs, the tests each one runs; per-module counts
     python tests/mutations.py --only router_temperature_ignored plan_torch_offsets_shifted
     python tests/mutations.py --rev HEAD          # the last commit, not the working tree
 
 For each mutation: copy the repository's files (`git ls-files`, tracked and untracked-but-not-ignored, as
 they are in the working tree; or a commit's with --rev) into a temporary directory, make one literal text
-substitution there (file, old -> new), run that mutation's test files in the copy (`pytest -x -q`,
-PYTHONPATH = the copy) and report KILLED (a test failed: the first failing test is named) or SURVIVED
-(every test passed: the tests do not notice this bug). Exit code 1 if any mutation survived or could not
-be applied.
+substitution there (file, old -> new), run that mutation's tests in the copy (files or pytest node ids
+file::test, in the order given: `pytest -x -q`, PYTHONPATH = the copy) and report KILLED (a test failed: the
+first failing test is named) or SURVIVED (every test passed: the tests do not notice this bug). Exit code 1
+if any mutation survived or could not be applied.
+
+Coverage: at least two mutations for every module of mom/ (its __init__ only re-exports) and for the
+benchmarks' counting code (COUNTING_CODE); --list ends with the count per module and names any below two.
 
 A substitution whose `old` text is not found exactly once in its file is an error, not a skip: a refactor
 that moves the text must update the mutation here, never disable it silently. A test file that does not
@@ -50,6 +53,18 @@ KERNEL_TESTS = ["tests/test_kernels_routed_linear.py", "tests/test_kernels_route
 LN_FUSED_TESTS = ["tests/test_kernels_weight_grad.py", "tests/test_kernels_multitile.py"]
 TORCH_TESTS = ["tests/test_oracle_step.py", "tests/test_model.py"]
 GATHER_TESTS = ["tests/test_kernels_gathers.py"] + KERNEL_TESTS
+TRAIN_TESTS = ("tests/test_train_step.py",)
+DATA_TESTS = ("tests/test_data.py",)
+IO_TESTS = ("tests/test_hardening_io.py",)
+GENERATE_TESTS = ("tests/test_decode_static.py", "tests/test_generate.py")
+STOPS = "tests/test_decode_static.py::test_every_row_stops_output_ends_after_the_last_rows_first_stop"
+MASKS = "tests/test_decode_static.py::test_padding_masks_and_positions_against_loops"
+FLOPS_TESTS = ("tests/test_flops.py",)
+TOKENIZER_TESTS = ("tests/test_tokenizer.py", "tests/test_data.py")
+CONFIG_TESTS = ("tests/test_config.py", "tests/test_hardening_config.py")
+CONVERT_TESTS = ("tests/test_model.py", "tests/test_hardening_checkpoints.py", "tests/test_cut.py")
+MODEL_TESTS = ("tests/test_generate.py", "tests/test_model.py")
+EFFICIENCY_TESTS = ("benchmarks/test_efficiency.py",)
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,10 @@ class Mutation:
     new: str
     tests: Tuple[str, ...]
 
+
+# The benchmarks' counting code: the efficiency report's rows, ratios and CSV files (its FLOP and memory counts
+# come from mom/flops.py and mom/memory.py, covered as modules of mom/).
+COUNTING_CODE = ("benchmarks/efficiency.py", "benchmarks/common.py")
 
 GEMM = "mom_kernels/gemm.py"            # the grouped GEMM and its epilogue
 COMMON = "mom_kernels/common.py"        # GELU and its derivative
@@ -286,6 +305,215 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_model.py",)),
     Mutation("aot_arch_prefix_kept", "--archs sm_90 no longer parsed", "mom_kernels/aot.py",
              '.removeprefix("sm_")', "", ("tests/test_aot.py",)),
+    # ---- the training loop (mom/train.py) ----
+    Mutation("train_step_before_clip", "the optimizer steps before the gradients are clipped", "mom/train.py",
+             "    if grad_clip > 0:\n"
+             "        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))\n"
+             "    else:\n        gnorm = float(\"nan\")\n    optimizer.step()\n",
+             "    optimizer.step()\n    if grad_clip > 0:\n"
+             "        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))\n"
+             "    else:\n        gnorm = float(\"nan\")\n", TRAIN_TESTS),
+    Mutation("train_accumulation_sums", "gradient accumulation sums the micro-batches' losses instead of averaging",
+             "mom/train.py", "(out.loss / accum).backward()", "out.loss.backward()", TRAIN_TESTS),
+    Mutation("train_warmup_off_by_one", "the warmup's first step has learning rate 0", "mom/train.py",
+             "return tc.lr * (step + 1) / tc.warmup_steps", "return tc.lr * step / tc.warmup_steps", TRAIN_TESTS),
+    Mutation("train_embeddings_decayed", "weight decay applied to the token embeddings", "mom/train.py",
+             'parts[0] in ("wte", "wpe")', 'parts[0] in ("wpe",)', TRAIN_TESTS),
+    Mutation("train_validation_mean_of_batch_means", "validation loss averages the batches' means (a short last "
+             "batch weighs as much as a full one)", "mom/train.py",
+             "            total[0] += float(out.lm_loss) * len(idx)\n            total[1] += len(idx)",
+             "            total[0] += float(out.lm_loss)\n            total[1] += 1", TRAIN_TESTS),
+    Mutation("train_global_batch_remainder_accepted", "a global batch that is not a multiple of batch_size x "
+             "ranks is accepted (its remainder silently dropped)", "mom/train.py",
+             "    if gbs % (tc.batch_size * d.world):\n", "    if False:\n", TRAIN_TESTS),
+    Mutation("train_distributed_nn_imported_late", "torch.distributed.nn imported after the process group exists "
+             "(its default arguments then hold the group past destroy_process_group)", "mom/train.py",
+             "        from torch.distributed import nn as _dist_nn  # noqa: F401\n", "",
+             ("tests/test_train.py::test_torchrun_two_processes_match_one[ddp]",)),
+    Mutation("train_worker_runs_interpreter_shutdown", "a torchrun worker ends through the interpreter's shutdown "
+             "(beside the threads of a process group torch kept alive)", "mom/train.py",
+             "    if worker:\n        _exit_command(0, worker)\n", "",
+             ("tests/test_train.py::test_torchrun_two_processes_match_one[fsdp]",)),
+    # ---- data order and windows (mom/data.py) ----
+    Mutation("data_epochs_repeat_the_first_shuffle", "every epoch reuses the first epoch's permutation",
+             "mom/data.py", "if self._perm is None or self._perm[0] != epoch:", "if self._perm is None:",
+             DATA_TESTS),
+    Mutation("data_epoch_seed_ignores_epoch", "the permutation is seeded without the epoch", "mom/data.py",
+             "np.random.default_rng([seed, epoch])", "np.random.default_rng([seed, 0])", DATA_TESTS),
+    Mutation("data_window_off_by_one", "window i starts one token late", "mom/data.py",
+             "self.tokens[i * self.block_size:(i + 1) * self.block_size]",
+             "self.tokens[i * self.block_size + 1:(i + 1) * self.block_size + 1]", DATA_TESTS),
+    Mutation("data_rank_and_micro_order_swapped", "the global sample index nests ranks inside micro-batches",
+             "mom/data.py", "first = ((step * accum + micro) * world + rank) * batch_size",
+             "first = ((step * world + rank) * accum + micro) * batch_size", DATA_TESTS),
+    # ---- crash-safe files (mom/io.py) ----
+    Mutation("io_atomic_dir_unlisted_file_replaced_by_old", "atomic_dir carries the old copy of a file the block "
+             "wrote but did not list in `owned` over the new one", "mom/io.py",
+             "mine = set(owned) | set(os.listdir(tmp))", "mine = set(owned)", IO_TESTS),
+    Mutation("io_recover_deletes_complete_new", "recovery after a kill between the renames deletes the complete "
+             "new folder", "mom/io.py",
+             "            os.replace(new, final)\n            _fsync_path(parent, directory=True)\n"
+             "            done.append(f\"swapped in {new}\")",
+             "            _remove(new)\n            done.append(f\"swapped in {new}\")", IO_TESTS),
+    Mutation("io_torn_line_dropped_anywhere", "read_jsonl drops a bad line anywhere, not only the last one",
+             "mom/io.py", "last = all(not rest.strip() for rest in lines[i + 1:])", "last = True", IO_TESTS),
+    Mutation("io_live_writers_temp_deleted", "a running process's temp file counts as stale", "mom/io.py",
+             'if path in _ACTIVE or (int(m.group("pid")) != os.getpid() and _pid_alive(int(m.group("pid")))):',
+             "if path in _ACTIVE:", IO_TESTS),
+    # ---- generation (mom/generate.py) and KV caches (mom/cache.py) ----
+    Mutation("generate_trimmed_one_short", "the output is cut one token short when every row stopped",
+             "mom/generate.py", "n = int(first.max()) + 1", "n = int(first.max())", (STOPS,) + GENERATE_TESTS),
+    Mutation("generate_top_p_drops_the_crossing_token", "nucleus sampling drops the token that crosses top_p",
+             "mom/generate.py", "drop = (probs.cumsum(dim=-1) - probs) >= top_p", "drop = probs.cumsum(dim=-1) > top_p",
+             ("tests/test_decode_static.py::test_top_p_keeps_the_token_that_crosses_the_threshold",) + GENERATE_TESTS),
+    Mutation("generate_finished_rows_not_padded", "rows that emitted a stop token keep generating",
+             "mom/generate.py", "nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)", "nxt = nxt",
+             (STOPS,) + GENERATE_TESTS),
+    Mutation("generate_cli_counts_unchecked", "python -m mom.generate accepts --max-new-tokens 0",
+             "mom/generate.py", "if a.max_new_tokens < 1 or a.num_samples < 1:", "if False:",
+             ("tests/test_generate_cli.py",)),
+    Mutation("cache_static_padding_query_attends_nothing", "static cache: a padding query no longer sees itself "
+             "(its softmax has no term)", "mom/cache.py",
+             "mask = causal[None] & (self.key_mask[:, None, :] | own[None])",
+             "mask = causal[None] & self.key_mask[:, None, :]", (MASKS,) + GENERATE_TESTS),
+    Mutation("cache_dynamic_padding_query_attends_nothing", "padded forward: a padding query no longer sees itself",
+             "mom/cache.py", "return pos, (causal[None] & (m[:, None, :] | own[None]))[:, None]",
+             "return pos, (causal[None] & m[:, None, :])[:, None]", (MASKS,) + GENERATE_TESTS),
+    Mutation("cache_decode_positions_by_cache_length", "static cache: decode positions count the padding of "
+             "left-padded rows", "mom/cache.py",
+             "pos = (self.n_valid[:, None] + new_mask.long().cumsum(1) - 1).clamp_(min=0)",
+             "pos = (self.length + new_mask.long().cumsum(1) - 1).clamp_(min=0)", (MASKS,) + GENERATE_TESTS),
+    Mutation("cache_unequal_lengths_accepted", "a cache whose entries hold different lengths passes the check",
+             "mom/cache.py", "            if p != P:\n", "            if False:\n",
+             ("tests/test_hardening_cache.py",)),
+    # ---- Hugging Face wrapper (mom/hf.py) ----
+    Mutation("hf_logits_to_keep_ignored", "the HF wrapper computes every position's logits whatever logits_to_keep",
+             "mom/hf.py", "attention_mask, P, logits_to_keep)", "attention_mask, P, 0)", ("tests/test_hf.py",)),
+    Mutation("hf_cached_length_ignored", "the HF wrapper positions new tokens as if nothing were cached",
+             "mom/hf.py", "P = cache.get_seq_length() if cache is not None else 0", "P = 0", ("tests/test_hf.py",)),
+    # ---- the cost model (mom/flops.py) and measured memory (mom/memory.py) ----
+    Mutation("flops_expected_ignores_cache", "flops.expected's routed attention core ignores the cached length",
+             "mom/flops.py", "    N, S = B * T, P + T\n", "    N, S = B * T, T\n", FLOPS_TESTS),
+    Mutation("flops_count_counts_skip", "flops.count charts SKIP attention picks as modules", "mom/flops.py",
+             "a_live = step.attn_ids < cfg.n_attn", "a_live = step.attn_ids <= cfg.n_attn", FLOPS_TESTS),
+    Mutation("flops_causal_core_off_by_one", "the causal attention core counts i keys for query i, not i + 1",
+             "mom/flops.py", "return 4 * B * D * (T * P + T * (T + 1) // 2)",
+             "return 4 * B * D * (T * P + T * (T - 1) // 2)", FLOPS_TESTS),
+    Mutation("memory_no_skip_lets_first_skip_slot_through", "a no-skip measurement leaves the first SKIP slot open",
+             "mom/memory.py", "router.head.bias[pool:] = -1e4", "router.head.bias[pool + 1:] = -1e4",
+             ("tests/test_memory.py",)),
+    Mutation("memory_decode_baseline_without_cache", "the decode baseline leaves out the cache passed in",
+             "mom/memory.py", "base = w + tensor_bytes(input_ids) + cache_bytes(past_key_values)",
+             "base = w + tensor_bytes(input_ids)", ("tests/test_memory.py",)),
+    Mutation("memory_decode_weights_count_skip", "decode weight bytes count SKIP picks as modules", "mom/memory.py",
+             "total += per_module * int((picked < pool.n_modules).sum())", "total += per_module * picked.numel()",
+             ("tests/test_memory.py",)),
+    # ---- routing analysis and removal (mom/analysis.py), the function-preserving cut (mom/cut.py) ----
+    Mutation("analysis_removal_floors", "removal floors the share of modules instead of rounding it",
+             "mom/analysis.py", "return int(math.floor(frac * pool + 0.5))", "return int(frac * pool)",
+             ("tests/test_analysis.py",)),
+    Mutation("analysis_removal_halves_to_even", "removal rounds a half to the even count (Python's round)",
+             "mom/analysis.py", "return int(math.floor(frac * pool + 0.5))", "return round(frac * pool)",
+             ("tests/test_analysis.py",)),
+    Mutation("analysis_ties_lower_id_first", "equally used modules: the lower id is removed first",
+             "mom/analysis.py", "key=lambda e: (use[e], -e)", "key=lambda e: (use[e], e)", ("tests/test_analysis.py",)),
+    Mutation("analysis_curves_offset_not_chained", "loss curves: a run's token axis starts after its init_from run "
+             "only, not after that run's own predecessors", "mom/analysis.py",
+             'return max(r["tokens"] for r in _metrics(src)) + _offset(src)',
+             'return max(r["tokens"] for r in _metrics(src))', ("tests/test_analysis.py",)),
+    Mutation("analysis_cli_windows_unchecked", "python -m mom.analysis accepts --windows 0", "mom/analysis.py",
+             '("windows", a.windows is None or a.windows >= 1, ">= 1")', '("windows", True, ">= 1")',
+             ("tests/test_analysis.py",)),
+    Mutation("analysis_skip_rows_dropped", "removal drops the routers' SKIP logits rows", "mom/analysis.py",
+             "torch.tensor(kept + list(range(E, slots)))", "torch.tensor(kept)", ("tests/test_analysis.py",)),
+    Mutation("cut_exactness_bound_moved", "the fp64 exactness bound of the routing prior moved from 38 to 30 nats",
+             "mom/cut.py", "return 0 < cfg.routing_prior < 38", "return 0 < cfg.routing_prior < 30",
+             ("tests/test_cut.py",)),
+    Mutation("cut_second_pick_without_skip_accepted", "top_k = 2 without a SKIP slot counted as preserving",
+             "mom/cut.py", "if cfg.top_k > 1 + int(cfg.skip):", "if cfg.top_k > 2:", ("tests/test_cut.py",)),
+    Mutation("cut_extra_steps_with_k2_accepted", "extra steps (depth > M) accepted with top_k = 2", "mom/cut.py",
+             "if cfg.depth > M and not (cfg.top_k == 1 and cfg.skip):", "if cfg.depth > M and not cfg.skip:",
+             ("tests/test_cut.py",)),
+    # ---- tokenizers (mom/tokenizer.py) ----
+    Mutation("tokenizer_byte_table_soft_hyphen", "the byte table keeps the unprintable soft hyphen as itself",
+             "mom/tokenizer.py", 'list(range(ord("¡"), ord("¬") + 1))', 'list(range(ord("¡"), ord("®") + 1))',
+             TOKENIZER_TESTS),
+    Mutation("tokenizer_one_id_too_many", "train_bpe learns one merge too many (vocab_size + 1 ids)",
+             "mom/tokenizer.py", "trainers.BpeTrainer(vocab_size=vocab_size - 1,",
+             "trainers.BpeTrainer(vocab_size=vocab_size,", TOKENIZER_TESTS),
+    Mutation("tokenizer_file_size_unchecked", "load_local accepts a file whose vocab_size its merges do not rebuild",
+             "mom/tokenizer.py", 'if tok.vocab_size != d["vocab_size"]:', "if False:", TOKENIZER_TESTS),
+    # ---- configuration (mom/config.py) ----
+    Mutation("config_head_must_divide_width_dropped", "n_embd not divisible by n_head accepted", "mom/config.py",
+             'need(self.n_embd % self.n_head == 0, "n_head"', 'need(True, "n_head"', CONFIG_TESTS),
+    Mutation("config_top_k_beyond_slots_accepted", "top_k larger than the router's slots accepted", "mom/config.py",
+             'need(self.top_k <= slots, "top_k",', 'need(True, "top_k",', CONFIG_TESTS),
+    Mutation("config_source_layers_by_attention_pool", "source_layers counts n_attn layers per chunk, not "
+             "max(n_attn, n_ffn)", "mom/config.py",
+             "return self.n_bottom + self.chunks * (self.n_modules + int(self.anchor)) + self.n_top",
+             "return self.n_bottom + self.chunks * (self.n_attn + int(self.anchor)) + self.n_top", CONFIG_TESTS),
+    # ---- checkpoints in and out (mom/convert.py) ----
+    Mutation("convert_attention_modules_from_the_last_layers", "attention modules cut from the chunk's last n_attn "
+             "layers (n_attn < n_ffn: the first layers' attention dropped instead of the last)",
+             "mom/convert.py", "attn, ffn = cut[: config.n_attn], cut[: config.n_ffn]",
+             "attn, ffn = cut[-config.n_attn:], cut[: config.n_ffn]",
+             ("tests/test_model.py::test_from_gpt2_layer_map_with_unequal_pools",) + CONVERT_TESTS),
+    Mutation("convert_dtype_from_first_tensor", "from_pretrained takes the dtype of the file's first tensor (an "
+             "integer buffer sorts first)", "mom/convert.py",
+             "dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), None)",
+             "dtype = next((v.dtype for v in sd.values()), None)", CONVERT_TESTS),
+    Mutation("convert_save_owns_the_whole_folder", "save_pretrained deletes the other files of its folder",
+             "mom/convert.py", "with atomic_dir(directory, owned=(CONFIG_NAME, WEIGHTS_NAME)) as tmp:",
+             "with atomic_dir(directory) as tmp:", CONVERT_TESTS),
+    # ---- the model (mom/model.py), the compile-time ops (mom/opaque.py), CUDA graphs (mom/cuda_graphs.py) ----
+    Mutation("model_logits_to_keep_first_positions", "logits_to_keep keeps the first positions, not the last",
+             "mom/model.py", "x = x[:, -logits_to_keep:]", "x = x[:, :logits_to_keep]", MODEL_TESTS),
+    Mutation("model_positions_ignore_cache", "cached decoding restarts the position ids at 0", "mom/model.py",
+             "pos = torch.arange(P, P + T, device=input_ids.device)", "pos = torch.arange(T, device=input_ids.device)",
+             MODEL_TESTS),
+    Mutation("model_labels_not_shifted", "the LM loss compares each position's logits with its own token",
+             "mom/model.py", "labels[:, 1:].reshape(-1), ignore_index=-100)",
+             "labels[:, :-1].reshape(-1), ignore_index=-100)",
+             ("tests/test_model.py::test_lm_loss_is_the_next_token_cross_entropy",) + MODEL_TESTS),
+    Mutation("opaque_ln_grads_swapped", "compiled routed_linear: LayerNorm gain and bias gradients swapped",
+             "mom/opaque.py", "none(ln_weight, g[4]), none(ln_bias, g[5])",
+             "none(ln_weight, g[5]), none(ln_bias, g[4])", ("tests/test_compile.py",)),
+    Mutation("opaque_ffn_routing_weight_grad_dropped", "compiled routed_ffn: no gradient for the routing weights",
+             "mom/opaque.py", "return (*g[:7], None, g[7], None, None)", "return (*g[:7], None, None, None, None)",
+             ("tests/test_compile.py",)),
+    Mutation("cuda_graphs_torch_backend_accepted", "GraphedTrainStep accepts the torch backend (host reads)",
+             "mom/cuda_graphs.py", 'if routed and (backend not in ("triton", "auto")',
+             'if routed and (backend not in ("triton", "auto", "torch", "reference")', ("tests/test_cuda_graphs.py",)),
+    Mutation("cuda_graphs_host_checks_not_refused", "GraphedTrainStep captures with host id checks on",
+             "mom/cuda_graphs.py", "        if checks._CHECK_IDS:\n            raise ValueError(\"GraphedTrainStep:",
+             "        if False:\n            raise ValueError(\"GraphedTrainStep:", ("tests/test_cuda_graphs.py",)),
+    # ---- routed ops: the reference loop (mom/routed.py), the few-token path under autocast (mom/few_tokens.py) ----
+    Mutation("reference_routing_weights_ignored", "the reference routed_linear sums its picks unweighted",
+             "mom/routed.py", "            out = out * w[:, None]\n        y = y.index_add(0, tok, out.to(y.dtype))",
+             "            out = out\n        y = y.index_add(0, tok, out.to(y.dtype))", TORCH_TESTS),
+    Mutation("few_tokens_autocast_residual_to_bf16", "the few-token path under autocast adds the fp32 residual in "
+             "bf16 (the residual stream becomes bf16)", "mom/few_tokens.py",
+             "    if residual.dtype != slots.dtype:  # under autocast: the sum in the residual's (wider) dtype, as "
+             "residual + y\n        return residual + torch.bmm(g, slots).squeeze(1)\n", "",
+             ("tests/test_few_tokens_autocast.py",)),
+    # ---- the efficiency report's counting (benchmarks/efficiency.py, benchmarks/common.py) ----
+    Mutation("efficiency_kv_ratio_of_itself", "the KV cache ratio divides a model's cache by its own",
+             "benchmarks/efficiency.py", "kvb = row_config(base).n_cache_layers * 2 * batch * seq_len * cfg.n_embd",
+             "kvb = cfg.n_cache_layers * 2 * batch * seq_len * cfg.n_embd", EFFICIENCY_TESTS),
+    Mutation("efficiency_router_width_not_scaled", "reduced sizes keep the full router width",
+             "benchmarks/efficiency.py", "router_dim=max(4, round(cfg.router_dim * s))", "router_dim=cfg.router_dim",
+             EFFICIENCY_TESTS),
+    Mutation("efficiency_ratio_from_analytic_flops", "the measured FLOPs ratio uses the analytic counts even when "
+             "the picks were counted", "benchmarks/efficiency.py",
+             'key = "GFLOPs_counted" if "GFLOPs_counted" in r else "GFLOPs_analytic"', 'key = "GFLOPs_analytic"',
+             EFFICIENCY_TESTS),
+    Mutation("common_csv_new_column_drops_old_rows", "a CSV row with a new column rewrites the file without the "
+             "old rows", "benchmarks/common.py", "w.writerows(old_rows + rows)", "w.writerows(rows)",
+             ("benchmarks/test_common.py",)),
+    Mutation("common_csv_torn_last_line_joined", "rows appended to a file without a final newline join its last "
+             "line", "benchmarks/common.py",
+             'buf.write(text if not text or text.endswith("\\n") else text + "\\r\\n")', "buf.write(text)",
+             ("benchmarks/test_common.py",)),
 ]
 
 
@@ -354,8 +582,37 @@ def apply(m: Mutation, root: str) -> None:
 
 
 def existing(tests: Sequence[str], root: str) -> Tuple[List[str], List[str]]:
-    have = [t for t in tests if os.path.isfile(os.path.join(root, t))]
+    """(the tests whose file exists in root, the others); a test is a file or a pytest node id file::name."""
+    have = [t for t in tests if os.path.isfile(os.path.join(root, t.split("::")[0]))]
     return have, [t for t in tests if t not in have]
+
+
+def package_files(root: str = ROOT) -> List[str]:
+    """The modules the table is meant to cover: every mom/*.py except the package's __init__ (re-exports only),
+    and the benchmarks' counting code (what the efficiency report's figures come from)."""
+    mods = sorted(f"mom/{f}" for f in os.listdir(os.path.join(root, "mom")) if f.endswith(".py") and f != "__init__.py")
+    return mods + list(COUNTING_CODE)
+
+
+def list_text(chosen: Sequence[Mutation]) -> str:
+    """--list: the mutations grouped by the file they mutate (what each breaks, the tests it runs), then one line
+    per module: how many mutations cover it; modules of the package with fewer than two are named last."""
+    by_file: dict = {}
+    for m in chosen:
+        by_file.setdefault(m.path, []).append(m)
+    lines = []
+    for path in sorted(by_file):
+        lines.append(f"== {path} ({len(by_file[path])})")
+        for m in by_file[path]:
+            lines.append(f"  {m.name:46s} {m.what}\n  {'':46s} tests: {' '.join(m.tests)}")
+    lines.append("\nmutations per module:")
+    for path in sorted(set(by_file) | set(package_files())):
+        lines.append(f"  {len(by_file.get(path, [])):3d}  {path}")
+    thin = [p for p in package_files() if len(by_file.get(p, [])) < 2]
+    lines.append(f"{len(chosen)} mutations over {len(by_file)} files"
+                 + (f"; fewer than two: {', '.join(thin)}" if thin else "; every module of mom/ and the benchmarks' "
+                    "counting code has at least two"))
+    return "\n".join(lines)
 
 
 def run_pytest(root: str, tests: Sequence[str], stop_first: bool, deselect: Sequence[str] = (),
@@ -410,8 +667,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ap.error(f"unknown mutation(s): {', '.join(unknown)} (see --list)")
         chosen = [m for m in MUTATIONS if m.name in a.only]
     if a.list:
-        for m in MUTATIONS:
-            print(f"{m.name:46s} {m.path}: {m.what}\n{'':46s} tests: {' '.join(m.tests)}")
+        print(list_text(chosen))
         return 0
 
     if a.rev:
