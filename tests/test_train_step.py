@@ -154,7 +154,7 @@ def test_validation_loss_is_the_mean_over_windows(sample_data):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(batch_size=4, global_batch_size=10), r"global_batch_size=10 is not a multiple of batch_size=4 x world size 1"),
+    (dict(batch_size=4, global_batch_size=10), r"global_batch_size=10 is not a multiple of batch_size=4 x world"),
     (dict(block_size=65), r"block_size=65 must be in \[2, n_positions=64\]"),
     (dict(model="no-such-preset"), r"model 'no-such-preset' is neither a preset"),
 ])
