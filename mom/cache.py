@@ -1,7 +1,8 @@
 """KV caches: the check every `past_key_values` passes before a forward uses it.
 
 A cache is a list with one (k, v) per attention call in graph order (bottom blocks, then each chunk's steps
-and anchor, then top blocks), each [B, n_head, P, head_dim], P the same for all. A cache that breaks any of
+and anchor, then top blocks), each [B, kv_heads, P, head_dim] (kv_heads = num_key_value_heads, or n_head), P the
+same for all. A cache that breaks any of
 these would otherwise fail deep inside attention with a raw shape error, or, with unequal lengths, run
 silently with wrong positions. The errors name the entry and where it sits in the graph.
 """
@@ -42,7 +43,7 @@ def check_past_key_values(past: Sequence, cfg: MoMConfig, batch: int, dtype: Opt
     """Validate a KV cache entry by entry; returns P, the number of cached positions.
 
     Checked: a list/tuple of n_entries (default cfg.n_cache_layers) (k, v) pairs of tensors, each
-    [batch, n_head, P, head_dim], the same P, one floating dtype and one device in every entry; with `dtype`
+    [batch, kv_heads, P, head_dim], the same P, one floating dtype and one device in every entry; with `dtype`
     / `device` given (the activations' the cache will be concatenated with), those too (autocast's dtype
     is accepted while autocast is on).
     """
@@ -64,13 +65,14 @@ def check_past_key_values(past: Sequence, cfg: MoMConfig, batch: int, dtype: Opt
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{where}: {part} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 4:
-                raise ValueError(f"{where}: {part} must be [batch, n_head, cached, head_dim] (rank 4), got shape "
+                raise ValueError(f"{where}: {part} must be [batch, kv_heads, cached, head_dim] (rank 4), got shape "
                                  f"{tuple(t.shape)}")
             B, H, p, Dh = t.shape
             if B != batch:
                 raise ValueError(f"{where}: {part} was made for batch {B}, input_ids has batch {batch}")
-            if H != cfg.n_head:
-                raise ValueError(f"{where}: {part} has {H} heads, the model has config.n_head={cfg.n_head}")
+            if H != cfg.kv_heads:
+                raise ValueError(f"{where}: {part} has {H} heads, the model has {cfg.kv_heads} K/V heads "
+                                 f"(config.num_key_value_heads, or n_head)")
             if Dh != cfg.head_dim:
                 raise ValueError(f"{where}: {part} has head size {Dh}, the model has n_embd / n_head = "
                                  f"{cfg.head_dim}")
@@ -117,15 +119,15 @@ def check_chunk_cache(past: Sequence, cfg: MoMConfig, x: torch.Tensor, name: str
 # Static KV cache: preallocated, written in place, fixed shapes (CUDA-graph friendly)
 # ----------------------------------------------------------------------------------------------------------
 class StaticLayerCache:
-    """One attention call's slice of a StaticCache: k, v [B, n_head, L, head_dim] written in place at the
+    """One attention call's slice of a StaticCache: k, v [B, kv_heads, L, head_dim] written in place at the
     positions `cache.write_index` (a device tensor), so a step never changes a shape."""
 
     def __init__(self, cache: "StaticCache", k: torch.Tensor, v: torch.Tensor):
         self.cache, self.k, self.v = cache, k, v
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        """Write the T new keys / values [B, n_head, T, head_dim] at the cache's write positions; returns the
-        whole buffers (k, v) [B, n_head, L, head_dim] (unwritten positions are masked by the caller)."""
+        """Write the T new keys / values [B, kv_heads, T, head_dim] at the cache's write positions; returns the
+        whole buffers (k, v) [B, kv_heads, L, head_dim] (unwritten positions are masked by the caller)."""
         idx = self.cache.write_index
         self.k.index_copy_(2, idx, k.to(self.k.dtype))
         self.v.index_copy_(2, idx, v.to(self.v.dtype))
@@ -134,7 +136,8 @@ class StaticLayerCache:
 
 class StaticCache:
     """A KV cache of fixed size: one StaticLayerCache per attention call (graph order, as past_key_values),
-    each [B, n_head, max_length, head_dim], plus the device-side bookkeeping a step needs:
+    each [B, kv_heads, max_length, head_dim] (grouped-query attention caches its K/V heads only), plus the
+    device-side bookkeeping a step needs:
 
         length   []     long   positions written so far (the same for every row: batches are left-padded)
         n_valid  [B]    long   real (unpadded) tokens per row so far: the next token's position id
@@ -156,7 +159,7 @@ class StaticCache:
             raise ValueError(f"StaticCache: max_length={max_length} is longer than config.n_positions="
                              f"{config.n_positions}")
         self.config, self.batch, self.max_length = config, batch, max_length
-        shape = (batch, config.n_head, max_length, config.head_dim)
+        shape = (batch, config.kv_heads, max_length, config.head_dim)
         self.layers = [StaticLayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
                                         torch.zeros(shape, dtype=dtype, device=device))
                        for _ in range(config.n_cache_layers)]

@@ -1,16 +1,28 @@
 """MoMConfig: the shape of a Mixture-of-Modules language model, with GPT-2's field names.
 
-Layout (paper.md, "Layout of the model"):
+Layout (docs/method.md, "Layout of the model"):
 
-    embeddings -> n_bottom fixed GPT-2 blocks
+    embeddings -> n_bottom fixed blocks
                -> chunks x [ depth routed steps over the chunk's pools (+ one fixed anchor block) ]
-               -> n_top fixed GPT-2 blocks -> ln_f -> tied LM head
+               -> n_top fixed blocks -> ln_f -> LM head (tied to the embeddings unless tie_word_embeddings=False)
 
     graph depth   = n_bottom + chunks * (depth + anchor) + n_top
     source layers = n_bottom + chunks * (max(n_attn, n_ffn) + anchor) + n_top   (GPT-2 layers consumed
                     by `from_gpt2`; modules beyond n_attn / n_ffn are dropped)
 
-A vanilla GPT-2 is `chunks=0` with all its layers in `n_bottom`.
+A vanilla model is `chunks=0` with all its layers in `n_bottom`.
+
+Block family (`family`, the one place that decides it; docs/architecture.md):
+
+    "gpt2"   LayerNorm (gain and bias), GELU (tanh) MLP, learned positions (wpe), biases on every projection
+    "llama"  RMSNorm (gain only), SwiGLU MLP (c_fc holds gate | up: [D, 2F]), rotary positions (rope_theta,
+             split halves as transformers rotates them), no biases but the optional q/k/v ones
+             (attention_bias: Qwen2), untied LM head when tie_word_embeddings=False
+
+Both families take grouped-query attention (num_key_value_heads < n_head: the QKV projection is
+(n_head + 2 * num_key_value_heads) * head_dim wide and the KV cache holds the K/V heads only).
+`MoMConfig.from_hf(hf_config, **layout)` reads a transformers GPT2Config, LlamaConfig, Qwen2Config or
+MistralConfig (mom/hf_config.py).
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 BACKENDS = ("reference", "torch", "triton", "auto")
+FAMILIES = ("gpt2", "llama")
 ROUTERS = ("gru", "mlp")
 BALANCE_MODES = ("per_step", "pooled")
 
@@ -84,8 +97,15 @@ class MoMConfig:
     n_embd: int = 768                # D
     n_head: int = 12
     n_inner: Optional[int] = None    # F, FFN width; None means 4 * n_embd
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02  # std of the normal init (GPT-2's; routers too, paper.md phase 2)
+    layer_norm_epsilon: float = 1e-5  # the norm's epsilon: LayerNorm's (gpt2) or RMSNorm's (llama: rms_norm_eps)
+    initializer_range: float = 0.02  # std of the normal init (GPT-2's; routers too, docs/method.md phase 2)
+
+    # --- block family (transformers' field names) ------------------------------------------------------------
+    family: str = "gpt2"             # "gpt2" | "llama" (module docstring)
+    num_key_value_heads: Optional[int] = None  # K/V heads of grouped-query attention; None = n_head (MHA)
+    rope_theta: float = 10000.0      # llama: the rotary base
+    attention_bias: Optional[bool] = None  # q/k/v biases; None = the family's (gpt2: True, llama: False)
+    tie_word_embeddings: bool = True  # LM head = wte; False: its own lm_head [vocab, D]
 
     # --- MoM layout ----------------------------------------------------------------------------------
     n_bottom: int = 12               # fixed GPT-2 blocks before the first chunk
@@ -138,6 +158,20 @@ class MoMConfig:
         for name in ("vocab_size", "n_positions", "n_embd", "n_head"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
+        need.choice("family", FAMILIES)
+        if self.num_key_value_heads is not None:
+            need.int("num_key_value_heads", "must be None (= n_head) or an int")
+            need(self.num_key_value_heads >= 1 and self.n_head % self.num_key_value_heads == 0,
+                 "num_key_value_heads", f"must be >= 1 and divide n_head={self.n_head} (grouped-query attention)")
+        need.number("rope_theta")
+        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        if self.attention_bias is not None:
+            need.bool("attention_bias")
+        need(self.family != "gpt2" or self.attention_bias in (None, True), "attention_bias",
+             "GPT-2 blocks have q/k/v biases: leave it None (or True) with family='gpt2'")
+        need(self.family != "llama" or self.head_dim % 2 == 0, "n_head",
+             f"rotary positions rotate halves of each head: n_embd / n_head = {self.head_dim} must be even")
+        need.bool("tie_word_embeddings")
         if self.n_inner is not None:
             need.int("n_inner", "must be None (= 4 * n_embd) or an int")
             need(self.n_inner >= 1, "n_inner", "must be None (= 4 * n_embd) or >= 1")
@@ -195,6 +229,37 @@ class MoMConfig:
         return self.n_embd // self.n_head
 
     @property
+    def kv_heads(self) -> int:
+        """K/V heads (num_key_value_heads, or n_head when None)."""
+        return self.num_key_value_heads if self.num_key_value_heads is not None else self.n_head
+
+    @property
+    def qkv_dim(self) -> int:
+        """Width of the fused QKV projection: (n_head + 2 * kv_heads) * head_dim (3 * n_embd for MHA)."""
+        return (self.n_head + 2 * self.kv_heads) * self.head_dim
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether the QKV projection has a bias (attention_bias, or the family's default)."""
+        return self.attention_bias if self.attention_bias is not None else self.family == "gpt2"
+
+    @property
+    def norm(self) -> str:
+        """The routed ops' per-module norm: "layer" (gpt2: LayerNorm) or "rms" (llama: RMSNorm)."""
+        return "layer" if self.family == "gpt2" else "rms"
+
+    @property
+    def act(self) -> str:
+        """The FFN's activation: "gelu" (gpt2: gelu_tanh(x W1 + b1) W2 + b2) or "swiglu" (llama: W1 = gate | up,
+        silu(x W_gate) * (x W_up) W2, no biases)."""
+        return "gelu" if self.family == "gpt2" else "swiglu"
+
+    @property
+    def ffn_in_dim(self) -> int:
+        """Output width of the FFN's first projection c_fc: F (gelu) or 2F (swiglu: gate | up)."""
+        return self.ffn_dim * (2 if self.act == "swiglu" else 1)
+
+    @property
     def n_modules(self) -> int:
         """M = max(n_attn, n_ffn): GPT-2 layers a chunk's pools are cut from."""
         return max(self.n_attn, self.n_ffn)
@@ -228,7 +293,8 @@ class MoMConfig:
         return self.graph_depth
 
     def vanilla(self) -> "MoMConfig":
-        """The GPT-2 (chunks=0) whose layers this MoM is cut from by `from_gpt2` (phase 1 of training)."""
+        """The vanilla model (chunks=0, same family) whose layers this MoM is cut from by `from_gpt2` /
+        `from_hf` (phase 1 of training)."""
         return dataclasses.replace(self, n_bottom=self.source_layers, chunks=0, n_top=0, anchor=False,
                                    n_attn=1, n_ffn=1, depth=1, top_k=1)
 
@@ -247,6 +313,18 @@ class MoMConfig:
         return dataclass_from_dict(cls, d)
 
     @classmethod
+    def from_hf(cls, hf_config, **layout) -> "MoMConfig":
+        """The config of a transformers GPT2Config, LlamaConfig, Qwen2Config or MistralConfig (a config object,
+        or a dict of its fields): with no `layout`, the vanilla model (every layer a fixed bottom block); with
+        MoM layout fields (n_bottom, chunks, n_attn, n_ffn, depth, top_k, anchor, n_top, skip, router options,
+        backend, ...) the MoM that `MoMForCausalLM.from_hf` cuts the checkpoint into, which must consume exactly
+        the source's layers (source_layers == num_hidden_layers). Unsupported architectures or options (an
+        encoder, sliding-window attention, a RoPE scaling type, MLP biases, another activation) raise a
+        ConfigError naming the model type and field (mom/hf_config.py)."""
+        from .hf_config import config_from_hf
+        return config_from_hf(cls, hf_config, layout)
+
+    @classmethod
     def from_name(cls, name: str, **overrides) -> "MoMConfig":
         """A preset by name (see PRESETS and docs/presets in the README); keyword overrides win."""
         if not isinstance(name, str) or name not in PRESETS:
@@ -257,6 +335,18 @@ class MoMConfig:
 _GPT2_SMALL = dict(n_embd=768, n_head=12)
 _GPT2_MEDIUM = dict(n_embd=1024, n_head=16)
 _GPT2_LARGE = dict(n_embd=1280, n_head=20)
+
+# transformers' configs of HuggingFaceTB/SmolLM-135M, -360M and Qwen/Qwen2.5-0.5B (vocabulary, widths, heads,
+# K/V heads, FFN width, RMSNorm epsilon, RoPE base, longest sequence; all tie the LM head; Qwen2 has q/k/v biases)
+_SMOLLM_135M = dict(family="llama", vocab_size=49152, n_positions=2048, n_embd=576, n_head=9, num_key_value_heads=3,
+                    n_inner=1536, layer_norm_epsilon=1e-5, rope_theta=10000.0)
+_SMOLLM_360M = dict(family="llama", vocab_size=49152, n_positions=2048, n_embd=960, n_head=15,
+                    num_key_value_heads=5, n_inner=2560, layer_norm_epsilon=1e-5, rope_theta=10000.0)
+_QWEN25_05B = dict(family="llama", vocab_size=151936, n_positions=32768, n_embd=896, n_head=14,
+                   num_key_value_heads=2, n_inner=4864, layer_norm_epsilon=1e-6, rope_theta=1000000.0,
+                   attention_bias=True)
+_TINY_LLAMA = dict(family="llama", vocab_size=512, n_positions=64, n_embd=32, n_head=4, num_key_value_heads=2,
+                   n_inner=48, attention_bias=True, tie_word_embeddings=False)
 
 # Every MoM preset consumes exactly its GPT-2's layers (source_layers == 12 / 24 / 36) and keeps n_attn ==
 # n_ffn, so `from_gpt2` drops nothing and the parameter count is GPT-2's plus the routers'.
@@ -285,4 +375,27 @@ PRESETS: dict[str, dict] = {
                  depth=3, top_k=2, anchor=True, n_top=1, router_dim=16),
     # The vanilla GPT-2 that "tiny" is cut from (phase 1 for the tiny model).
     "tiny-gpt2": dict(vocab_size=512, n_positions=64, n_embd=32, n_head=4, n_bottom=12),
+
+    # --- Llama family: the public shapes (transformers' configs of the published checkpoints) -----------------
+    #                                                                               layers | params (tied head)
+    "smollm-135m": dict(**_SMOLLM_135M, n_bottom=30),                             # 30 | 134,515,008
+    "smollm-360m": dict(**_SMOLLM_360M, n_bottom=32),                             # 32 | 361,821,120
+    "qwen2.5-0.5b": dict(**_QWEN25_05B, n_bottom=24),                             # 24 | 494,032,768
+    # Efficient cuts, by mom-large-efficient's rule: 1 bottom block, 2 chunks of M modules + anchor, 1 top
+    # block (every source layer kept), and a depth that runs about 2/3 of the source's layers per token
+    # (fixed blocks + chunks * depth * K = 4 + 4 * depth, against 24 of 36 for mom-large-efficient):
+    # smollm-135m 1 + 2 x (13 + 1) + 1 = 30 layers, depth 4: 20 of 30, graph depth 12.
+    "mom-smollm-135m-efficient": dict(**_SMOLLM_135M, n_bottom=1, chunks=2, n_attn=13, n_ffn=13, depth=4, top_k=2,
+                                      anchor=True, n_top=1),
+    # smollm-360m 1 + 2 x (14 + 1) + 1 = 32 layers, depth 4: 20 of 32, graph depth 12.
+    "mom-smollm-360m-efficient": dict(**_SMOLLM_360M, n_bottom=1, chunks=2, n_attn=14, n_ffn=14, depth=4, top_k=2,
+                                      anchor=True, n_top=1),
+    # qwen2.5-0.5b 1 + 2 x (10 + 1) + 1 = 24 layers, depth 3: 16 of 24, graph depth 10.
+    "mom-qwen2.5-0.5b-efficient": dict(**_QWEN25_05B, n_bottom=1, chunks=2, n_attn=10, n_ffn=10, depth=3, top_k=2,
+                                       anchor=True, n_top=1),
+    # CPU tests: "tiny" in the Llama family, with grouped-query attention (4 heads, 2 K/V heads), q/k/v biases
+    # and an untied head, and the vanilla it is cut from.
+    "tiny-llama": dict(_TINY_LLAMA, n_bottom=1, chunks=2, n_attn=3, n_ffn=4, depth=3, top_k=2, anchor=True,
+                       n_top=1, router_dim=16),
+    "tiny-llama-vanilla": dict(_TINY_LLAMA, n_bottom=12),
 }

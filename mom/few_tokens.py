@@ -3,8 +3,9 @@
     T tokens, K picks per token, E modules (SKIP = id E), D_in / D_out the layer's widths
 
     routed_linear(...)[t] = res[t] + sum_{k: ids[t,k] < E} g[t,k] (LN_m(x[t]) @ W[m] + b[m])
-    routed_ffn(...)[t]    = res[t] + sum_{k: ids[t,k] < E} g[t,k] (gelu(LN_m(x[t]) @ W1[m] + b1[m]) @ W2[m] + b2[m])
-    (mom.routed's math, same signatures; g = None sums the picks unweighted)
+    routed_ffn(...)[t]    = res[t] + sum_{k: ids[t,k] < E} g[t,k] (act(LN_m(x[t]) @ W1[m] + b1[m]) @ W2[m] + b2[m])
+    (mom.routed's math, same signatures: LayerNorm or RMSNorm, GELU or SwiGLU, biases optional; g = None sums
+    the picks unweighted)
 
 Why a second path: the plan-based ops of mom.routed sort the picks by module (a sort, a bincount, a host read
 of the counts, index scatters) and run through an autograd.Function; for the B tokens of a decode step on a
@@ -37,6 +38,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .blocks import ffn_act
 from .routers import Routing, balance_loss, balance_terms
 
 MAX_TOKENS = 16  # tokens per call up to which no-grad calls take this path (one decode step of batch <= 16)
@@ -159,19 +161,28 @@ def route(logits: torch.Tensor, n_modules: int, config, balance: bool = True):
             HostPlan(ids_t, n_modules, rows=ids))
 
 
-def _normed(x, eps):  # x_hat [T, D], no affine: gamma[m], beta[m] per module (F.layer_norm's kernel, called directly)
+def _normed(x, eps, norm="layer"):
+    """x_hat [T, D], no affine: gamma[m] (and beta[m]) per module. LayerNorm: F.layer_norm's kernel, called
+    directly; RMSNorm: mom.routed's x * rsqrt(mean(x^2) + eps) (the plan-based path's rounding)."""
+    if norm == "rms":
+        from .routed import _input_norm
+        return _input_norm(x, x, eps, "rms")[0]
     return torch.native_layer_norm(x, x.shape[-1:], None, None, eps)[0]
 
 
 def _module_inputs(xin, plan: HostPlan, gamma, beta):
-    """(m, lo, hi, u [hi - lo, D]) per picked module: x (or x_hat through gamma[m], beta[m]) of its rows' tokens."""
+    """(m, lo, hi, u [hi - lo, D]) per picked module: x (or x_hat through gamma[m], beta[m] or gamma[m] alone) of
+    its rows' tokens."""
     if plan.token is None:                                            # one token: its row, per module
         g, b = per_module(gamma), per_module(beta)
         for m, lo, hi in plan.groups:
-            yield m, lo, hi, (xin if gamma is None else torch.addcmul(b[m], xin, g[m]))
+            u = xin if gamma is None else (xin * g[m] if beta is None else torch.addcmul(b[m], xin, g[m]))
+            yield m, lo, hi, u
         return
     u = xin.index_select(0, plan.token)                               # [R, D], one gather
-    if gamma is not None:
+    if gamma is not None and beta is None:
+        u = u * gamma.index_select(0, plan.module)
+    elif gamma is not None:
         u = torch.addcmul(beta.index_select(0, plan.module), u, gamma.index_select(0, plan.module))
     for (m, lo, hi), rows in zip(plan.groups, plan.group_rows(u)):
         yield m, lo, hi, rows
@@ -194,11 +205,11 @@ def _combine(y, plan: HostPlan, weights, residual):
 
 
 def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
-                  residual: Optional[torch.Tensor] = None, plan: Optional[HostPlan] = None):
+                  residual: Optional[torch.Tensor] = None, plan: Optional[HostPlan] = None, norm: str = "layer"):
     """x [T, D_in], weight [E, D_in, D_out], bias [E, D_out] or None, ids [T, K] -> [T, D_out]. plan: ids' host
     plan when the caller made it (the few-token route does, once for a step's QKV and output projections)."""
     plan = plan if plan is not None else HostPlan(ids, weight.shape[0])
-    xin = x if ln_weight is None else _normed(x, eps)
+    xin = x if ln_weight is None else _normed(x, eps, norm)
     y = plan.rows_buffer(x, weight.shape[2])                                              # [R (+1), D_out]
     W, b = per_module(weight), per_module(bias)
     for (m, _, _, u), out in zip(_module_inputs(xin, plan, ln_weight, ln_bias), plan.group_rows(y)):
@@ -209,16 +220,21 @@ def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=No
     return _combine(y, plan, weights, residual)
 
 
+def _mm(bias, u, w, out):
+    return torch.mm(u, w, out=out) if bias is None else torch.addmm(bias, u, w, out=out)
+
+
 def routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
-               residual: Optional[torch.Tensor] = None, plan: Optional[HostPlan] = None):
-    """x [T, D], w1 [E, D, F], w2 [E, F, D] -> [T, D]: each pick's GELU FFN of LN_m(x), weighted, summed."""
+               residual: Optional[torch.Tensor] = None, plan: Optional[HostPlan] = None, norm: str = "layer",
+               act: str = "gelu"):
+    """x [T, D], w1 [E, D, F or 2F], w2 [E, F, D] -> [T, D]: each pick's FFN of LN_m(x), weighted, summed."""
     plan = plan if plan is not None else HostPlan(ids, w1.shape[0])
     W1, B1, W2, B2 = per_module(w1), per_module(b1), per_module(w2), per_module(b2)
-    h = plan.rows_buffer(x, w1.shape[2])                                                  # [R (+1), F]
-    for (m, _, _, u), out in zip(_module_inputs(_normed(x, eps), plan, ln_weight, ln_bias), plan.group_rows(h)):
-        torch.addmm(B1[m], u, W1[m], out=out)
-    h = F.gelu(h, approximate="tanh")                                  # one GELU for all rows
+    h = plan.rows_buffer(x, w1.shape[2])                                                  # [R (+1), F or 2F]
+    for (m, _, _, u), out in zip(_module_inputs(_normed(x, eps, norm), plan, ln_weight, ln_bias), plan.group_rows(h)):
+        _mm(None if B1 is None else B1[m], u, W1[m], out)
+    h = ffn_act(h, act)                                                # one activation for all rows [R (+1), F]
     y = plan.rows_buffer(x, w2.shape[2])                                                  # [R (+1), D]
     for (m, _, _), u, out in zip(plan.groups, plan.group_rows(h), plan.group_rows(y)):
-        torch.addmm(B2[m], u, W2[m], out=out)
+        _mm(None if B2 is None else B2[m], u, W2[m], out)
     return _combine(y, plan, weights, residual)

@@ -1,15 +1,20 @@
-"""Forward FLOPs of a MoM (or vanilla GPT-2) model: counted from the picks a forward made, or expected.
+"""Forward FLOPs of a MoM (or vanilla) model of either family: counted from the picks a forward made, or expected.
 
-paper.md, "Cost model": 2 FLOPs per multiply-add; per token, with D = n_embd, F = ffn_dim, r = router_dim,
-S = the key length (cached + new), V = vocab_size:
+docs/method.md, "Cost model": 2 FLOPs per multiply-add; per token, with D = n_embd, F = ffn_dim, r = router_dim,
+S = the key length (cached + new), V = vocab_size, W = the QKV width (n_head + 2 kv_heads) head_dim (3D without
+grouped-query attention):
 
-    fixed GPT-2 block          projections 8 D^2 (QKV 6 D^2 + output 2 D^2), FFN 4 D F (= 16 D^2),
-                               attention core 4 S D (QK^T 2 S D + PV 2 S D)
-    routed step                8 D^2 per picked non-SKIP attention module, 4 D F per picked non-SKIP FFN
-                               module, one attention core 4 S D (whatever K is), two routers
+    fixed block                projections 2 D W + 2 D^2 (QKV + output; 8 D^2 for GPT-2), FFN 4 D F (GPT-2's
+                               GELU MLP) or 6 D F (the Llama family's SwiGLU: gate, up, down),
+                               attention core 4 S D (QK^T 2 S D + PV 2 S D; query heads x head_dim = D whatever
+                               the K/V heads)
+    routed step                2 D W + 2 D^2 per picked non-SKIP attention module, 4 D F or 6 D F per picked
+                               non-SKIP FFN module, one attention core 4 S D (whatever K is), two routers
     router (GRU)               2 (3 r D + 3 r^2) + 2 r slots          (GRUCell + linear head)
     router (MLP)               2 r D + 2 r slots
-    LM head (tied)             2 D V
+    LM head                    2 D V (tied or not)
+    rotary positions (llama)   3 FLOPs per rotated q / k element, (n_head + kv_heads) head_dim per token and
+                               attention call: elementwise, so outside the total (`rope`), as LayerNorm is
 
 Conventions (chosen so that `count` equals what `torch.utils.flop_counter.FlopCounterMode` counts for the
 same forward on the "torch" or "reference" backend; tests/test_flops.py checks it within 1%):
@@ -57,10 +62,12 @@ class FlopCount(int):
                        multiplies elementwise, which no FLOP counter counts: 0); < 0.1% of a forward
     attention_causal   the attention core counting only the keys a causal mask lets each query see
     attention_all_skip the part of `attention` spent on query rows whose attention picks were all SKIP
+    rope               the rotary positions' elementwise FLOPs (the Llama family; not in the total, as no
+                       FLOP counter counts elementwise work)
     """
 
     def __new__(cls, projections: int, attention: int, ffn: int, routers: int, lm_head: int,
-                attention_causal: int, attention_all_skip: int = 0, combine: int = 0):
+                attention_causal: int, attention_all_skip: int = 0, combine: int = 0, rope: int = 0):
         parts = dict(projections=int(projections), attention=int(attention), ffn=int(ffn),
                      routers=int(routers), lm_head=int(lm_head), combine=int(combine))
         self = super().__new__(cls, sum(parts.values()))
@@ -68,6 +75,7 @@ class FlopCount(int):
             setattr(self, k, v)
         self.attention_causal = int(attention_causal)
         self.attention_all_skip = int(attention_all_skip)
+        self.rope = int(rope)
         return self
 
     @property
@@ -82,7 +90,7 @@ class FlopCount(int):
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in PARTS}
         d.update(total=self.total, attention_causal=self.attention_causal, causal_total=self.causal_total,
-                 attention_all_skip=self.attention_all_skip)
+                 attention_all_skip=self.attention_all_skip, rope=self.rope)
         return d
 
     def __repr__(self) -> str:
@@ -91,16 +99,20 @@ class FlopCount(int):
 
     def __reduce__(self):
         return (FlopCount, (self.projections, self.attention, self.ffn, self.routers, self.lm_head,
-                            self.attention_causal, self.attention_all_skip, self.combine))
+                            self.attention_causal, self.attention_all_skip, self.combine, self.rope))
 
 
 # --- per-token pieces (2 FLOPs per multiply-add) ----------------------------------------------------------------
-def _attn_proj(D: int) -> int:            # QKV D -> 3D and output D -> D
-    return 2 * D * 3 * D + 2 * D * D
+def _attn_proj(cfg: MoMConfig) -> int:    # QKV D -> W and output D -> D
+    return 2 * cfg.n_embd * cfg.qkv_dim + 2 * cfg.n_embd * cfg.n_embd
 
 
-def _ffn(D: int, F: int) -> int:          # D -> F -> D
-    return 2 * D * F * 2
+def _ffn(cfg: MoMConfig) -> int:          # D -> F (GELU) or 2F (gate | up), then F -> D
+    return 2 * cfg.n_embd * cfg.ffn_in_dim + 2 * cfg.ffn_dim * cfg.n_embd
+
+
+def _rope(cfg: MoMConfig) -> int:         # per token and attention call: q and k rotated, 3 FLOPs per element
+    return 3 * (cfg.n_head + cfg.kv_heads) * cfg.head_dim if cfg.family == "llama" else 0
 
 
 def _router(cfg: MoMConfig, slots: int) -> int:
@@ -129,7 +141,7 @@ def _fixed(cfg: MoMConfig, B: int, T: int, P: int):
     """(projections, attention full, ffn, attention causal) of the fixed blocks (bottom, anchors, top)."""
     n = cfg.n_bottom + cfg.n_top + (cfg.chunks if cfg.anchor else 0)
     N, D = B * T, cfg.n_embd
-    return (n * N * _attn_proj(D), n * _core_full(B, T, P + T, D), n * N * _ffn(D, cfg.ffn_dim),
+    return (n * N * _attn_proj(cfg), n * _core_full(B, T, P + T, D), n * N * _ffn(cfg),
             n * _core_causal(B, T, P, D))
 
 
@@ -161,14 +173,15 @@ def count(model, input_ids: torch.Tensor, past_key_values=None, output=None,
         for step in chunk:
             a_live = step.attn_ids < cfg.n_attn          # [B, T, K] non-SKIP attention picks
             f_live = step.ffn_ids < cfg.n_ffn
-            proj += int(a_live.sum()) * _attn_proj(D)
-            ffn += int(f_live.sum()) * _ffn(D, cfg.ffn_dim)
+            proj += int(a_live.sum()) * _attn_proj(cfg)
+            ffn += int(f_live.sum()) * _ffn(cfg)
             core += _core_full(B, T, S, D)
             core_causal += _core_causal(B, T, P, D)
             all_skip += int((~a_live.any(dim=-1)).sum()) * core_row
             routers += N * (_router(cfg, cfg.attn_slots) + _router(cfg, cfg.ffn_slots))
             comb += N * _combine(cfg, step.attn_ids.shape[-1], step.ffn_ids.shape[-1]) if combine else 0
-    return FlopCount(proj, core, ffn, routers, N * 2 * D * cfg.vocab_size, core_causal, all_skip, comb)
+    rope = N * cfg.graph_depth * _rope(cfg)
+    return FlopCount(proj, core, ffn, routers, N * 2 * D * cfg.vocab_size, core_causal, all_skip, comb, rope)
 
 
 def expected(config: MoMConfig, batch: int, seq_len: int, skip_rate: float = 0.0,
@@ -200,15 +213,16 @@ def expected(config: MoMConfig, batch: int, seq_len: int, skip_rate: float = 0.0
     else:
         k_attn = k_ffn = cfg.top_k * (1.0 - skip_rate)
         all_skip_share = skip_rate if cfg.top_k == 1 else 0.0
-    proj += round(steps * N * k_attn * _attn_proj(D))
-    ffn += round(steps * N * k_ffn * _ffn(D, cfg.ffn_dim))
+    proj += round(steps * N * k_attn * _attn_proj(cfg))
+    ffn += round(steps * N * k_ffn * _ffn(cfg))
     core += steps * _core_full(B, T, S, D)
     core_causal += steps * _core_causal(B, T, P, D)
     routers = steps * N * (_router(cfg, cfg.attn_slots) + _router(cfg, cfg.ffn_slots))
     all_skip = round(steps * N * all_skip_share * 4 * S * D)
     ka, kf = (cfg.attn_slots, cfg.ffn_slots) if cfg.dense_routing else (cfg.top_k, cfg.top_k)  # dense: all slots
     comb = steps * N * _combine(cfg, ka, kf) if combine else 0
-    return FlopCount(proj, core, ffn, routers, N * 2 * D * cfg.vocab_size, core_causal, all_skip, comb)
+    rope = N * cfg.graph_depth * _rope(cfg)
+    return FlopCount(proj, core, ffn, routers, N * 2 * D * cfg.vocab_size, core_causal, all_skip, comb, rope)
 
 
 def flop_counter(**kwargs):
@@ -228,13 +242,15 @@ def flop_counter(**kwargs):
 
 
 def num_parameters(config: MoMConfig, routers: bool = True) -> int:
-    """Parameters of MoMForCausalLM(config) without building it (tied LM head); routers=False leaves the
-    routers out (what a MoM adds to the GPT-2 it is cut from)."""
-    D, F, V = config.n_embd, config.ffn_dim, config.vocab_size
-    block = 2 * 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D)
+    """Parameters of MoMForCausalLM(config) without building it; routers=False leaves the routers out (what a MoM
+    adds to the vanilla model it is cut from)."""
+    D, F, V, W, F1 = config.n_embd, config.ffn_dim, config.vocab_size, config.qkv_dim, config.ffn_in_dim
+    gpt2 = config.family == "gpt2"  # (LayerNorm biases and every projection bias)
+    norm = 2 * D if gpt2 else D
+    attn_mod = norm + D * W + W * int(config.qkv_bias) + D * D + D * int(gpt2)
+    ffn_mod = norm + D * F1 + F1 * int(gpt2) + F * D + D * int(gpt2)
+    block = attn_mod + ffn_mod
     n_fixed = config.n_bottom + config.n_top + (config.chunks if config.anchor else 0)
-    attn_mod = 2 * D + D * 3 * D + 3 * D + D * D + D
-    ffn_mod = 2 * D + D * F + F + F * D + D
     r = config.router_dim
 
     def router(slots):
@@ -244,4 +260,5 @@ def num_parameters(config: MoMConfig, routers: bool = True) -> int:
     chunk = config.n_attn * attn_mod + config.n_ffn * ffn_mod
     if routers:
         chunk += router(config.attn_slots) + router(config.ffn_slots)
-    return V * D + config.n_positions * D + n_fixed * block + config.chunks * chunk + 2 * D
+    head = 0 if config.tie_word_embeddings else V * D
+    return V * D + config.n_positions * D * int(gpt2) + n_fixed * block + config.chunks * chunk + norm + head

@@ -45,7 +45,7 @@ class MoMHFConfig(PretrainedConfig):
             setattr(self, _RENAME.get(k, k), v)
         kwargs.pop("num_hidden_layers", None)
         self.use_cache = kwargs.pop("use_cache", True)
-        kwargs.setdefault("tie_word_embeddings", True)
+        kwargs["tie_word_embeddings"] = mom.tie_word_embeddings  # (a PretrainedConfig field too: keep them one)
         super().__init__(**kwargs)
         self.num_hidden_layers = mom.graph_depth           # cache layers: one per attention call
 

@@ -7,6 +7,7 @@ anchor block. It runs `depth` routed steps (paper.md, "One routed step"), reusin
     for each step h:
         attention router on x           -> ids_a, g_a [N, K]      (N = B*T tokens; id n_attn = SKIP)
         qkv = sum_m LN_m(x) W_qkv[m] + b_qkv[m]                    (optionally weighted by g_a)
+        q, k = rotate(q, k) by position                             (the Llama family; once per step)
         o   = causal attention(q, k, v)                             ONE attention per step, own KV cache
         x  += sum_m g_a,m (o W_o[m] + b_o[m])
         FFN router on x                 -> ids_f, g_f [N, K]
@@ -14,7 +15,12 @@ anchor block. It runs `depth` routed steps (paper.md, "One routed step"), reusin
     x = anchor(x)                                                   (if config.anchor)
 
 A token whose K attention picks are all SKIP gets q = k = v = 0 at that step: it still sits in the other
-tokens' softmax with score 0 and value 0 (the authors' semantics), and its own output is 0.
+tokens' softmax with score 0 and value 0 (the authors' semantics), and its own output is 0. (In the Llama family
+its q and k stay 0 after the rotation; a q/k/v bias, when the pool has one, is part of each picked module's
+projection, so a token with no pick gets none.)
+
+The block family (config.family) reaches the step as the routed ops' norm ("layer" / "rms") and activation
+("gelu" / "swiglu"), the pools' optional biases (None) and the rotary tables (rope).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree  # (torch's own pytree registry; transformers registers its outputs there too)
 
-from .blocks import AttentionPool, Block, FFNPool, KVCache, causal_attention, init_weights, merge_heads, split_heads
+from .blocks import AttentionPool, Block, FFNPool, KVCache, Rope, Rotary, causal_attention, init_weights, merge_heads
 from .cache import check_chunk_cache
 from .config import MoMConfig
 from .routed import Ops, get_ops
@@ -67,6 +73,7 @@ class MoMLayer(nn.Module):
         self.attn_router = make_router(config, config.attn_slots)
         self.ffn_router = make_router(config, config.ffn_slots)
         self.anchor = Block(config) if config.anchor else None
+        self.rotary = Rotary(config) if config.family == "llama" else None  # when no rope is passed in
         if init:
             init_weights(self, config)
 
@@ -76,11 +83,12 @@ class MoMLayer(nn.Module):
 
     def forward(self, x, past_key_values: Optional[List[KVCache]] = None, use_cache: bool = False,
                 ops: Optional[Ops] = None, attn_mask: Optional[torch.Tensor] = None,
-                balance: bool = True) -> MoMLayerOutput:
+                balance: bool = True, rope: Optional[Rope] = None) -> MoMLayerOutput:
         """x [B, T, D]; past_key_values: depth (+1 anchor) (k, v) pairs or static cache layers
         (mom.cache.StaticLayerCache, written in place); attn_mask [B, 1, T, S] bool for padded batches and
         static caches (mom.blocks.causal_attention); balance=False skips the balance terms (aux_loss 0: a
-        decode step)."""
+        decode step); rope: (cos, sin) [B or 1, T, head_dim] of the tokens' positions (the Llama family;
+        None: positions P .. P + T - 1 after the P cached ones)."""
         cfg = self.config
         if x.dim() != 3 or x.shape[-1] != cfg.n_embd:
             raise ValueError(f"MoMLayer: x must be [B, T, n_embd={cfg.n_embd}], got {tuple(x.shape)}")
@@ -89,6 +97,9 @@ class MoMLayer(nn.Module):
             check_chunk_cache(past_key_values, cfg, x)
         ops = ops if ops is not None else get_ops(cfg.backend, x.device)
         B, T, D = x.shape
+        if self.rotary is not None and rope is None:
+            P = _cached_length(past_key_values, static)
+            rope = self.rotary(torch.arange(P, P + T, device=x.device), x.dtype)
         E_a, E_f = cfg.n_attn, cfg.n_ffn
         pa, pf = self.attn_pool, self.ffn_pool
         eps = cfg.layer_norm_epsilon
@@ -102,11 +113,10 @@ class MoMLayer(nn.Module):
             ra, plan = ops.route(logits, E_a, cfg, balance)                 # plan: shared by QKV and output projection
             qkv = ops.routed_linear(xf, pa.c_attn_weight, pa.c_attn_bias, ra.ids,
                                     ra.weights if cfg.weighted_qkv else None, pa.ln_weight, pa.ln_bias, eps,
-                                    plan=plan)                       # [N, 3D]
-            q, k, v = qkv.view(B, T, 3 * D).split(D, dim=-1)
+                                    plan=plan, norm=cfg.norm)        # [N, W_qkv]
+            q, k, v = ops.qkv_heads(qkv.view(B, T, -1), cfg.n_head, cfg.kv_heads, rope)  # [B, heads, T, hd]
             past = past_key_values[h] if past_key_values is not None else None
-            o, present = causal_attention(split_heads(q, cfg.n_head), split_heads(k, cfg.n_head),
-                                          split_heads(v, cfg.n_head), past, attn_mask)
+            o, present = causal_attention(q, k, v, past, attn_mask)
             o = merge_heads(o).reshape(B * T, D)                     # [N, D]
             xf = ops.routed_linear(o, pa.c_proj_weight, pa.c_proj_bias, ra.ids, ra.weights, plan=plan,
                                    residual=xf)                      # xf + the routed projection
@@ -114,7 +124,8 @@ class MoMLayer(nn.Module):
             logits, state_f = self.ffn_router(xf, state_f, gru)   # [N, S_f]
             rf, plan = ops.route(logits, E_f, cfg, balance)
             xf = ops.routed_ffn(xf, pf.ln_weight, pf.ln_bias, pf.c_fc_weight, pf.c_fc_bias, pf.c_proj_weight,
-                                pf.c_proj_bias, rf.ids, rf.weights, eps, plan=plan, residual=xf)  # xf + FFN
+                                pf.c_proj_bias, rf.ids, rf.weights, eps, plan=plan, residual=xf, norm=cfg.norm,
+                                act=cfg.act)                         # xf + FFN
             routing.append(StepRouting(ra.ids.view(B, T, -1), ra.weights.view(B, T, -1),
                                        rf.ids.view(B, T, -1), rf.weights.view(B, T, -1)))
             terms.append((ra, rf))
@@ -122,7 +133,8 @@ class MoMLayer(nn.Module):
                 presents.append(present)
         x = xf.view(B, T, D)
         if self.anchor is not None:
-            x, present = self.anchor(x, past_key_values[-1] if past_key_values is not None else None, attn_mask)
+            x, present = self.anchor(x, past_key_values[-1] if past_key_values is not None else None, attn_mask,
+                                     rope)
             if use_cache:
                 presents.append(present)
         aux = self._aux_loss(terms) if balance else x.new_zeros(())
@@ -139,3 +151,12 @@ class MoMLayer(nn.Module):
                 P = torch.stack([t[i].P for t in terms]).mean(0)
                 losses.append(balance_loss(f, P))
         return torch.stack(losses).mean()
+
+
+def _cached_length(past, static: bool) -> int:
+    """Positions already cached before this call (0 without a cache; a static cache's layers share theirs)."""
+    if not past:
+        return 0
+    if static:
+        return past[0].cache.seen
+    return past[0][0].shape[2]

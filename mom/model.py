@@ -1,10 +1,12 @@
-"""MoMForCausalLM: a GPT-2 language model whose middle is MoM chunks; generation with a KV cache.
+"""MoMForCausalLM: a GPT-2 or Llama-family language model whose middle is MoM chunks; generation with a KV cache.
 
-    input_ids [B, T] -> wte + wpe -> bottom blocks -> chunks (MoMLayer) -> top blocks -> ln_f -> logits
-    [B, T, vocab] (LM head tied to wte). With chunks=0 this is exactly GPT-2.
+    input_ids [B, T] -> wte (+ wpe: gpt2) -> bottom blocks -> chunks (MoMLayer) -> top blocks -> ln_f -> logits
+    [B, T, vocab] (LM head tied to wte, or lm_head when tie_word_embeddings=False). With chunks=0 this is exactly
+    GPT-2 / the Llama-family model of the config (family="llama": positions rotate q and k in every attention
+    call instead of wpe; one (cos, sin) gather per forward, shared by every block and step).
 
 past_key_values: a list with one (k, v) per attention call in graph order (bottom blocks, then each chunk's
-steps and anchor, then top blocks), each [B, n_head, P, head_dim]; `graph_depth` entries in all. Or a
+steps and anchor, then top blocks), each [B, kv_heads, P, head_dim]; `graph_depth` entries in all. Or a
 mom.cache.StaticCache (preallocated for max_length, written in place; fixed shapes for CUDA graphs).
 attention_mask [B, P + T] (1 = token, 0 = left padding): position ids count real tokens only, padding is never
 attended. Generation (static cache, left-padded batches, sampling, stop tokens, CUDA graphs): mom/generate.py.
@@ -19,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import Block, KVCache, init_weights
+from .blocks import Block, KVCache, Rotary, init_weights, make_norm
 from .cache import StaticCache, check_cache_matches, check_past_key_values, padding_attention
 from .config import MoMConfig
 from .layer import MoMLayer, StepRouting
@@ -60,17 +62,27 @@ class MoMForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        if config.family == "gpt2":
+            self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        else:
+            self.rotary = Rotary(config)
         self.bottom = nn.ModuleList(Block(config) for _ in range(config.n_bottom))
         self.chunks = nn.ModuleList(MoMLayer(config, init=False) for _ in range(config.chunks))
         self.top = nn.ModuleList(Block(config) for _ in range(config.n_top))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_f = make_norm(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # [vocab, D]
         init_weights(self, config)
 
     # --- conveniences ------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.wte.weight.device
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight [vocab, D]: wte's (tied) or lm_head's."""
+        return self.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def set_backend(self, backend: str) -> "MoMForCausalLM":
         """Switch the routed-step implementation; parameters are untouched."""
@@ -87,6 +99,14 @@ class MoMForCausalLM(nn.Module):
         """Phase 2 of the two-phase recipe: cut an HF-layout GPT-2 checkpoint into this config's modules."""
         from .convert import from_gpt2
         return from_gpt2(state_dict_or_path, config)
+
+    @classmethod
+    def from_hf(cls, model_or_folder, config: Optional[MoMConfig] = None, preserving: bool = False,
+                prior_steps: Optional[int] = None) -> "MoMForCausalLM":
+        """Cut a transformers GPT-2 / Llama / Qwen2 / Mistral model (object, or a save_pretrained folder) into
+        config's layout (None: the vanilla model); config from MoMConfig.from_hf(hf_config, **layout)."""
+        from .convert import from_hf
+        return from_hf(model_or_folder, config, preserving, prior_steps)
 
     def save_pretrained(self, directory: str):
         from .convert import save_pretrained
@@ -172,7 +192,12 @@ class MoMForCausalLM(nn.Module):
             pos, mask = padding_attention(am, P, T)                    # [B, T], [B, 1, T, P + T]
         else:
             pos = torch.arange(P, P + T, device=input_ids.device)
-        x = self.wte(input_ids) + self.wpe(pos)                       # [B, T, D]
+        x = self.wte(input_ids)                                       # [B, T, D]
+        rope = None
+        if cfg.family == "gpt2":
+            x = x + self.wpe(pos)
+        else:                                                         # (cos, sin) [B or -, T, head_dim]
+            rope = self.rotary(pos, x.dtype)
         if past_key_values is not None and not static and not layered:  # the cache is concatenated with this dtype's keys
             check_cache_matches(past_key_values, x.dtype, None)
         ops = get_ops(cfg.backend, x.device)
@@ -183,23 +208,23 @@ class MoMForCausalLM(nn.Module):
         presents, routing, aux = [], [], []
 
         for block in self.bottom:
-            x, kv = block(x, past[at] if past else None, mask)
+            x, kv = block(x, past[at] if past else None, mask, rope)
             at += 1
             presents.append(kv)
         for chunk in self.chunks:
             chunk_past = past[at:at + chunk.n_caches] if past else None
             at += chunk.n_caches
             if cfg.checkpoint_chunks and self.training and not use_cache and torch.is_grad_enabled():
-                out = checkpoint(chunk, x, chunk_past, False, ops, mask, use_reentrant=False)
+                out = checkpoint(chunk, x, chunk_past, False, ops, mask, True, rope, use_reentrant=False)
             else:
-                out = chunk(x, chunk_past, use_cache, ops, mask, balance)
+                out = chunk(x, chunk_past, use_cache, ops, mask, balance, rope)
             x = out.hidden_states
             routing.append(out.routing)
             aux.append(out.aux_loss)
             if use_cache:
                 presents.extend(out.present)
         for block in self.top:
-            x, kv = block(x, past[at] if past else None, mask)
+            x, kv = block(x, past[at] if past else None, mask, rope)
             at += 1
             presents.append(kv)
         if static:
@@ -207,7 +232,7 @@ class MoMForCausalLM(nn.Module):
 
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        logits = F.linear(self.ln_f(x), self.wte.weight)              # [B, T, vocab], tied head
+        logits = F.linear(self.ln_f(x), self.head_weight)             # [B, T, vocab]
         aux_loss = torch.stack(aux).mean() if aux else logits.new_zeros(())
         loss = lm_loss = None
         if labels is not None:

@@ -2,11 +2,16 @@
 
     N = tokens, K = picks per token, E = pool size (id E = SKIP), D = input width, O = output width
 
-    routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps, plan=None)
+    routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps, plan=None, norm="layer")
         y[t] = sum over k with ids[t,k] < E of w[t,k] * (LN_m(x[t]) @ weight[m] + bias[m]),  m = ids[t,k]
-        (w = 1 when weights is None; LN_m = identity when ln_weight is None)
-    routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan=None)
-        y[t] = sum over k with ids[t,k] < E of w[t,k] * (gelu_tanh(LN_m(x[t]) @ w1[m] + b1[m]) @ w2[m] + b2[m])
+        (w = 1 when weights is None; LN_m = identity when ln_weight is None; bias None: none)
+    routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, plan=None, norm="layer", act="gelu")
+        y[t] = sum over k with ids[t,k] < E of w[t,k] * (act(LN_m(x[t]) @ w1[m] + b1[m]) @ w2[m] + b2[m])
+    norm: "layer": LN_m(x) = (x - mean) * rstd * ln_weight[m] + ln_bias[m]  (GPT-2's LayerNorm)
+          "rms":   LN_m(x) = x * rsqrt(mean(x^2) + eps) * ln_weight[m]        (RMSNorm; ln_bias None)
+    act:  "gelu":   act(h) = gelu_tanh(h), w1 [E, D, F]
+          "swiglu": act(h) = silu(h[:, :F]) * h[:, F:], w1 [E, D, 2F] = gate | up (the Llama family)
+    (b1, b2, bias, ln_bias may be None: bias-free modules)
 
 Backends (same signatures; `mom_kernels` has the Triton one):
   "reference": the obvious per-module loop, as the authors' code does it (gather the tokens that picked m,
@@ -15,9 +20,9 @@ Backends (same signatures; `mom_kernels` has the Triton one):
                output projections), LayerNorm statistics once per token, one matmul per module over its
                contiguous rows of the sorted order, and a deterministic combine (each token gathers its K
                rows and sums them; no atomics). Autograd Functions with a hand-written backward save only
-               x_hat, rstd, the FFN pre-activations (GELU recomputed) and, when the routing weights need a
-               gradient, the per-pick outputs. It reads the E per-module counts back to the host once per
-               plan (to slice); the Triton backend has no host sync.
+               x_hat, rstd, the FFN pre-activations (the activation is recomputed from them) and, when the
+               routing weights need a gradient, the per-pick outputs. It reads the E per-module counts back to
+               the host once per plan (to slice); the Triton backend has no host sync.
 """
 from __future__ import annotations
 
@@ -27,11 +32,31 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import few_tokens
+from . import blocks, few_tokens
+from .blocks import ffn_act
+
+NORMS, ACTS = ("layer", "rms"), ("gelu", "swiglu")
 
 
 def gelu(x):
     return F.gelu(x, approximate="tanh")  # GPT-2's GELU
+
+
+def module_norm(u, gamma, beta, eps: float, norm: str):
+    """LN_m of rows u [R, D] with module m's gain gamma [D] and bias beta [D] (None for RMSNorm)."""
+    if norm == "layer":
+        return F.layer_norm(u, u.shape[-1:], gamma, beta, eps)
+    return u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps) * gamma
+
+
+def act_backward(grad, pre, act: str):
+    """d pre from d act(pre): GELU's derivative, or SwiGLU's: pre = [gate | up], h = silu(gate) * up,
+    d up = dh * silu(gate), d gate = dh * up * silu'(gate), silu'(z) = s(z) (1 + z (1 - s(z)))."""
+    if act == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
+    gate, up = pre.chunk(2, dim=-1)
+    s = torch.sigmoid(gate)
+    return torch.cat([grad * up * s * (1 + gate * (1 - s)), grad * gate * s], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,7 +77,7 @@ def _module_rows(ids, weights, m):
 
 
 def reference_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
-                            plan=None):
+                            plan=None, norm="layer"):
     N, D = x.shape
     E, _, O = weight.shape
     W, b, g, beta = _modules(weight, bias, ln_weight, ln_bias)
@@ -63,7 +88,7 @@ def reference_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, 
             continue
         u = x[tok]
         if g is not None:
-            u = F.layer_norm(u, (D,), g[m], beta[m], eps)
+            u = module_norm(u, g[m], None if beta is None else beta[m], eps, norm)
         out = u @ W[m]
         if b is not None:
             out = out + b[m]
@@ -73,7 +98,8 @@ def reference_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, 
     return y
 
 
-def reference_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5, plan=None):
+def reference_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5, plan=None,
+                         norm="layer", act="gelu"):
     N, D = x.shape
     g, beta, W1, B1, W2, B2 = _modules(ln_weight, ln_bias, w1, b1, w2, b2)
     y = x.new_zeros(N, D)
@@ -81,8 +107,11 @@ def reference_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, ep
         tok, w = _module_rows(ids, weights, m)
         if tok.numel() == 0:
             continue
-        u = F.layer_norm(x[tok], (D,), g[m], beta[m], eps)
-        out = gelu(u @ W1[m] + B1[m]) @ W2[m] + B2[m]
+        u = module_norm(x[tok], g[m], None if beta is None else beta[m], eps, norm)
+        h = u @ W1[m] if B1 is None else u @ W1[m] + B1[m]
+        out = ffn_act(h, act) @ W2[m]
+        if B2 is not None:
+            out = out + B2[m]
         y = y.index_add(0, tok, (out * w[:, None]).to(y.dtype))
     return y
 
@@ -135,30 +164,45 @@ def _combine(rows, plan: Plan, weights):
     return torch.bmm(weights.unsqueeze(1).to(per_pick.dtype), per_pick).squeeze(1)
 
 
-def _input_norm(x, ln_weight, eps):
-    """x_hat = (x - mean) / std per token and rstd [N, 1] when LN is on (statistics once per token), else x."""
+def _input_norm(x, ln_weight, eps, norm="layer"):
+    """x_hat per token and rstd [N, 1] when a norm is on (statistics once per token), else x:
+    x_hat = (x - mean) * rstd (LayerNorm) or x * rstd with rstd = rsqrt(mean(x^2) + eps) (RMSNorm)."""
     if ln_weight is None:
         return x, None
+    if norm == "rms":
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        rstd = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + eps)  # [N, 1] (fp32 for 16-bit x)
+        return (xf * rstd).to(x.dtype), rstd.to(x.dtype)
     x_hat, _, rstd = torch.native_layer_norm(x, [x.shape[1]], None, None, eps)  # one fused pass
     return x_hat, rstd.to(x.dtype)  # (fp32 statistics for 16-bit x)
 
 
-def _layer_norm_backward(dxh, xh, rstd):
-    """dx from d x_hat for x_hat = (x - mean) * rstd."""
-    return rstd * (dxh - dxh.mean(dim=1, keepdim=True) - xh * (dxh * xh).mean(dim=1, keepdim=True))
+def _norm_backward(dxh, xh, rstd, norm="layer"):
+    """dx from d x_hat for x_hat = (x - mean) * rstd (LayerNorm) or x * rstd (RMSNorm: no mean term)."""
+    c2 = xh * (dxh * xh).mean(dim=1, keepdim=True)
+    if norm == "rms":
+        return rstd * (dxh - c2)
+    return rstd * (dxh - dxh.mean(dim=1, keepdim=True) - c2)
 
 
 def _module_input(xin, plan: Plan, m, lo, hi, gamma, beta):
-    """Module m's input rows [R_m, D]: gathered x (or x_hat, with the module's gamma and beta)."""
+    """Module m's input rows [R_m, D]: gathered x (or x_hat, with the module's gamma and beta, if any)."""
     u = xin[plan.token[lo:hi]]                                         # a fresh copy: safe to overwrite
-    return u if gamma is None else torch.addcmul(beta[m], u, gamma[m], out=u)
+    if gamma is None:
+        return u
+    return u.mul_(gamma[m]) if beta is None else torch.addcmul(beta[m], u, gamma[m], out=u)
 
 
-def _input_grads(du_rows, plan: Plan, xin, rstd):
+def _input_grads(du_rows, plan: Plan, xin, rstd, norm="layer"):
     """Sum the per-pick input gradients [R + 1, D] over each token's picks (deterministic gather + sum), then
-    through the LayerNorm (shared statistics) when there is one."""
+    through the norm (shared statistics) when there is one."""
     d = _per_pick(du_rows, plan).sum(dim=1)                            # [N, D] d(x or x_hat)
-    return d if rstd is None else _layer_norm_backward(d, xin, rstd)
+    return d if rstd is None else _norm_backward(d, xin, rstd, norm)
+
+
+def _mm(bias, u, w, out):
+    """out = u @ w (+ bias), into out."""
+    return torch.mm(u, w, out=out) if bias is None else torch.addmm(bias, u, w, out=out)
 
 
 def _bounds(plan: Plan):
@@ -177,16 +221,13 @@ class _TorchRoutedLinear(torch.autograd.Function):
     Weight gradients are written straight into [E, ...] tensors (no per-module grads stacked afterwards)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weights, ln_weight, ln_bias, eps, plan):
-        xin, rstd = _input_norm(x, ln_weight, eps)                      # [N, D], [N, 1]
+    def forward(ctx, x, weight, bias, weights, ln_weight, ln_bias, eps, plan, norm):
+        xin, rstd = _input_norm(x, ln_weight, eps, norm)                # [N, D], [N, 1]
         y_rows = _rows_buffer(x, plan, weight.shape[2])                 # [R + 1, O] sorted by module
         for m, lo, hi in _bounds(plan):
             u = _module_input(xin, plan, m, lo, hi, ln_weight, ln_bias)
-            if bias is None:
-                torch.mm(u, weight[m], out=y_rows[lo:hi])
-            else:
-                torch.addmm(bias[m], u, weight[m], out=y_rows[lo:hi])
-        ctx.plan = plan
+            _mm(None if bias is None else bias[m], u, weight[m], y_rows[lo:hi])
+        ctx.plan, ctx.norm = plan, norm
         ctx.save_for_backward(xin, rstd, weight, bias, weights, ln_weight, ln_bias,
                               y_rows if weights is not None and weights.requires_grad else None)
         return _combine(y_rows, plan, weights)
@@ -214,29 +255,32 @@ class _TorchRoutedLinear(torch.autograd.Function):
             if ln_weight is not None:
                 xh = xin[plan.token[lo:hi]]
                 torch.sum(du_rows[lo:hi] * xh, dim=0, out=dgamma[m])
-                torch.sum(du_rows[lo:hi], dim=0, out=dbeta[m])
+                if dbeta is not None:
+                    torch.sum(du_rows[lo:hi], dim=0, out=dbeta[m])
                 du_rows[lo:hi] *= ln_weight[m]
-        dx = _input_grads(du_rows, plan, xin, rstd)
+        dx = _input_grads(du_rows, plan, xin, rstd, ctx.norm)
         dweights = None
         if y_rows is not None:                                          # d w[t, k] = grad[t] . y(t, k)
             dweights = torch.bmm(_per_pick(y_rows, plan), grad.unsqueeze(2)).squeeze(2).to(weights.dtype)
-        return dx, dweight, dbias, dweights, dgamma, dbeta, None, None
+        return dx, dweight, dbias, dweights, dgamma, dbeta, None, None, None
 
 
 class _TorchRoutedFFN(torch.autograd.Function):
-    """routed_ffn with a hand-written backward: saves x_hat, rstd, the pre-activations [R, F] (GELU is
-    recomputed from them) and, when the routing weights need a gradient, the per-pick outputs [R, D]."""
+    """routed_ffn with a hand-written backward: saves x_hat, rstd, the pre-activations [R, F] (GELU) or
+    [R, 2F] (SwiGLU: gate | up; the activation is recomputed from them) and, when the routing weights need a
+    gradient, the per-pick outputs [R, D]."""
 
     @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan):
-        xh, rstd = _input_norm(x, ln_weight, eps)                       # [N, D], [N, 1]
-        pre = x.new_empty(sum(plan.sizes), w1.shape[2])                 # [R, F]
+    def forward(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan, norm, act):
+        xh, rstd = _input_norm(x, ln_weight, eps, norm)                 # [N, D], [N, 1]
+        pre = x.new_empty(sum(plan.sizes), w1.shape[2])                 # [R, F or 2F]
         y_rows = _rows_buffer(x, plan, w2.shape[2])                     # [R + 1, D]
         for m, lo, hi in _bounds(plan):
             u = _module_input(xh, plan, m, lo, hi, ln_weight, ln_bias)
-            torch.addmm(b1[m], u, w1[m], out=pre[lo:hi])
-            torch.addmm(b2[m], gelu(pre[lo:hi]), w2[m], out=y_rows[lo:hi])
-        ctx.plan = plan
+            _mm(None if b1 is None else b1[m], u, w1[m], pre[lo:hi])
+            _mm(None if b2 is None else b2[m], ffn_act(pre[lo:hi], act), w2[m], y_rows[lo:hi])
+        ctx.plan, ctx.norm, ctx.act = plan, norm, act
+        ctx.biases = (b1 is not None, b2 is not None)
         ctx.save_for_backward(xh, rstd, ln_weight, ln_bias, w1, w2, weights, pre,
                               y_rows if weights.requires_grad else None)
         return _combine(y_rows, plan, weights)
@@ -245,31 +289,35 @@ class _TorchRoutedFFN(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):                                            # grad [N, D]
         xh, rstd, ln_weight, ln_bias, w1, w2, weights, pre, y_rows = ctx.saved_tensors
-        plan = ctx.plan
+        plan, act = ctx.plan, ctx.act
         grad = grad.contiguous()
         go = grad[plan.token] * weights.reshape(-1)[plan.pick].unsqueeze(1).to(grad.dtype)  # [R, D]
         dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)           # 0 for the modules nobody picked
-        db1 = w1.new_zeros(w1.shape[0], w1.shape[2])
-        db2 = w2.new_zeros(w2.shape[0], w2.shape[2])
-        dgamma, dbeta = torch.zeros_like(ln_weight), torch.zeros_like(ln_bias)
+        db1 = w1.new_zeros(w1.shape[0], w1.shape[2]) if ctx.biases[0] else None
+        db2 = w2.new_zeros(w2.shape[0], w2.shape[2]) if ctx.biases[1] else None
+        dgamma = torch.zeros_like(ln_weight)
+        dbeta = torch.zeros_like(ln_bias) if ln_bias is not None else None
         du_rows = _rows_buffer(go, plan, w1.shape[1])                   # [R + 1, D]
         for m, lo, hi in _bounds(plan):
             p = pre[lo:hi]
-            torch.mm(gelu(p).t(), go[lo:hi], out=dw2[m])
-            torch.sum(go[lo:hi], dim=0, out=db2[m])
-            dpre = torch.ops.aten.gelu_backward(go[lo:hi] @ w2[m].t(), p, approximate="tanh")  # [R_m, F]
+            torch.mm(ffn_act(p, act).t(), go[lo:hi], out=dw2[m])
+            if db2 is not None:
+                torch.sum(go[lo:hi], dim=0, out=db2[m])
+            dpre = act_backward(go[lo:hi] @ w2[m].t(), p, act)          # [R_m, F or 2F]
             u = _module_input(xh, plan, m, lo, hi, ln_weight, ln_bias)
             torch.mm(u.t(), dpre, out=dw1[m])
-            torch.sum(dpre, dim=0, out=db1[m])
+            if db1 is not None:
+                torch.sum(dpre, dim=0, out=db1[m])
             torch.mm(dpre, w1[m].t(), out=du_rows[lo:hi])
             torch.sum(du_rows[lo:hi] * xh[plan.token[lo:hi]], dim=0, out=dgamma[m])
-            torch.sum(du_rows[lo:hi], dim=0, out=dbeta[m])
+            if dbeta is not None:
+                torch.sum(du_rows[lo:hi], dim=0, out=dbeta[m])
             du_rows[lo:hi] *= ln_weight[m]
-        dx = _input_grads(du_rows, plan, xh, rstd)
+        dx = _input_grads(du_rows, plan, xh, rstd, ctx.norm)
         dweights = None
         if y_rows is not None:
             dweights = torch.bmm(_per_pick(y_rows, plan), grad.unsqueeze(2)).squeeze(2).to(weights.dtype)
-        return dx, dgamma, dbeta, dw1, db1, dw2, db2, dweights, None, None
+        return dx, dgamma, dbeta, dw1, db1, dw2, db2, dweights, None, None, None, None
 
 
 def _autocast(*tensors):
@@ -283,26 +331,27 @@ def _autocast(*tensors):
 
 
 def torch_routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
-                        plan: Optional[Plan] = None, residual: Optional[torch.Tensor] = None):
+                        plan: Optional[Plan] = None, residual: Optional[torch.Tensor] = None, norm: str = "layer"):
     """[residual +] the routed linear; a few tokens without autograd take mom.few_tokens (no plan)."""
     x, weight, bias, ln_weight, ln_bias = _autocast(x, weight, bias, ln_weight, ln_bias)
     if isinstance(plan, few_tokens.HostPlan) or (plan is None and few_tokens.applies(ids.shape[0])):
         return few_tokens.routed_linear(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, residual=residual,
-                                        plan=plan)
+                                        plan=plan, norm=norm)
     plan = plan if plan is not None else make_plan(ids, weight.shape[0])
-    y = _TorchRoutedLinear.apply(x, weight, bias, weights, ln_weight, ln_bias, eps, plan)
+    y = _TorchRoutedLinear.apply(x, weight, bias, weights, ln_weight, ln_bias, eps, plan, norm)
     return y if residual is None else residual + y
 
 
 def torch_routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps=1e-5,
-                     plan: Optional[Plan] = None, residual: Optional[torch.Tensor] = None):
+                     plan: Optional[Plan] = None, residual: Optional[torch.Tensor] = None, norm: str = "layer",
+                     act: str = "gelu"):
     """[residual +] the routed FFN; a few tokens without autograd take mom.few_tokens (no plan)."""
     x, ln_weight, ln_bias, w1, b1, w2, b2 = _autocast(x, ln_weight, ln_bias, w1, b1, w2, b2)
     if isinstance(plan, few_tokens.HostPlan) or (plan is None and few_tokens.applies(ids.shape[0])):
         return few_tokens.routed_ffn(x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights, eps, residual=residual,
-                                     plan=plan)
+                                     plan=plan, norm=norm, act=act)
     plan = plan if plan is not None else make_plan(ids, w1.shape[0])
-    y = _TorchRoutedFFN.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan)
+    y = _TorchRoutedFFN.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, weights, eps, plan, norm, act)
     return y if residual is None else residual + y
 
 
@@ -328,11 +377,13 @@ def _torch_route(logits: torch.Tensor, n_modules: int, config, balance: bool = T
 # ----------------------------------------------------------------------------------------------------------
 class Ops:
     """The routed ops of one backend: route (logits -> Routing and the plan the routed ops share),
-    routed_linear, routed_ffn."""
+    routed_linear, routed_ffn, and qkv_heads (the routed QKV split into heads, q and k rotated: one Triton
+    launch on the Triton backend, mom.blocks.qkv_heads elsewhere)."""
 
     def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None, gru_router=None,
-                 fused_residual=False, few_token_gru_router=None):
+                 fused_residual=False, few_token_gru_router=None, qkv_heads=None):
         self.name, self.make_plan = name, make_plan
+        self.qkv_heads = qkv_heads if qkv_heads is not None else blocks.qkv_heads
         self._linear, self._ffn, self._route = routed_linear, routed_ffn, route
         self.gru_router = gru_router  # a fused GRU router step, cell + head (None: nn.GRUCell + nn.Linear)
         self.fused_residual = fused_residual  # the ops take residual= and add it themselves
@@ -403,13 +454,13 @@ def _triton_ops(device) -> Ops:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 (slow; for tests); "
                            "use backend 'torch' on the CPU")
-    from mom_kernels import decode, routing
+    from mom_kernels import decode, rotary, routing
     from mom_kernels.gru import gru_router
 
     # decode.routed_*: the grouped-GEMM ops, or (no grad, at most decode.DECODE_MAX_TOKENS tokens) a pass that
     # reads each picked module's weights once - the decoding path
     return Ops("triton", routing.make_plan, decode.routed_linear, decode.routed_ffn, _triton_route, gru_router,
-               fused_residual=True)
+               fused_residual=True, qkv_heads=rotary.qkv_heads)
 
 
 def _triton_route(logits, n_modules: int, config, balance: bool = True):

@@ -79,6 +79,16 @@ def check_ids(ids, T, E, device):
             raise ValueError(f"ids must lie in 0..{E} ({E} = SKIP), got values in {lo}..{hi}")
 
 
+def check_norm(norm, ln_bias, act=None):
+    """norm "layer" | "rms" (RMSNorm takes no ln_bias); act None | "gelu" | "swiglu"."""
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"norm must be 'layer' (LayerNorm) or 'rms' (RMSNorm), got {norm!r}")
+    if norm == "rms" and ln_bias is not None:
+        raise ValueError("norm='rms' (RMSNorm) takes no ln_bias; pass ln_bias=None")
+    if act is not None and act not in ("gelu", "swiglu"):
+        raise ValueError(f"act must be 'gelu' or 'swiglu', got {act!r}")
+
+
 def check_x(x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -81,6 +81,23 @@ def _gelu(u):
 
 
 @triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _swiglu_of(gate, up, sg):
+    """silu(gate) * up from sg = sigmoid(gate) (SwiGLU, the Llama family's FFN activation)."""
+    return gate * sg * up
+
+
+@triton.jit
+def _silu_grad_of(gate, sg):
+    """silu'(gate) = s (1 + gate (1 - s)) from s = sigmoid(gate)."""
+    return sg * (1.0 + gate * (1.0 - sg))
+
+
+@triton.jit
 def _gelu_grad(u):
     return _gelu_grad_of(u, _gelu_tanh(u))
 
@@ -161,9 +178,16 @@ def _row_module(offs_s, offsets_ptr, N_MOD, BLOCK: tl.constexpr):
 
 
 def ln_pointers(ln, dummy):
-    """(mean, rstd, gamma, beta) of a per-module LayerNorm for a launch, or stand-ins (a 1-element tensor,
-    viewed [1, 1] for the strided ones) when a variant has none."""
+    """(mean, rstd, gamma, beta) of a per-module norm for a launch, or stand-ins (a 1-element tensor, viewed
+    [1, 1] for the strided ones) when a variant has none; beta None (RMSNorm, or a LayerNorm without bias) gets
+    a stand-in too, and the kernel's HAS_BETA (`has_beta`) is False."""
     if ln is not None:
-        return ln
+        mean, rstd, gamma, beta = ln
+        return mean, rstd, gamma, beta if beta is not None else gamma
     return dummy, dummy, dummy.view(1, 1), dummy.view(1, 1)
+
+
+def has_beta(ln) -> bool:
+    """Whether a norm tuple (mean, rstd, gamma, beta) has a beta (launchers pass it as HAS_BETA)."""
+    return ln is not None and ln[3] is not None
 

@@ -1,19 +1,20 @@
 """Rows written in module-sorted order: the operands of the grouped GEMMs, and the forward's LayerNorm.
 
-`ln_gather`: the per-module LayerNorm of the routed rows, written in module-sorted order, with the token
-statistics computed on the way (one launch where a statistics pass and a gather were two):
+`ln_gather`: the per-module LayerNorm (or RMSNorm) of the routed rows, written in module-sorted order, with
+the token statistics computed on the way (one launch where a statistics pass and a gather were two):
 
     for each sorted row s < S (pick p = sorted_pick[s], token t = p // K, module m of row s):
         mean[t], rstd[t] = statistics of x[t]                (fp32; fp64 for fp64 x)
         out[s]           = (x[t] - mean[t]) * rstd[t] * gamma[m] + beta[m]
+    RMSNorm (RMS): mean[t] = 0, rstd[t] = 1 / sqrt(mean(x[t]^2) + eps), no beta
 
 The statistics take one pass over the row with a shift (x - x[t, 0], so a large mean does not cancel the
-variance away) and a second pass writes the row. A token picked K times gets the same statistics written K
+variance away; RMSNorm: no shift) and a second pass writes the row. A token picked K times gets the same statistics written K
 times (identical values: deterministic); a token with no routed pick gets none (nothing reads them: the
 combine masks unrouted tokens). Reference: `ln_gather_reference`. Tests: the routed ops' tests (the default
 LayerNorm path) and tests/test_kernels_gathers.py.
 
-`gather_rows`: (g_p *) f(a[token or s]) in sorted order, f = identity, LayerNorm or GELU (operands of
+`gather_rows`: (g_p *) f(a[token or s]) in sorted order, f = identity, the norm, GELU or SwiGLU (operands of
 torch._grouped_mm). `ln_stats`: per-token statistics alone (the fused-prologue path, MOM_KERNELS_LN=fused).
 `ln_operand` picks the forward's LayerNorm path (`ln_prologue`).
 """
@@ -25,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _cast, _check_device, _gelu, _p2, _row_module, acc_dtype, interpreting, ln_pointers
+from .common import (_cast, _check_device, _gelu, _p2, _row_module, _sigmoid, _swiglu_of, acc_dtype, has_beta,
+                     interpreting, ln_pointers)
 from .routing import RoutingPlan
 
 __all__ = ["ln_gather", "ln_gather_reference", "gather_rows", "ln_stats", "ln_operand", "ln_prologue"]
@@ -35,7 +37,7 @@ __all__ = ["ln_gather", "ln_gather_reference", "gather_rows", "ln_stats", "ln_op
 def _ln_gather_kernel(
     x_ptr, out_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, sorted_pick_ptr, offsets_ptr,
     N, TOP_K, N_MOD, eps, stride_xt, stride_xn, stride_om, stride_on, stride_ge, stride_gn,
-    RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    RMS: tl.constexpr, HAS_BETA: tl.constexpr, RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     S = tl.load(offsets_ptr + N_MOD)
@@ -47,7 +49,10 @@ def _ln_gather_kernel(
         rows = tok.to(tl.int64) * stride_xt
         mod64 = _row_module(offs_s, offsets_ptr, N_MOD, BLOCK_R).to(tl.int64) * stride_ge
         cdt = mean_ptr.dtype.element_ty
-        shift = tl.load(x_ptr + rows, mask=mask_r, other=0.0).to(cdt)
+        if RMS:
+            shift = tl.zeros([BLOCK_R], dtype=cdt)
+        else:
+            shift = tl.load(x_ptr + rows, mask=mask_r, other=0.0).to(cdt)
         s1 = tl.zeros([BLOCK_R], dtype=cdt)
         s2 = tl.zeros([BLOCK_R], dtype=cdt)
         for n0 in range(0, N, BLOCK_N):
@@ -57,9 +62,13 @@ def _ln_gather_kernel(
             v = tl.where(mask, v - shift[:, None], 0.0)
             s1 += tl.sum(v, axis=1)
             s2 += tl.sum(v * v, axis=1)
-        m1 = s1 / N
-        mean = shift + m1
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / N - m1 * m1, 0.0) + eps)
+        if RMS:  # mean(x^2), no centring
+            mean = shift
+            rstd = 1.0 / tl.sqrt(s2 / N + eps)
+        else:
+            m1 = s1 / N
+            mean = shift + m1
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / N - m1 * m1, 0.0) + eps)
         tl.store(mean_ptr + tok, mean, mask=mask_r)
         tl.store(rstd_ptr + tok, rstd, mask=mask_r)
         for n0 in range(0, N, BLOCK_N):
@@ -67,15 +76,17 @@ def _ln_gather_kernel(
             mask = mask_r[:, None] & (offs_n < N)[None, :]
             v = tl.load(x_ptr + rows[:, None] + offs_n[None, :] * stride_xn, mask=mask, other=0.0).to(cdt)
             ga = tl.load(gamma_ptr + mod64[:, None] + offs_n[None, :] * stride_gn, mask=mask, other=0.0).to(cdt)
-            be = tl.load(beta_ptr + mod64[:, None] + offs_n[None, :] * stride_gn, mask=mask, other=0.0).to(cdt)
-            u = (v - mean[:, None]) * rstd[:, None] * ga + be
+            u = (v - mean[:, None]) * rstd[:, None] * ga
+            if HAS_BETA:
+                be = tl.load(beta_ptr + mod64[:, None] + offs_n[None, :] * stride_gn, mask=mask, other=0.0).to(cdt)
+                u = u + be
             tl.store(out_ptr + offs_s.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on,
                      _cast(u, out_ptr.dtype.element_ty, RTNE), mask=mask)
 
 
-def ln_gather(x, plan: RoutingPlan, gamma, beta, eps: float):
-    """(out [P, N] rows s < S written, mean [T], rstd [T]) for x [T, N], gamma / beta [E, N] (see the module
-    docstring)."""
+def ln_gather(x, plan: RoutingPlan, gamma, beta, eps: float, rms: bool = False):
+    """(out [P, N] rows s < S written, mean [T], rstd [T]) for x [T, N], gamma [E, N], beta [E, N] or None (see
+    the module docstring; rms: RMSNorm, mean 0)."""
     T, N = x.shape
     P = plan.n_tokens * plan.top_k
     cdt = acc_dtype(x.dtype)
@@ -88,13 +99,14 @@ def ln_gather(x, plan: RoutingPlan, gamma, beta, eps: float):
     BLOCK_R = 16 if interp else 8
     BLOCK_N = min(_p2(N), 64 if interp else 512)
     _ln_gather_kernel[(triton.cdiv(P, BLOCK_R),)](
-        x, out, mean, rstd, gamma, beta, plan.sorted_pick, plan.offsets, N, plan.top_k, plan.n_modules,
-        float(eps), x.stride(0), x.stride(1), out.stride(0), out.stride(1), gamma.stride(0), gamma.stride(1),
-        RTNE=interp, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=4)
+        x, out, mean, rstd, gamma, beta if beta is not None else gamma, plan.sorted_pick, plan.offsets, N,
+        plan.top_k, plan.n_modules, float(eps), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        gamma.stride(0), gamma.stride(1), RMS=rms, HAS_BETA=beta is not None, RTNE=interp, BLOCK_R=BLOCK_R,
+        BLOCK_N=BLOCK_N, num_warps=4)
     return out, mean, rstd
 
 
-def ln_gather_reference(x, plan: RoutingPlan, gamma, beta, eps: float):
+def ln_gather_reference(x, plan: RoutingPlan, gamma, beta, eps: float, rms: bool = False):
     """The same in plain PyTorch: (rows [S, N] in sorted order, mean [T], rstd [T])."""
     cdt = acc_dtype(x.dtype)
     S = int(plan.offsets[-1])
@@ -102,9 +114,15 @@ def ln_gather_reference(x, plan: RoutingPlan, gamma, beta, eps: float):
     tok = pick // plan.top_k
     mod = torch.repeat_interleave(torch.arange(plan.n_modules, device=x.device), plan.counts.long())
     xc = x.to(cdt)
-    mean = xc.mean(1)
-    rstd = torch.rsqrt(xc.var(1, unbiased=False) + eps)
-    u = (xc[tok] - mean[tok, None]) * rstd[tok, None] * gamma[mod].to(cdt) + beta[mod].to(cdt)
+    if rms:
+        mean = torch.zeros_like(xc[:, 0])
+        rstd = torch.rsqrt(xc.pow(2).mean(1) + eps)
+    else:
+        mean = xc.mean(1)
+        rstd = torch.rsqrt(xc.var(1, unbiased=False) + eps)
+    u = (xc[tok] - mean[tok, None]) * rstd[tok, None] * gamma[mod].to(cdt)
+    if beta is not None:
+        u = u + beta[mod].to(cdt)
     return u.to(x.dtype), mean, rstd
 
 
@@ -112,19 +130,21 @@ def ln_gather_reference(x, plan: RoutingPlan, gamma, beta, eps: float):
 def _ln_stats_kernel(
     x_ptr, mean_ptr, rstd_ptr,  # x [T, D]; mean, rstd [T]
     T, D, stride_xt, stride_xd, eps,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    RMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Mean and 1/std of each token row (two passes over D, fp32 or fp64 as mean_ptr)."""
+    """Mean and 1/std of each token row (two passes over D, fp32 or fp64 as mean_ptr); RMS: mean 0 and
+    1 / sqrt(mean(x^2) + eps) (one pass)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     rows = offs_t.to(tl.int64) * stride_xt
     cdt = mean_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_T], dtype=cdt)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = mask_t[:, None] & (offs_d < D)[None, :]
-        x = tl.load(x_ptr + rows[:, None] + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
-        acc += tl.sum(x.to(cdt), axis=1)
+    if not RMS:
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask = mask_t[:, None] & (offs_d < D)[None, :]
+            x = tl.load(x_ptr + rows[:, None] + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
+            acc += tl.sum(x.to(cdt), axis=1)
     mean = acc / D
     acc = tl.zeros([BLOCK_T], dtype=cdt)
     for d0 in range(0, D, BLOCK_D):
@@ -142,12 +162,13 @@ def _ln_stats_kernel(
 def _gather_rows_kernel(
     a_ptr, out_ptr, g_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, sorted_pick_ptr, offsets_ptr,
     N, TOP_K, N_MOD, stride_am, stride_an, stride_om, stride_on, stride_ge, stride_gn,
-    GATHER: tl.constexpr, A_MODE: tl.constexpr, WEIGHTED: tl.constexpr, RTNE: tl.constexpr,
+    GATHER: tl.constexpr, A_MODE: tl.constexpr, WEIGHTED: tl.constexpr, HAS_BETA: tl.constexpr, RTNE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[s] = (g_p *) f(a[row(s)]) for the sorted rows s < S (rows s >= S are left as they are):
-    row(s) = token (GATHER) or s; f = identity (A_MODE 0), LayerNorm with module m(s)'s affine (1), GELU (2).
-    The operands of a weight-gradient GEMM in module-sorted order, for torch._grouped_mm."""
+    row(s) = token (GATHER) or s; f = identity (A_MODE 0), the norm with module m(s)'s gain (and beta: HAS_BETA)
+    (1), GELU (2), SwiGLU of a = [gate | up] [.., 2N] (3). The operands of a weight-gradient GEMM in
+    module-sorted order, for torch._grouped_mm."""
     pid_r = tl.program_id(0)
     S = tl.load(offsets_ptr + N_MOD)
     if pid_r * BLOCK_R < S:
@@ -168,10 +189,17 @@ def _gather_rows_kernel(
             mu = tl.load(mean_ptr + tok, mask=mask_r, other=0.0)
             rs = tl.load(rstd_ptr + tok, mask=mask_r, other=0.0)
             ga = tl.load(gamma_ptr + mod64[:, None] * stride_ge + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
-            be = tl.load(beta_ptr + mod64[:, None] * stride_ge + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
-            v = (v - mu[:, None]) * rs[:, None] * ga.to(cdt) + be.to(cdt)
+            v = (v - mu[:, None]) * rs[:, None] * ga.to(cdt)
+            if HAS_BETA:
+                be = tl.load(beta_ptr + mod64[:, None] * stride_ge + offs_n[None, :] * stride_gn, mask=mask,
+                             other=0.0)
+                v = v + be.to(cdt)
         elif A_MODE == 2:
             v = _gelu(v)
+        elif A_MODE == 3:  # v is the gate; the up half N columns on
+            up = tl.load(a_ptr + rows[:, None] * stride_am + (N + offs_n)[None, :] * stride_an, mask=mask,
+                         other=0.0).to(cdt)
+            v = _swiglu_of(v, up, _sigmoid(v))
         if WEIGHTED:
             g = tl.load(g_ptr + pick, mask=mask_r, other=0.0).to(cdt)
             v = _cast(v, out_ptr.dtype.element_ty, RTNE).to(cdt) * g[:, None]
@@ -179,8 +207,8 @@ def _gather_rows_kernel(
                  _cast(v, out_ptr.dtype.element_ty, RTNE), mask=mask)
 
 
-def ln_stats(x: torch.Tensor, eps: float):
-    """Per-token LayerNorm statistics of x [T, D]: mean [T], rstd [T] (fp32; fp64 for fp64)."""
+def ln_stats(x: torch.Tensor, eps: float, rms: bool = False):
+    """Per-token norm statistics of x [T, D]: mean [T], rstd [T] (fp32; fp64 for fp64; rms: mean 0)."""
     _check_device(x)
     T, D = x.shape
     cdt = acc_dtype(x.dtype)
@@ -192,7 +220,7 @@ def ln_stats(x: torch.Tensor, eps: float):
     BLOCK_D = min(_p2(D), 1024 if not interpreting() else 64)
     _ln_stats_kernel[(triton.cdiv(T, BLOCK_T),)](
         x, mean, rstd, T, D, x.stride(0), x.stride(1), float(eps),
-        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
+        RMS=rms, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4)
     return mean, rstd
 
 
@@ -207,23 +235,23 @@ def ln_prologue() -> str:
     return choice
 
 
-def ln_operand(x, plan: RoutingPlan, gamma, beta, eps: float):
-    """The A operand of a forward grouped GEMM over x [T, N_in] with the per-module LayerNorm (gamma, beta
-    [E, N_in]), per `ln_prologue`: (a, a_gather, (mean, rstd) [T], ln for the GEMM's prologue or None).
-    "gather": `gathers.ln_gather` writes LN_m(x[t]) in sorted order and the statistics in one launch;
-    "fused": `ln_stats`, then x gathered on load and the LayerNorm in the GEMM's prologue."""
+def ln_operand(x, plan: RoutingPlan, gamma, beta, eps: float, rms: bool = False):
+    """The A operand of a forward grouped GEMM over x [T, N_in] with the per-module norm (gamma [E, N_in],
+    beta [E, N_in] or None; rms: RMSNorm), per `ln_prologue`: (a, a_gather, (mean, rstd) [T], ln for the GEMM's
+    prologue or None). "gather": `gathers.ln_gather` writes LN_m(x[t]) in sorted order and the statistics in one
+    launch; "fused": `ln_stats`, then x gathered on load and the norm in the GEMM's prologue."""
     if ln_prologue() == "fused":
-        mean, rstd = ln_stats(x, eps)
+        mean, rstd = ln_stats(x, eps, rms)
         return x, True, (mean, rstd), (mean, rstd, gamma, beta)
-    a, mean, rstd = ln_gather(x, plan, gamma, beta, eps)
+    a, mean, rstd = ln_gather(x, plan, gamma, beta, eps, rms)
     return a, False, (mean, rstd), None
 
 
 def gather_rows(a, plan: RoutingPlan, *, gather: bool, mode: int = 0, ln=None, weights=None):
     """[P, N] in module-sorted order: row s = (g_p *) f(a[token or s]) for s < S (`_gather_rows_kernel`; rows
-    s >= S are not written). mode 0: a; 1: LayerNorm with ln = (mean, rstd, gamma [E, N], beta [E, N]);
-    2: GELU."""
-    P, N = plan.n_tokens * plan.top_k, a.shape[1]
+    s >= S are not written). mode 0: a; 1: the norm with ln = (mean, rstd, gamma [E, N], beta [E, N] or None);
+    2: GELU; 3: SwiGLU of a [.., 2N] = gate | up (N = half of a's width)."""
+    P, N = plan.n_tokens * plan.top_k, a.shape[1] // (2 if mode == 3 else 1)
     out = torch.empty(P, N, device=a.device, dtype=a.dtype)
     interp = interpreting()
     BLOCK_R = 16 if interp else 32
@@ -235,6 +263,6 @@ def gather_rows(a, plan: RoutingPlan, *, gather: bool, mode: int = 0, ln=None, w
         a, out, weights if weights is not None else dummy, mean, rstd, gamma, beta,
         plan.sorted_pick, plan.offsets, N, plan.top_k, plan.n_modules,
         a.stride(0), a.stride(1), out.stride(0), out.stride(1), gamma.stride(0), gamma.stride(1),
-        GATHER=gather, A_MODE=mode, WEIGHTED=weights is not None, RTNE=interp,
+        GATHER=gather, A_MODE=mode, WEIGHTED=weights is not None, HAS_BETA=has_beta(ln), RTNE=interp,
         BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=4)
     return out

@@ -9,11 +9,13 @@ One grouped GEMM kernel, specialised by constexpr flags, does every row-parallel
 
     row_a(s)   = token t (gather on load, A_GATHER) or s (A already in sorted order)
     prologue   = LayerNorm with module m's affine, statistics once per token (A_LN, MOM_KERNELS_LN=fused):
-                 (a - mean[t]) * rstd[t] * gamma[m] + beta[m]
-    epilogue   = `_epilogue`: + bias[m]; GELU (tanh) storing the pre-activation for backward; * g[p];
-                 * gelu'(pre) (backward); a partial row dot product with a recomputed U row (the
-                 gradient of the routing weight g); run on EPI_SUBTILE column slices of the tile in turn
-                 (`gemm_config`: 4 for 16-bit on a GPU), so that only one slice's temporaries are live
+                 (a - mean[t]) * rstd[t] * gamma[m] + beta[m]   (RMSNorm: mean 0, no beta: HAS_BETA off)
+    epilogue   = `_epilogue`: + bias[m]; the activation storing the pre-activation for backward: GELU
+                 (tanh), or SwiGLU (SWIGLU: W[m] is [gate | up], N_OUT = F columns each, two accumulators
+                 over the same A tile, silu(gate) * up; pre = [gate | up]); * g[p]; * act'(pre) (backward;
+                 SwiGLU's writes d gate and d up, [P, 2F]); a partial row dot product with a recomputed U
+                 row (the gradient of the routing weight g); run on EPI_SUBTILE column slices of the tile
+                 in turn (`gemm_config`: 4 for 16-bit on a GPU), so that only one slice's temporaries are live
     row_out(s) = s (grouped store), p (per-pick slot, for the deterministic combine) or t (K == 1)
 
 The backward uses the same kernel with W[m] transposed (strides swapped, no copy) for dX. The kernel walks the
@@ -44,22 +46,24 @@ import triton.language as tl
 
 from . import autotune
 from .common import (_cast, _env_override, _gelu, _gelu_grad_of, _gelu_of, _gelu_tanh, _mma, _p2, _row_module,
-                     _sm_count, acc_dtype, interpreting, ln_pointers)
+                     _sigmoid, _silu_grad_of, _sm_count, _swiglu_of, acc_dtype, has_beta, interpreting, ln_pointers)
 from .gathers import gather_rows
 from .routing import RoutingPlan
 
 
 @triton.jit
-def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n,
+def _epilogue(acc, acc2, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n, N_OUT,
               bias_ptr, out_ptr, pre_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
               stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk,
               stride_ge, stride_gk,
               HAS_BIAS: tl.constexpr, EPI_GELU: tl.constexpr, SAVE_PRE: tl.constexpr, GELU_BWD: tl.constexpr,
               WEIGHTED: tl.constexpr, ROWDOT: tl.constexpr, U_LN: tl.constexpr, STORE_MODE: tl.constexpr,
-              RTNE: tl.constexpr):
+              RTNE: tl.constexpr, SWIGLU: tl.constexpr, HAS_BETA: tl.constexpr):
     """What happens to a [BM, BN] tile of products acc (rows: sorted positions offs_s64, their picks and
     tokens) before it is stored; m_idx is the module (a scalar for a GEMM tile, [BM, 1] for row blocks that
-    span modules): + bias[m]; GELU storing the pre-activation; * gelu'(pre); * g[p]; store to row s, p or t.
+    span modules): + bias[m]; the activation (EPI_GELU: GELU, or SwiGLU with SWIGLU, acc2 the up projection's
+    tile, columns N_OUT + offs_n of W, bias and pre) storing the pre-activation; * act'(pre) (GELU_BWD; SwiGLU's
+    gate gradient goes to columns offs_n, the up gradient to N_OUT + offs_n); * g[p]; store to row s, p or t.
     Returns the tile's part of the routing weight's gradient row dot, [BM] (zeros unless ROWDOT; the caller
     stores it to part[pid_n, p], after adding the subtiles' parts)."""
     cdt = mean_ptr.dtype.element_ty
@@ -68,18 +72,36 @@ def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n,
     if HAS_BIAS:
         bias = tl.load(bias_ptr + m_idx * stride_be + offs_n[None, :] * stride_bn, mask=mask_n[None, :], other=0.0)
         acc += bias.to(cdt)
+        if SWIGLU and EPI_GELU:
+            bias2 = tl.load(bias_ptr + m_idx * stride_be + (N_OUT + offs_n)[None, :] * stride_bn,
+                            mask=mask_n[None, :], other=0.0)
+            acc2 += bias2.to(cdt)
     if EPI_GELU:
         if SAVE_PRE:
             tl.store(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
                      _cast(acc, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)
-        acc = _gelu(acc)
+            if SWIGLU:
+                tl.store(pre_ptr + offs_s64[:, None] * stride_pm + (N_OUT + offs_n)[None, :] * stride_pn,
+                         _cast(acc2, pre_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+        if SWIGLU:
+            acc = _swiglu_of(acc, acc2, _sigmoid(acc))
+        else:
+            acc = _gelu(acc)
     if ROWDOT == 1 or GELU_BWD:
         pre = tl.load(pre_ptr + offs_s64[:, None] * stride_pm + offs_n[None, :] * stride_pn,
                       mask=mask_mn, other=0.0).to(cdt)
-        th = _gelu_tanh(pre)  # one tanh for gelu(pre) (the row dot) and gelu'(pre) (GELU backward)
+        if SWIGLU:  # pre = gate here; up from the other half; one sigmoid for silu (row dot) and silu'
+            up = tl.load(pre_ptr + offs_s64[:, None] * stride_pm + (N_OUT + offs_n)[None, :] * stride_pn,
+                         mask=mask_mn, other=0.0).to(cdt)
+            th = _sigmoid(pre)
+        else:
+            th = _gelu_tanh(pre)  # one tanh for gelu(pre) (the row dot) and gelu'(pre) (GELU backward)
     if ROWDOT != 0:
         if ROWDOT == 1:
-            uu = _gelu_of(pre, th)
+            if SWIGLU:
+                uu = _swiglu_of(pre, up, th)
+            else:
+                uu = _gelu_of(pre, th)
         else:
             uu = tl.load(u_ptr + tok64[:, None] * stride_um + offs_n[None, :] * stride_uk,
                          mask=mask_mn, other=0.0).to(cdt)
@@ -88,23 +110,34 @@ def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n,
                 rs2 = tl.load(rstd_ptr + tok, mask=mask_m, other=0.0)
                 ga2 = tl.load(gamma_ptr + m_idx * stride_ge + offs_n[None, :] * stride_gk, mask=mask_n[None, :],
                               other=0.0).to(cdt)
-                be2 = tl.load(beta_ptr + m_idx * stride_ge + offs_n[None, :] * stride_gk, mask=mask_n[None, :],
-                              other=0.0).to(cdt)
-                uu = (uu - mu2[:, None]) * rs2[:, None] * ga2 + be2
+                uu = (uu - mu2[:, None]) * rs2[:, None] * ga2
+                if HAS_BETA:
+                    be2 = tl.load(beta_ptr + m_idx * stride_ge + offs_n[None, :] * stride_gk, mask=mask_n[None, :],
+                                  other=0.0).to(cdt)
+                    uu = uu + be2
         part = tl.sum(tl.where(mask_mn, acc * uu, 0.0), axis=1)  # [BM]
     else:
         part = tl.zeros_like(offs_s64).to(cdt)
-    if GELU_BWD:
-        acc = acc * _gelu_grad_of(pre, th)
     if WEIGHTED:
         g = tl.load(g_ptr + pick, mask=mask_m, other=0.0).to(cdt)
-        acc = acc * g[:, None]
     if STORE_MODE == 0:
         o_rows = offs_s64
     elif STORE_MODE == 1:
         o_rows = pick.to(tl.int64)
     else:
         o_rows = tok64
+    if GELU_BWD:
+        if SWIGLU:  # d up = G silu(gate) [* g], stored to the up half; acc becomes d gate
+            d_up = acc * pre * th
+            if WEIGHTED:
+                d_up = d_up * g[:, None]
+            tl.store(out_ptr + o_rows[:, None] * stride_om + (N_OUT + offs_n)[None, :] * stride_on,
+                     _cast(d_up, out_ptr.dtype.element_ty, RTNE), mask=mask_mn)
+            acc = acc * up * _silu_grad_of(pre, th)
+        else:
+            acc = acc * _gelu_grad_of(pre, th)
+    if WEIGHTED:
+        acc = acc * g[:, None]
     tl.store(out_ptr + o_rows[:, None] * stride_om + offs_n[None, :] * stride_on,
              _cast(acc, out_ptr.dtype.element_ty, RTNE), mask=mask_mn)
     return part
@@ -114,6 +147,22 @@ def _epilogue(acc, m_idx, offs_s64, pick, tok, mask_m, offs_n, mask_n,
 def _halves(acc, BM: tl.constexpr, BN: tl.constexpr):
     """[BM, BN] -> its left and right column halves, [BM, BN/2] each (registers only)."""
     return tl.split(tl.permute(tl.reshape(acc, [BM, 2, BN // 2]), (0, 2, 1)))
+
+
+@triton.jit
+def _slices(acc, BM: tl.constexpr, BN: tl.constexpr, N_SLICES: tl.constexpr):
+    """[BM, BN] -> N_SLICES (1, 2 or 4) column slices [BM, BN / N_SLICES], left to right."""
+    if N_SLICES == 1:
+        slices = (acc,)
+    else:
+        left, right = _halves(acc, BM, BN)  # [BM, BN/2] each
+        if N_SLICES == 2:
+            slices = (left, right)
+        else:  # 4: [BM, BN/4] each
+            ll, lr = _halves(left, BM, BN // 2)
+            rl, rr = _halves(right, BM, BN // 2)
+            slices = (ll, lr, rl, rr)
+    return slices
 
 
 @triton.jit
@@ -134,6 +183,8 @@ def _grouped_gemm_kernel(
     ROWDOT: tl.constexpr,  # 0: none, 1: part[n_tile, p] = sum(acc * gelu(pre)), 2: ... * U[t] (LN opt.)
     U_LN: tl.constexpr,  # with ROWDOT 2: U = LayerNorm_m(u[t]), else u[t]
     STORE_MODE: tl.constexpr,  # 0: row s, 1: row p, 2: row t
+    SWIGLU: tl.constexpr,  # the activation is SwiGLU: with EPI_GELU a second accumulator over W's columns N_OUT..
+    HAS_BETA: tl.constexpr,  # the norm (A_LN, U_LN) has a beta (LayerNorm); off: RMSNorm (mean 0) or no bias
     UPCAST: tl.constexpr,  # interpreter: dot in fp32
     IEEE: tl.constexpr,  # fp32 / fp64 inputs: exact dot (no TF32)
     RTNE: tl.constexpr,  # interpreter: round bf16 stores to nearest even (see _cast)
@@ -175,6 +226,8 @@ def _grouped_gemm_kernel(
             a_base = a_ptr + a_rows[:, None] * stride_am  # [BM, 1]
             w_base = w_ptr + m64 * stride_we
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=cdt)
+            if SWIGLU and EPI_GELU:  # the up projection's tile: W[m][:, N_OUT + n], the same A tile
+                acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=cdt)
             for k0 in range(0, N_IN, BLOCK_K):
                 kk = k0 + offs_k
                 if EVEN_K:  # N_IN % BLOCK_K == 0: only the rows are masked
@@ -188,8 +241,10 @@ def _grouped_gemm_kernel(
                                 other=0.0)  # [BM, BK]
                 if A_LN:
                     ga = tl.load(gamma_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
-                    be = tl.load(beta_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
-                    u = (a.to(cdt) - mu[:, None]) * rs[:, None] * ga.to(cdt)[None, :] + be.to(cdt)[None, :]
+                    u = (a.to(cdt) - mu[:, None]) * rs[:, None] * ga.to(cdt)[None, :]
+                    if HAS_BETA:
+                        be = tl.load(beta_ptr + m64 * stride_ge + kk * stride_gk, mask=mask_k, other=0.0)
+                        u = u + be.to(cdt)[None, :]
                     a = _cast(u, a_ptr.dtype.element_ty, RTNE)
                 if W_TMA:  # whole tiles; columns past N_OUT are zero (tensor end) or never stored (next module)
                     if W_T:
@@ -200,27 +255,29 @@ def _grouped_gemm_kernel(
                     w = tl.load(w_base + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                                 mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
                 acc = _mma(a, w, acc, UPCAST, IEEE)
+                if SWIGLU and EPI_GELU:
+                    if W_TMA:
+                        w2 = w_desc.load([m * N_IN + k0, N_OUT + pid_n * BLOCK_N])  # [BK, BN]
+                    else:
+                        w2 = tl.load(w_base + kk[:, None] * stride_wk + (N_OUT + offs_n)[None, :] * stride_wn,
+                                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+                    acc2 = _mma(a, w2, acc2, UPCAST, IEEE)
+            if not (SWIGLU and EPI_GELU):
+                acc2 = acc  # (unused)
             # ---- epilogue (shared with the split path's `_rows_epilogue_kernel`) on EPI_SUBTILE column slices
             # [BM, BN / EPI_SUBTILE] one after the other: the live registers are one slice's, not the tile's ----
-            if EPI_SUBTILE == 1:
-                slices = (acc,)
-            else:
-                left, right = _halves(acc, BLOCK_M, BLOCK_N)  # [BM, BN/2] each
-                if EPI_SUBTILE == 2:
-                    slices = (left, right)
-                else:  # 4: [BM, BN/4] each, left to right
-                    ll, lr = _halves(left, BLOCK_M, BLOCK_N // 2)
-                    rl, rr = _halves(right, BLOCK_M, BLOCK_N // 2)
-                    slices = (ll, lr, rl, rr)
+            slices = _slices(acc, BLOCK_M, BLOCK_N, EPI_SUBTILE)
+            slices2 = _slices(acc2, BLOCK_M, BLOCK_N, EPI_SUBTILE)
             BN_S: tl.constexpr = BLOCK_N // EPI_SUBTILE
             part = tl.zeros([BLOCK_M], dtype=cdt)  # [BM] the routing weight's row dot over this tile's columns
             offs_j = pid_n * BLOCK_N + tl.arange(0, BN_S)  # slice j's columns (advanced, not recomputed from j:
             for j in tl.static_range(EPI_SUBTILE):          # 7 registers fewer on sm_90 in the AOT compile)
-                part += _epilogue(slices[j], m64, offs_s64, pick, tok, mask_m, offs_j, offs_j < N_OUT,
-                                  bias_ptr, out_ptr, pre_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-                                  stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
-                                  stride_uk, stride_ge, stride_gk,
-                                  HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+                part += _epilogue(slices[j], slices2[j], m64, offs_s64, pick, tok, mask_m, offs_j, offs_j < N_OUT,
+                                  N_OUT, bias_ptr, out_ptr, pre_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr,
+                                  beta_ptr, stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn,
+                                  stride_um, stride_uk, stride_ge, stride_gk,
+                                  HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE,
+                                  SWIGLU, HAS_BETA)
                 offs_j += BN_S
             if ROWDOT != 0:
                 tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
@@ -235,11 +292,12 @@ def _rows_epilogue_kernel(
     stride_om, stride_on, stride_pm, stride_pn, stride_um, stride_uk, stride_ge, stride_gk,
     HAS_BIAS: tl.constexpr, EPI_GELU: tl.constexpr, SAVE_PRE: tl.constexpr, GELU_BWD: tl.constexpr,
     WEIGHTED: tl.constexpr, ROWDOT: tl.constexpr, U_LN: tl.constexpr, STORE_MODE: tl.constexpr,
-    RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RTNE: tl.constexpr, SWIGLU: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The grouped GEMM's epilogue as a pass of its own over a product c [P, N_out] already in module-sorted
     order (from `torch._grouped_mm` or the Triton GEMM without epilogue): the same `_epilogue`, with the module
-    of each row found from the offsets. Rows s >= S are not touched."""
+    of each row found from the offsets (SwiGLU forward: c is [P, 2 N_out], gate | up). Rows s >= S are not
+    touched."""
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     S = tl.load(offsets_ptr + N_MOD)
@@ -255,11 +313,17 @@ def _rows_epilogue_kernel(
         cdt = mean_ptr.dtype.element_ty
         acc = tl.load(c_ptr + offs_s64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
                       mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(cdt)
-        part = _epilogue(acc, mod.to(tl.int64)[:, None], offs_s64, pick, tok, mask_m, offs_n, mask_n,
+        if SWIGLU and EPI_GELU:
+            acc2 = tl.load(c_ptr + offs_s64[:, None] * stride_cm + (N_OUT + offs_n)[None, :] * stride_cn,
+                           mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(cdt)
+        else:
+            acc2 = acc  # (unused)
+        part = _epilogue(acc, acc2, mod.to(tl.int64)[:, None], offs_s64, pick, tok, mask_m, offs_n, mask_n, N_OUT,
                          bias_ptr, out_ptr, pre_ptr, g_ptr, u_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
                          stride_be, stride_bn, stride_om, stride_on, stride_pm, stride_pn, stride_um,
                          stride_uk, stride_ge, stride_gk,
-                         HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE)
+                         HAS_BIAS, EPI_GELU, SAVE_PRE, GELU_BWD, WEIGHTED, ROWDOT, U_LN, STORE_MODE, RTNE,
+                         SWIGLU, HAS_BETA)
         if ROWDOT != 0:
             tl.store(part_ptr + pid_n.to(tl.int64) * N_PICKS + pick, part, mask=mask_m)
 
@@ -311,7 +375,7 @@ def activation_descriptor(a, cfg: dict, block_m: int, a_gather: bool, ln):
     return TensorDescriptor.from_tensor(a, [block_m, cfg["BLOCK_K"]])
 
 
-def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> dict:
+def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool, two_acc: bool = False) -> dict:
     """Tile sizes of `_grouped_gemm_kernel` (BLOCK_M comes from the plan) and its epilogue slices.
     GPU: 128x128x64 tiles, 8 warps, 3 stages for 16-bit inputs (the usual Hopper/Ampere tensor-core tile), the
     epilogue on 4 column slices of 32: on sm_90 that keeps every variant at <= 153 registers (<= 130 but the
@@ -320,7 +384,8 @@ def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> d
     two 8-warp programs fit on an SM. fp32/fp64 halve BLOCK_N/BLOCK_K to stay in registers / shared memory and
     keep the whole-tile epilogue (slicing the FMA-path tiles saves no registers there). The interpreter runs 4
     slices too (the 16-bit GPU code path); MOM_KERNELS_GEMM_CONFIG overrides any field, e.g. "EPI_SUBTILE=1"
-    (16-bit GPU and interpreter)."""
+    (16-bit GPU and interpreter). two_acc (the SwiGLU forward: gate and up accumulators over the same A tile)
+    halves BLOCK_N on a GPU, so the two accumulators hold what one did (the same registers as the GELU tile)."""
     if interpret:
         cfg = dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=min(32, _p2(n_in)), num_warps=4, num_stages=1,
                    EPI_SUBTILE=4)
@@ -334,6 +399,8 @@ def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> d
         cfg = dict(BLOCK_N=min(32, _p2(n_out)), BLOCK_K=16, num_warps=4, num_stages=2, EPI_SUBTILE=1)
     else:
         cfg = dict(BLOCK_N=min(64, _p2(n_out)), BLOCK_K=32, num_warps=8, num_stages=3, EPI_SUBTILE=1)
+    if two_acc and not interpret:
+        cfg["BLOCK_N"] = max(16, cfg["BLOCK_N"] // 2)
     if cfg["EPI_SUBTILE"] not in (1, 2, 4):
         raise ValueError(f"MOM_KERNELS_GEMM_CONFIG: EPI_SUBTILE must be 1, 2 or 4, got {cfg['EPI_SUBTILE']}")
     # a slice keeps at least 16 columns on a GPU (the MMA layout's width), at least 1 in the interpreter
@@ -344,18 +411,22 @@ def gemm_config(dtype: torch.dtype, n_in: int, n_out: int, interpret: bool) -> d
 def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: bool = False,
                  bias=None, ln=None, gelu: bool = False, pre=None, save_pre: bool = False,
                  gelu_bwd: bool = False, weights=None, rowdot: int = 0, part=None, u=None,
-                 u_ln=None, store: str = "sorted", role: str = "linear"):
+                 u_ln=None, store: str = "sorted", role: str = "linear", swiglu: bool = False):
     """Launch `_grouped_gemm_kernel`: out[row_out(s)] = epi(pro(a[row_a(s)]) @ W[m]).
 
     a      [T or P, N_in] (rows by token if a_gather else by sorted position)
-    w      [E, N_in, N_out], or [E, N_out, N_in] read transposed when w_transposed (for dX)
-    ln     (mean [T], rstd [T], gamma [E, N_in], beta [E, N_in]) for the LayerNorm prologue (A side)
+    w      [E, N_in, N_out], or [E, N_out, N_in] read transposed when w_transposed (for dX); with swiglu and
+           gelu (the SwiGLU forward) [E, N_in, 2 N_out] = gate | up, out [.., N_out], bias and pre [.., 2 N_out]
+    ln     (mean [T], rstd [T], gamma [E, N_in], beta [E, N_in] or None) for the norm prologue (A side;
+           RMSNorm: mean 0, beta None)
     u, u_ln  with rowdot == 2: U = u[t] [T, N_out], or LN_m(u[t]) with u_ln = (mean, rstd, gamma [E, N_out],
-           beta) (gamma / beta share strides); ln and u_ln are exclusive (they share kernel pointers)
-    pre    [P, N_out] pre-activation (written when save_pre, read when gelu_bwd or rowdot == 1)
+           beta or None) (gamma / beta share strides); ln and u_ln are exclusive (they share kernel pointers)
+    pre    [P, N_out] pre-activation (written when save_pre, read when gelu_bwd or rowdot == 1); SwiGLU:
+           [P, 2 N_out] (gate | up), and the backward (gelu_bwd) writes out [P, 2 N_out] = d gate | d up
     weights [P] routing weights g (contiguous), part [n_tiles_N, P] fp32 row-dot partial sums
     store  "sorted" (row s), "pick" (row p = t*K + k) or "token" (row t)
     role   which GEMM of the routed ops this is (GEMM_ROLES): picks the mode (`gemm_mode`)
+    swiglu the activation (gelu / gelu_bwd / rowdot 1) is SwiGLU instead of GELU
     """
     E = w.shape[0]
     if w_transposed:
@@ -364,8 +435,13 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
     else:
         n_in, n_out = w.shape[1], w.shape[2]
         s_we, s_wk, s_wn = w.stride(0), w.stride(1), w.stride(2)
+    two_acc = swiglu and gelu  # the SwiGLU forward: gate and up accumulators, N_out = F of W's 2F columns
+    if two_acc:
+        if w_transposed or n_out % 2:
+            raise ValueError(f"grouped_gemm: the SwiGLU forward takes w [E, N_in, 2F] (gate | up), got {list(w.shape)}")
+        n_out //= 2
     interp = interpreting()
-    cfg = gemm_config(a.dtype, n_in, n_out, interp)
+    cfg = gemm_config(a.dtype, n_in, n_out, interp, two_acc)
     cdt = acc_dtype(a.dtype)
     dummy = torch.empty(1, device=a.device, dtype=cdt)  # for pointers a variant does not use
     if ln is not None and u_ln is not None:
@@ -379,31 +455,35 @@ def grouped_gemm(a, w, plan: RoutingPlan, *, out, a_gather: bool, w_transposed: 
     g_t = weights if weights is not None else dummy
     part_t = part if part is not None else dummy
     epi = dict(HAS_BIAS=bias is not None, EPI_GELU=gelu, SAVE_PRE=save_pre, GELU_BWD=gelu_bwd,
-               WEIGHTED=weights is not None, ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode)
+               WEIGHTED=weights is not None, ROWDOT=rowdot, U_LN=u_ln is not None, STORE_MODE=store_mode,
+               SWIGLU=swiglu, HAS_BETA=has_beta(ln if ln is not None else u_ln))
     P = plan.n_tokens * plan.top_k
 
     def launch(mode: str, slices: int, per_sm: int | None):
         """Run the GEMM one way: "fused" with its epilogue on `slices` column slices, "split" or "grouped_mm";
         the Triton GEMM on a grid of one program per tile, or per_sm programs per SM (None: MOM_KERNELS_PERSISTENT)."""
         a_ = a
+        n_gemm = 2 * n_out if two_acc and mode != "fused" else n_out  # split / grouped_mm: gate | up products
         if mode == "grouped_mm":  # cuBLAS / CUTLASS grouped GEMM on A in sorted order, then the epilogue pass
             if a_gather or ln is not None:
                 a_ = gather_rows(a, plan, gather=a_gather, mode=1 if ln is not None else 0, ln=ln)
-            c = torch._grouped_mm(a_, w.transpose(1, 2) if w_transposed else w, offs=plan.offsets[1:])  # [P, N_out]
+            c = torch._grouped_mm(a_, w.transpose(1, 2) if w_transposed else w, offs=plan.offsets[1:])  # [P, N_gemm]
         else:
             if mode == "split":  # the Triton GEMM without epilogue into sorted fp32 rows, then the epilogue pass
-                c = torch.empty(P, n_out, device=a.device, dtype=cdt)
+                c = torch.empty(P, n_gemm, device=a.device, dtype=cdt)
                 dst, dst_epi = c, dict(HAS_BIAS=False, EPI_GELU=False, SAVE_PRE=False, GELU_BWD=False,
-                                       WEIGHTED=False, ROWDOT=0, U_LN=False, STORE_MODE=0)
+                                       WEIGHTED=False, ROWDOT=0, U_LN=False, STORE_MODE=0, SWIGLU=False,
+                                       HAS_BETA=False)
             else:
                 dst, dst_epi = out, epi
             desc = weight_descriptor(w, cfg, n_in, w_transposed)
             a_desc = activation_descriptor(a, cfg, plan.block_m, a_gather, ln)
-            _grouped_gemm_kernel[(gemm_programs(plan.n_tiles * num_n, a.device, per_sm),)](
+            _grouped_gemm_kernel[(gemm_programs(plan.n_tiles * triton.cdiv(n_gemm, cfg["BLOCK_N"]), a.device,
+                                                per_sm),)](
                 a, a_desc if a_desc is not None else a, w, desc if desc is not None else w, bias_t, dst, pre_t, g_t,
                 part_t, u_t, mean, rstd, gamma, beta,
                 plan.sorted_pick, plan.offsets, plan.tile_module, plan.tile_row_start,
-                n_in, n_out, plan.top_k, E, P, plan.n_tiles,
+                n_in, n_gemm, plan.top_k, E, P, plan.n_tiles,
                 a.stride(0), a.stride(1), s_we, s_wk, s_wn, bias_t.stride(0), bias_t.stride(1),
                 dst.stride(0), dst.stride(1), pre_t.stride(0), pre_t.stride(1), u_t.stride(0), u_t.stride(1),
                 gamma.stride(0), gamma.stride(1),

@@ -1,8 +1,9 @@
 """Reductions over picks: the combine of the K per-pick slots, and what finishes a routed op's backward.
 
-    combine:  out[t] = sum over routed k of (gamma[m] *) slot[t*K + k] in fp32 (+ res[t]); with the LayerNorm
-              backward fused (the input gradient of a per-module LayerNorm), exactly 0 for unrouted tokens
-    ln_affine_bwd: d gamma[m], d beta[m] by a segmented reduction over module m's rows
+    combine:  out[t] = sum over routed k of (gamma[m] *) slot[t*K + k] in fp32 (+ res[t]); with the norm's
+              backward fused (the input gradient of a per-module LayerNorm or RMSNorm), exactly 0 for unrouted
+              tokens
+    ln_affine_bwd: d gamma[m] (and d beta[m]) by a segmented reduction over module m's rows
 
     dg[t, k] = sum_j part[j, p] + dy[t] . b[m]   for a routed pick p = t*K + k of module m = ids[t, k]
              = 0                                  for SKIP (and out-of-range) picks
@@ -91,13 +92,14 @@ def _combine_kernel(
     HAS_GAMMA: tl.constexpr,  # scale pick slot p by gamma[ids[p]]
     LN_BWD: tl.constexpr,  # out = LayerNorm backward of the combined d x_hat (needs BLOCK_N >= N)
     HAS_RES: tl.constexpr,  # out += res[t] (a residual stream, or its gradient in the backward)
+    RMS: tl.constexpr,  # with LN_BWD: the norm is RMSNorm (x_hat = x * rstd: no mean term)
     RTNE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[t] = sum over k with 0 <= ids[t,k] < E of (gamma[ids[t,k]] *) buf[t*K + k], summed in fp32
     in k order (deterministic); with LN_BWD the sum is d x_hat and out is dx:
-    dx = rstd * (dxh - mean(dxh) - x_hat * mean(dxh * x_hat)), exactly 0 for a token with no routed pick
-    (whatever its x); with HAS_RES, + res[t]."""
+    dx = rstd * (dxh - mean(dxh) - x_hat * mean(dxh * x_hat)) (RMSNorm: without mean(dxh)), exactly 0 for a
+    token with no routed pick (whatever its x); with HAS_RES, + res[t]."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_t = offs_t < T
@@ -125,9 +127,13 @@ def _combine_kernel(
         x = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_n[None, :] * stride_xn,
                     mask=mask, other=0.0).to(cdt)
         xhat = tl.where(mask, (x - mu[:, None]) * rs[:, None], 0.0)
-        c1 = tl.sum(acc, axis=1) / N
         c2 = tl.sum(acc * xhat, axis=1) / N
-        acc = tl.where(routed[:, None], rs[:, None] * (acc - c1[:, None] - xhat * c2[:, None]), 0.0)
+        if RMS:
+            d = acc - xhat * c2[:, None]
+        else:
+            c1 = tl.sum(acc, axis=1) / N
+            d = acc - c1[:, None] - xhat * c2[:, None]
+        acc = tl.where(routed[:, None], rs[:, None] * d, 0.0)
     if HAS_RES:
         acc += tl.load(res_ptr + offs_t.to(tl.int64)[:, None] * stride_rt + offs_n[None, :] * stride_rn,
                        mask=mask, other=0.0).to(cdt)
@@ -140,10 +146,10 @@ def _ln_affine_bwd_kernel(
     dxh_ptr, x_ptr, mean_ptr, rstd_ptr, dgamma_ptr, dbeta_ptr, sorted_pick_ptr, offsets_ptr,
     D, TOP_K,
     stride_bm, stride_bn, stride_xt, stride_xd, stride_ge, stride_gd,
-    RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BETA: tl.constexpr, RTNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """d gamma[m] = sum over module m's rows of dU_p * x_hat[t], d beta[m] = sum dU_p (dU_p in pick
-    slot p of dxh, the gradient of pick p's LayerNorm output): a segmented reduction, no atomics."""
+    """d gamma[m] = sum over module m's rows of dU_p * x_hat[t], d beta[m] = sum dU_p (HAS_BETA; dU_p in pick
+    slot p of dxh, the gradient of pick p's norm output): a segmented reduction, no atomics."""
     m = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -167,16 +173,18 @@ def _ln_affine_bwd_kernel(
         rs = tl.load(rstd_ptr + tok, mask=mask_r, other=0.0).to(cdt)
         xhat = tl.where(mask, (x - mu[:, None]) * rs[:, None], 0.0)
         accg += tl.sum(du * xhat, axis=0)
-        accb += tl.sum(du, axis=0)
+        if HAS_BETA:
+            accb += tl.sum(du, axis=0)
     tl.store(dgamma_ptr + m.to(tl.int64) * stride_ge + offs_d * stride_gd,
              _cast(accg, dgamma_ptr.dtype.element_ty, RTNE), mask=mask_d)
-    tl.store(dbeta_ptr + m.to(tl.int64) * stride_ge + offs_d * stride_gd,
-             _cast(accb, dbeta_ptr.dtype.element_ty, RTNE), mask=mask_d)
+    if HAS_BETA:
+        tl.store(dbeta_ptr + m.to(tl.int64) * stride_ge + offs_d * stride_gd,
+                 _cast(accb, dbeta_ptr.dtype.element_ty, RTNE), mask=mask_d)
 
 
-def combine(buf, ids, n_modules: int, out, *, gamma=None, ln=None, x=None, res=None):
+def combine(buf, ids, n_modules: int, out, *, gamma=None, ln=None, x=None, res=None, rms: bool = False):
     """out[t] = sum_k valid (gamma[m] *) buf[t*K + k] in fp32 (deterministic, no atomics).
-    With ln = (mean, rstd) and x, out is the LayerNorm input gradient of that sum (needs gamma).
+    With ln = (mean, rstd) and x, out is the norm's input gradient of that sum (needs gamma; rms: RMSNorm).
     With res [T, N], out[t] += res[t] (the residual stream forward, its gradient backward)."""
     T, K = ids.shape
     N = buf.shape[1]
@@ -199,20 +207,20 @@ def combine(buf, ids, n_modules: int, out, *, gamma=None, ln=None, x=None, res=N
         buf, ids, g_t, x_t, mean, rstd, r_t, out, dummy, T, N, K, n_modules,
         buf.stride(0), buf.stride(1), g_t.stride(0), g_t.stride(1), x_t.stride(0), x_t.stride(1),
         r_t.stride(0), r_t.stride(1), out.stride(0), out.stride(1),
-        HAS_GAMMA=gamma is not None, LN_BWD=ln is not None, HAS_RES=res is not None, RTNE=interp,
+        HAS_GAMMA=gamma is not None, LN_BWD=ln is not None, HAS_RES=res is not None, RMS=rms, RTNE=interp,
         BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, num_warps=4 if BLOCK_N <= 2048 else 8)
     return out
 
 
 def ln_affine_bwd(dxh, x, mean, rstd, plan: RoutingPlan, dgamma, dbeta, tiles=None):
-    """d gamma [E, D], d beta [E, D] of the per-module LayerNorms from the per-pick gradients
-    dxh [P, D] of the LayerNorm outputs (segmented reduction over each module's rows). tiles: (BLOCK_R,
-    BLOCK_D), default common.segment_tiles for this device."""
+    """d gamma [E, D], d beta [E, D] (None: a norm without beta, none written) of the per-module norms from the
+    per-pick gradients dxh [P, D] of the norm outputs (segmented reduction over each module's rows). tiles:
+    (BLOCK_R, BLOCK_D), default common.segment_tiles for this device."""
     E, D = dgamma.shape
     interp = interpreting()
     BLOCK_R, BLOCK_D = tiles or segment_tiles(E, D, launch_sms(dxh), 32)
     _ln_affine_bwd_kernel[(E, triton.cdiv(D, BLOCK_D))](
-        dxh, x, mean, rstd, dgamma, dbeta, plan.sorted_pick, plan.offsets, D, plan.top_k,
-        dxh.stride(0), dxh.stride(1), x.stride(0), x.stride(1), dgamma.stride(0), dgamma.stride(1),
-        RTNE=interp, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4)
+        dxh, x, mean, rstd, dgamma, dbeta if dbeta is not None else dgamma, plan.sorted_pick, plan.offsets, D,
+        plan.top_k, dxh.stride(0), dxh.stride(1), x.stride(0), x.stride(1), dgamma.stride(0), dgamma.stride(1),
+        HAS_BETA=dbeta is not None, RTNE=interp, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4)
     return dgamma, dbeta

@@ -2,7 +2,9 @@
 
     y[t] = sum_{k : ids[t,k] < E} g[t,k] * (U_m(x[t]) @ W[m] + b[m]),   m = ids[t,k]
     U_m(x) = LN_m(x) = (x - mean(x)) * rstd(x) * gamma[m] + beta[m]   (or x without LayerNorm)
-    g = 1 when `weights` is None (the QKV projection), the routing weights otherwise (output proj.)
+           = x * rsqrt(mean(x^2) + eps) * gamma[m]                    (norm="rms": RMSNorm, no beta)
+    g = 1 when `weights` is None (the QKV projection), the routing weights otherwise (output proj.);
+    b = 0 when `bias` is None (bias-free modules: no bias tensor is read or written)
 
 Dataflow: plan (sort picks by module) -> LayerNorm statistics once per token -> LN_m(x[t]) written in
 module-sorted order (`gather_rows`, a transient [S, N_in] buffer; MOM_KERNELS_LN=fused applies gamma[m],
@@ -49,17 +51,20 @@ def _empty(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
-def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan, residual=None):
+def _contig(t):
+    return t.contiguous() if t is not None else None
+
+
+def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan, residual=None, rms=False):
     """Launch the forward. Returns (y [T, N_out], mean [T] or [0], rstd [T] or [0]); y includes the
-    residual [T, N_out] when one is given (added by the combine, in fp32)."""
+    residual [T, N_out] when one is given (added by the combine, in fp32). rms: the norm is RMSNorm (mean 0)."""
     _check_device(x)
     T, K = ids.shape
     E, n_in, n_out = weight.shape
     has_ln = ln_weight is not None
     if has_ln:
-        beta = ln_bias if ln_bias is not None else torch.zeros_like(ln_weight)
         # LN_m(x[t]) written in sorted order with the statistics (one launch), or x and a fused LN prologue
-        a, a_gather, (mean, rstd), a_ln = ln_operand(x, plan, ln_weight.contiguous(), beta.contiguous(), eps)
+        a, a_gather, (mean, rstd), a_ln = ln_operand(x, plan, ln_weight.contiguous(), _contig(ln_bias), eps, rms)
     else:
         mean = x.new_empty(0, dtype=acc_dtype(x.dtype))  # distinct tensors: op outputs may not alias
         rstd = x.new_empty(0, dtype=acc_dtype(x.dtype))
@@ -76,7 +81,8 @@ def linear_fwd_impl(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, plan
     return y, mean, rstd
 
 
-def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, plan, add_dy=False):
+def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, plan, add_dy=False,
+                    rms=False):
     """Launch the backward. Returns (dx, dweight, dbias or None, dweights or None,
     dln_weight or None, dln_bias or None); add_dy: x was also the residual, dx includes dy."""
     T, K = ids.shape
@@ -85,11 +91,7 @@ def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean,
     cdt = acc_dtype(x.dtype)
     dy = dy.to(x.dtype)
     has_ln = ln_weight is not None
-    if has_ln:
-        beta = ln_bias if ln_bias is not None else torch.zeros_like(ln_weight)
-        ln = (mean, rstd, ln_weight.contiguous(), beta.contiguous())
-    else:
-        ln = None
+    ln = (mean, rstd, ln_weight.contiguous(), _contig(ln_bias)) if has_ln else None
     g = weights.reshape(-1).contiguous() if weights is not None else None
     # dU_p = g_p * dy[t] @ W[m]^T into per-pick slots; the row dots G_p . U_p give dg
     buf = torch.empty(P, n_in, device=x.device, dtype=slot_dtype(x.dtype))
@@ -101,12 +103,10 @@ def linear_bwd_impl(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean,
     dx = x.new_empty(T, n_in)
     dgamma = dbeta = None
     if has_ln:
-        combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x, res=dy if add_dy else None)
+        combine(buf, ids, E, dx, gamma=ln[2], ln=(mean, rstd), x=x, res=dy if add_dy else None, rms=rms)
         dgamma = torch.empty(E, n_in, device=x.device, dtype=ln_weight.dtype)
-        dbeta = torch.empty_like(dgamma)
+        dbeta = torch.empty_like(dgamma) if ln_bias is not None else None
         ln_affine_bwd(buf, x, mean, rstd, plan, dgamma, dbeta)
-        if ln_bias is None:
-            dbeta = None
     else:
         combine(buf, ids, E, dx, res=dy if add_dy else None)
     db = torch.empty(bias.shape, device=x.device, dtype=bias.dtype) if bias is not None else None
@@ -125,15 +125,15 @@ def _routed_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], ids: T
                        weights: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                        eps: float, sorted_pick: Tensor, offsets: Tensor, tile_module: Tensor,
                        tile_row_start: Tensor, block_m: int, residual: Optional[Tensor],
-                       res_is_x: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                       res_is_x: bool, rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
     plan = _plan_of(ids, weight.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
     return linear_fwd_impl(x, weight, bias, ids.contiguous(), weights, ln_weight, ln_bias, eps, plan,
-                           x if res_is_x else residual)
+                           x if res_is_x else residual, rms)
 
 
 @_routed_linear_fwd.register_fake
 def _(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, sorted_pick, offsets, tile_module,
-      tile_row_start, block_m, residual, res_is_x):
+      tile_row_start, block_m, residual, res_is_x, rms):
     T = x.shape[0]
     n_stats = T if ln_weight is not None else 0
     cdt = acc_dtype(x.dtype)
@@ -144,17 +144,17 @@ def _(x, weight, bias, ids, weights, ln_weight, ln_bias, eps, sorted_pick, offse
 def _routed_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
                        weights: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                        mean: Tensor, rstd: Tensor, sorted_pick: Tensor, offsets: Tensor,
-                       tile_module: Tensor, tile_row_start: Tensor, block_m: int, add_dy: bool
+                       tile_module: Tensor, tile_row_start: Tensor, block_m: int, add_dy: bool, rms: bool
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     plan = _plan_of(ids, weight.shape[0], block_m, sorted_pick, offsets, tile_module, tile_row_start)
     outs = linear_bwd_impl(dy, x, weight, bias, ids.contiguous(), weights, ln_weight, ln_bias, mean,
-                           rstd, plan, add_dy)
+                           rstd, plan, add_dy, rms)
     return tuple(o if o is not None else _empty(x) for o in outs)
 
 
 @_routed_linear_bwd.register_fake
 def _(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets,
-      tile_module, tile_row_start, block_m, add_dy):
+      tile_module, tile_row_start, block_m, add_dy, rms):
     e = x.new_empty(0)
     return (x.new_empty(x.shape), weight.new_empty(weight.shape),
             bias.new_empty(bias.shape) if bias is not None else e,
@@ -165,10 +165,10 @@ def _(dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_
 
 def _linear_setup_context(ctx, inputs, output):
     (x, weight, bias, ids, weights, ln_weight, ln_bias, eps, sorted_pick, offsets, tile_module,
-     tile_row_start, block_m, residual, res_is_x) = inputs
+     tile_row_start, block_m, residual, res_is_x, rms) = inputs
     _, mean, rstd = output
     ctx.set_materialize_grads(False)  # mean / rstd get no gradient: no zero-filled tensors for them
-    ctx.block_m = block_m
+    ctx.block_m, ctx.rms = block_m, rms
     ctx.res = (residual is not None, res_is_x)
     ctx.has = (bias is not None, weights is not None, ln_weight is not None, ln_bias is not None)
     ctx.save_for_backward(x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd,
@@ -177,16 +177,16 @@ def _linear_setup_context(ctx, inputs, output):
 
 def _linear_backward(ctx, dy, _dmean, _drstd):
     if dy is None:
-        return (None,) * 15
+        return (None,) * 16
     (x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets, tile_module,
      tile_row_start) = ctx.saved_tensors
     dx, dw, db, dg, dgamma, dbeta = torch.ops.mom_kernels.routed_linear_bwd(
         dy, x, weight, bias, ids, weights, ln_weight, ln_bias, mean, rstd, sorted_pick, offsets,
-        tile_module, tile_row_start, ctx.block_m, ctx.res[1])
+        tile_module, tile_row_start, ctx.block_m, ctx.res[1], ctx.rms)
     has_b, has_g, has_lw, has_lb = ctx.has
     return (dx, dw, db if has_b else None, None, dg if has_g else None, dgamma if has_lw else None,
             dbeta if has_lb else None, None, None, None, None, None, None,
-            dy if ctx.res[0] else None, None)  # the residual's gradient is dy itself
+            dy if ctx.res[0] else None, None, None)  # the residual's gradient is dy itself
 
 
 _routed_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -197,10 +197,11 @@ _routed_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_set
 # ---------------------------------------------------------------------------------------------
 
 def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=None, eps=1e-5,
-                  plan: Optional[RoutingPlan] = None, residual=None):
+                  plan: Optional[RoutingPlan] = None, residual=None, norm: str = "layer"):
     """Routed linear layer (see the module docstring). x [T, N_in]; weight [E, N_in, N_out];
     bias [E, N_out] or None; ids [T, K] int32/int64 with E = SKIP; weights [T, K] or None;
-    ln_weight, ln_bias [E, N_in] or None (LayerNorm on x per module when ln_weight is given);
+    ln_weight, ln_bias [E, N_in] or None (a norm on x per module when ln_weight is given: norm "layer", a
+    LayerNorm with ln_bias as beta (None: 0), or "rms", an RMSNorm, which takes no ln_bias);
     plan: a `make_plan(ids, E)` to share between calls with the same ids (built here if None).
     Returns [T, N_out] in x's dtype (the autocast dtype under torch.autocast: x and the layer's tensors are
     cast to it; the routing weights keep theirs). Differentiable in x, weight, bias, weights, ln_weight,
@@ -224,6 +225,7 @@ def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=No
     checks.check_tensor("weights", weights, (T, K), None, dev, optional=True)
     if ln_bias is not None and ln_weight is None:
         raise ValueError("ln_bias is given without ln_weight; pass both (or ln_weight alone)")
+    checks.check_norm(norm, ln_bias)
     checks.check_tensor("ln_weight", ln_weight, (E, n_in), dt, dev, optional=True)
     checks.check_tensor("ln_bias", ln_bias, (E, n_in), dt, dev, optional=True)
     checks.check_tensor("residual", residual, (T, n_out), dt, dev, optional=True)
@@ -233,5 +235,5 @@ def routed_linear(x, weight, bias, ids, weights=None, ln_weight=None, ln_bias=No
     with torch.autocast(x.device.type, enabled=False):  # inputs are already in their compute dtype
         y, _, _ = torch.ops.mom_kernels.routed_linear_fwd(
             x, weight, bias, ids, weights, ln_weight, ln_bias, float(eps), *plan.tensors(), plan.block_m,
-            None if res_is_x else residual, res_is_x)
+            None if res_is_x else residual, res_is_x, norm == "rms")
     return y

@@ -24,22 +24,30 @@ def make_ids(T, K, E, skip_frac=0.25, device="cpu", dtype=torch.int64, generator
 
 
 def ffn_inputs(T, K, E, D, F, dtype=torch.float64, device="cpu", skip_frac=0.25, seed=0, empty=(),
-               ids_dtype=torch.int64):
+               ids_dtype=torch.int64, family="gpt2"):
     """Fresh random (x, ln_weight, ln_bias, w1, b1, w2, b2, ids, weights) for routed_ffn, fp64 master
-    values cast to dtype (so two dtypes see the same numbers)."""
+    values cast to dtype (so two dtypes see the same numbers). family "llama": the Llama family's modules
+    (call routed_ffn with norm="rms", act="swiglu", FAMILY_OPS): w1 [E, D, 2F] (gate | up), no ln_bias, b1, b2
+    (None)."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, dtype=torch.float64) * scale)
     x = r(T, D)
     lw = 1.0 + r(E, D, scale=0.2)
     lb = r(E, D, scale=0.2)
-    w1 = r(E, D, F, scale=D ** -0.5)
+    w1 = r(E, D, F * (2 if family == "llama" else 1), scale=D ** -0.5)
     b1 = r(E, F, scale=0.2)
     w2 = r(E, F, D, scale=F ** -0.5)
     b2 = r(E, D, scale=0.2)
     ids = make_ids(T, K, E, skip_frac, generator=gen, empty=empty, dtype=ids_dtype)
     g = torch.rand(T, K, generator=gen, dtype=torch.float64) + 0.1
-    ts = [t.to(device=device, dtype=dtype) for t in (x, lw, lb, w1, b1, w2, b2)]
+    if family == "llama":
+        lb = b1 = b2 = None
+    ts = [t.to(device=device, dtype=dtype) if t is not None else None for t in (x, lw, lb, w1, b1, w2, b2)]
     return (*ts, ids.to(device), g.to(device=device, dtype=dtype))
+
+
+# the routed ops' keyword arguments per family (norm, activation)
+FAMILY_OPS = {"gpt2": dict(norm="layer", act="gelu"), "llama": dict(norm="rms", act="swiglu")}
 
 
 def linear_inputs(T, K, E, N_in, N_out, dtype=torch.float64, device="cpu", skip_frac=0.25, seed=0,

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_cast, _env_override, _gelu, _mma, _p2, acc_dtype, interpreting, launch_sms, ln_pointers,
-                     segment_tiles)
+from .common import (_cast, _env_override, _gelu, _mma, _p2, _sigmoid, _swiglu_of, acc_dtype, has_beta, interpreting,
+                     launch_sms, ln_pointers, segment_tiles)
 from .gathers import gather_rows
 from .routing import RoutingPlan
 
@@ -28,8 +28,8 @@ def _grouped_dw_kernel(
     mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, sorted_pick_ptr, offsets_ptr,
     N_IN, N_OUT, TOP_K,
     stride_am, stride_ak, stride_dm, stride_dn, stride_we, stride_wk, stride_wn, stride_ge, stride_gk,
-    A_GATHER: tl.constexpr, A_MODE: tl.constexpr,  # A_MODE 0: a, 1: LayerNorm_m(a), 2: gelu(a)
-    DY_GATHER: tl.constexpr, WEIGHTED: tl.constexpr,
+    A_GATHER: tl.constexpr, A_MODE: tl.constexpr,  # A_MODE 0: a, 1: norm_m(a), 2: gelu(a), 3: swiglu(a = gate | up)
+    DY_GATHER: tl.constexpr, WEIGHTED: tl.constexpr, HAS_BETA: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, RTNE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -49,7 +49,8 @@ def _grouped_dw_kernel(
     mask_n = offs_n < N_OUT
     if A_MODE == 1:
         ga = tl.load(gamma_ptr + m64 * stride_ge + offs_k * stride_gk, mask=mask_k, other=0.0).to(cdt)
-        be = tl.load(beta_ptr + m64 * stride_ge + offs_k * stride_gk, mask=mask_k, other=0.0).to(cdt)
+        if HAS_BETA:
+            be = tl.load(beta_ptr + m64 * stride_ge + offs_k * stride_gk, mask=mask_k, other=0.0).to(cdt)
     acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=cdt)
     n_iter = tl.cdiv(end - start, BLOCK_R)
     for i in range(0, n_iter):
@@ -67,10 +68,17 @@ def _grouped_dw_kernel(
         if A_MODE == 1:
             mu = tl.load(mean_ptr + tok, mask=mask_r, other=0.0)
             rs = tl.load(rstd_ptr + tok, mask=mask_r, other=0.0)
-            u = (aT.to(cdt) - mu[None, :]) * rs[None, :] * ga[:, None] + be[:, None]
+            u = (aT.to(cdt) - mu[None, :]) * rs[None, :] * ga[:, None]
+            if HAS_BETA:
+                u = u + be[:, None]
             aT = _cast(tl.where(mask_kr, u, 0.0), a_ptr.dtype.element_ty, RTNE)
         elif A_MODE == 2:
             aT = _cast(_gelu(aT.to(cdt)), a_ptr.dtype.element_ty, RTNE)
+        elif A_MODE == 3:  # aT is the gate; the up half N_IN columns on
+            upT = tl.load(a_ptr + (N_IN + offs_k)[:, None] * stride_ak + a_rows[None, :] * stride_am,
+                          mask=mask_kr, other=0.0).to(cdt)
+            gate = aT.to(cdt)
+            aT = _cast(_swiglu_of(gate, upT, _sigmoid(gate)), a_ptr.dtype.element_ty, RTNE)
         if DY_GATHER:
             d_rows = tok.to(tl.int64)
         else:
@@ -167,12 +175,13 @@ def grouped_dw(a, dy, plan: RoutingPlan, *, dw=None, db=None, a_gather: bool, a_
                dy_gather: bool, weights=None):
     """dw[m] = sum_r U_r^T dY_r, db[m] = sum_r dY_r over module m's rows; returns (dw [E, N_in, N_out], db).
 
-    a [T or P, N_in] (U = a, LN_m(a) with ln = (mean, rstd, gamma, beta) for a_mode 1, gelu(a) for
-    a_mode 2), dy [T or P, N_out] (times g[p] when weights [P] given), dw [E, N_in, N_out] (allocated when
-    None; the grouped_mm path returns its own tensor), db [E, N_out] or None. Path: `dw_backend`.
+    a [T or P, N_in] (U = a, LN_m(a) with ln = (mean, rstd, gamma, beta or None) for a_mode 1, gelu(a) for
+    a_mode 2, silu(gate) * up for a_mode 3 with a = [gate | up] [P, 2 N_in]), dy [T or P, N_out] (times g[p]
+    when weights [P] given), dw [E, N_in, N_out] (allocated when None; the grouped_mm path returns its own
+    tensor), db [E, N_out] or None. Path: `dw_backend`.
     """
     E = plan.n_modules
-    n_in, n_out = a.shape[1], dy.shape[1]
+    n_in, n_out = a.shape[1] // (2 if a_mode == 3 else 1), dy.shape[1]
     if db is not None:
         segment_sum(dy, plan, db, gather=dy_gather, weights=weights)
     if dw_backend(a.dtype, a.device, n_in, n_out) == "grouped_mm":
@@ -205,7 +214,7 @@ def grouped_dw(a, dy, plan: RoutingPlan, *, dw=None, db=None, a_gather: bool, a_
         n_in, n_out, plan.top_k,
         a.stride(0), a.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         gamma.stride(0), gamma.stride(1),
-        A_GATHER=a_gather, A_MODE=a_mode, DY_GATHER=dy_gather, WEIGHTED=weights is not None,
+        A_GATHER=a_gather, A_MODE=a_mode, DY_GATHER=dy_gather, WEIGHTED=weights is not None, HAS_BETA=has_beta(ln),
         UPCAST=interp and a.dtype in (torch.float16, torch.bfloat16),
         IEEE=a.dtype in (torch.float32, torch.float64) or interp, RTNE=interp,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],

@@ -61,6 +61,9 @@ ROUTED_CASES = [
     dict(straight_through=True, straight_through_clamp=True, router_temperature=0.2),  # the authors' estimator
     dict(dense_routing=True, balance_loss="pooled", balance_skip=True),
     dict(n_embd=24, n_head=3, n_inner=41, depth=3, anchor=False, n_bottom=0, n_top=0),  # odd sizes
+    # the Llama family: RMSNorm, SwiGLU, rotary positions; GQA with q/k/v biases and an untied head, then MHA
+    dict(family="llama", n_embd=24, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False),
+    dict(family="llama", n_embd=24, router="mlp", top_k=3, n_attn=4, n_ffn=3, skip=False),
 ]
 
 

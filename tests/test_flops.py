@@ -24,6 +24,10 @@ CONFIGS = {
     "gru-k3-shared-slots": lambda: small_config(n_attn=4, n_ffn=3, top_k=3, shared_slots=True, depth=3),
     "no-skip-weighted-qkv": lambda: small_config(skip=False, weighted_qkv=True, anchor=False),
     "dense-routing": lambda: small_config(dense_routing=True),
+    # the Llama family: three FFN GEMMs, a narrower QKV (grouped-query attention), an untied head
+    "vanilla-tiny-llama": lambda: MoMConfig.from_name("tiny-llama-vanilla"),
+    "llama-gqa-bias-untied": lambda: small_config(family="llama", n_embd=24, num_key_value_heads=2,
+                                                  attention_bias=True, tie_word_embeddings=False),
 }
 
 
@@ -62,7 +66,7 @@ def test_count_matches_flop_counter(name):
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("name", ["routed-gru-k2-skip", "mlp-k1-skip"])
+@pytest.mark.parametrize("name", ["routed-gru-k2-skip", "mlp-k1-skip", "llama-gqa-bias-untied"])
 def test_count_matches_default_flop_counter_math_sdpa(name, backend):
     """torch's FlopCounterMode as shipped (math SDPA path, so its bmm calls are counted); both backends."""
     cfg = CONFIGS[name]().replace(backend=backend)
@@ -149,7 +153,9 @@ def test_expected_skip_rate():
 
 
 @pytest.mark.parametrize("cfg", [small_config(), MoMConfig.from_name("tiny"), small_config(router="mlp"),
-                                 small_config(shared_slots=True), MoMConfig.from_name("tiny-gpt2")])
+                                 small_config(shared_slots=True), MoMConfig.from_name("tiny-gpt2"),
+                                 MoMConfig.from_name("tiny-llama"), MoMConfig.from_name("tiny-llama-vanilla"),
+                                 small_config(family="llama", n_embd=24, router="mlp")])
 def test_num_parameters(cfg):
     model = MoMForCausalLM(cfg)
     assert flops.num_parameters(cfg) == model.num_parameters()
@@ -171,3 +177,17 @@ def test_paper_bounds_analytic():
     routers = flops.num_parameters(deep) - flops.num_parameters(deep, routers=False)
     assert 0 < routers <= 0.0125 * flops.num_parameters(large)  # 4 chunks x 2 GRU routers: 9.47M (1.22%)
     assert deep.graph_depth >= 50
+
+
+@pytest.mark.parametrize("name", ["smollm-135m", "smollm-360m", "qwen2.5-0.5b"])
+def test_llama_presets_analytic(name):
+    """The published parameter counts from the config alone, and the efficient cut's forward FLOPs: about 2/3 of
+    the layers' work per token at seq 1024 (the LM head and attention core included: below 0.8x)."""
+    from test_llama import PUBLISHED
+
+    vanilla, eff = MoMConfig.from_name(name), MoMConfig.from_name(f"mom-{name}-efficient")
+    assert flops.num_parameters(vanilla) == PUBLISHED[name][0]
+    assert flops.num_parameters(eff, routers=False) == flops.num_parameters(vanilla)
+    ratio = flops.expected(eff, 1, 1024) / flops.expected(vanilla, 1, 1024)
+    assert 0.6 < ratio < 0.8, ratio
+    assert eff.top_k > 1 and eff.graph_depth < vanilla.graph_depth / 2

@@ -43,7 +43,8 @@ def test_compile_fullgraph_fwd_bwd(backend):
 
 
 def test_custom_ops_registered():
-    for name in ("routed_ffn_fwd", "routed_ffn_bwd", "routed_linear_fwd", "routed_linear_bwd"):
+    for name in ("routed_ffn_fwd", "routed_ffn_bwd", "routed_linear_fwd", "routed_linear_bwd", "rotary_fwd",
+                 "rotary_bwd"):
         assert hasattr(torch.ops.mom_kernels, name)
     # the fake (meta) kernels give shapes without running anything
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -54,5 +55,7 @@ def test_custom_ops_registered():
         ids = torch.zeros(5, 2, dtype=torch.long)
         plan = mk.make_plan(ids, 2, block_m=16)
         y, mean, rstd = torch.ops.mom_kernels.routed_linear_fwd(
-            x, w, None, ids, None, None, None, 1e-5, *plan.tensors(), plan.block_m, None, False)
+            x, w, None, ids, None, None, None, 1e-5, *plan.tensors(), plan.block_m, None, False, False)
         assert y.shape == (5, 12) and mean.shape == (0,)
+        q, k, v = torch.ops.mom_kernels.rotary_fwd(torch.empty(2, 3, 32), torch.empty(3, 4), torch.empty(3, 4), 4, 2)
+        assert q.shape == (2, 4, 3, 4) and k.shape == v.shape == (2, 2, 3, 4)

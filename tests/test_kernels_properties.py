@@ -55,7 +55,12 @@ def _check(fn, ref, args, grad_idx, dtype):
     else:  # every pick SKIP: the loop's output does not depend on the inputs
         exp = [torch.zeros_like(rleaves[i]) for i in grad_idx]
     for i, a, b in zip(grad_idx, got, exp):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"grad of argument {i}: {m}")
+        # fp32: the absolute bound scales with the gradient's largest entry (a LayerNorm over 2 nearly equal
+        # features has rstd up to 1 / sqrt(eps) = 316: both fp32 backwards round at that scale, so a fixed
+        # 2e-4 made the same draw pass or fail with the thread count)
+        scale = 1.0 if dtype == torch.float64 else max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                                   msg=lambda m: f"grad of argument {i}: {m}")
 
 
 @SETTINGS

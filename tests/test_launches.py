@@ -43,6 +43,18 @@ def test_step_launch_budget():
     assert not c.syncs, c.table()
 
 
+def test_llama_step_launch_budget():
+    """A Llama-family routed step (RMSNorm, SwiGLU, rotary positions, grouped-query attention, q/k/v biases)
+    within the step budget plus the rotation: q and k rotated by one launch forward and one backward, no
+    LayerNorm or GELU launch of its own, nothing read back to the host."""
+    layer = _layer(depth=1, family="llama", num_key_value_heads=2, attention_bias=True)
+    c = _step_count(layer)
+    assert c.total <= STEP_BUDGET + 4, c.table()
+    assert c.triton["_rotary_kernel"] == 2, c.table()
+    assert c.aten["native_layer_norm"] == 0 and c.aten["gelu"] == 0 and c.aten["silu"] == 0, c.table()
+    assert not c.syncs, c.table()
+
+
 def test_decode_step_launch_budget():
     """A decode step (no grad, a few tokens, balance off) runs the route kernel alone: no plan, no balance
     terms (the few-token ops need none); at most DECODE_STEP_BUDGET launches per routed step, none of them a
