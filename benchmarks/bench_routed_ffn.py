@@ -5,14 +5,16 @@ and the "torch" path, forward and forward + backward, in TFLOP/s.
     python -m benchmarks.bench_routed_ffn --sweep check           # GPU: the subset benchmarks/gpu_check.sh runs
     python -m benchmarks.bench_routed_ffn --sweep full            # GPU: D 768/1024/1280 x E 4/8/16 x K 1/2/3 x
                                                                   #      T 4k..32k x uniform/skewed x SKIP 0/25%
+    python -m benchmarks.bench_routed_ffn --family llama --quick  # the Llama family's FFN: RMSNorm, SwiGLU
+    python -m benchmarks.bench_routed_ffn --family llama --sweep check   # GPU, at Qwen2.5-0.5B's D 896, F 4864
 
 Implementations (same inputs, bf16 on a GPU):
   triton  mom_kernels.routed_ffn (gathered grouped GEMMs, no host sync)
-  dense   one FFN (LayerNorm, W1, GELU, W2) over S rows, S = the number of non-SKIP picks: the same
-          matrix FLOPs as the routed step, on cuBLAS
+  dense   one FFN (LayerNorm, W1, GELU, W2; Llama family: RMSNorm, W_gate | W_up, SwiGLU, W_down) over S rows,
+          S = the number of non-SKIP picks: the same matrix FLOPs as the routed step, on cuBLAS
   loop    mom_kernels.reference.routed_ffn, the per-module loop of the authors' code
   torch   mom.routed.torch_routed_ffn (the lead's vectorised PyTorch path), when `mom` imports
-FLOPs counted: forward 4*S*D*F (the two GEMMs), forward + backward 3x that. Times are medians of
+FLOPs counted: forward 4*S*D*F (the two GEMMs; SwiGLU's three: 6*S*D*F), forward + backward 3x that. Times are medians of
 triton.testing.do_bench (p20 / p80 kept) on CUDA, of a perf_counter loop on a CPU. Rows are appended
 to benchmarks/out/routed_ffn.csv (--csv) with the device name, commit and date.
 GPU targets: triton forward >= 85% of dense, forward + backward >= 75%, >= 3x the loop.
@@ -51,9 +53,17 @@ def make_routing(T, K, E, routing, skip, device, generator):
     return ids.to(device), weights.to(device)
 
 
-def make_params(E, D, F, dtype, device, generator):
+# the routed ops' norm and activation per block family (mom.config.MoMConfig.norm / .act)
+FAMILY_OPS = {"gpt2": dict(norm="layer", act="gelu"), "llama": dict(norm="rms", act="swiglu")}
+
+
+def make_params(E, D, F, dtype, device, generator, family="gpt2"):
+    """(ln_weight, ln_bias, w1, b1, w2, b2) of E modules; the Llama family's: w1 [E, D, 2F] (gate | up), no
+    ln_bias or biases (None)."""
     r = lambda *s, scale: (torch.randn(*s, generator=generator) * scale).to(device=device, dtype=dtype)
     lw = 1.0 + r(E, D, scale=0.1)
+    if family == "llama":
+        return lw, None, r(E, D, 2 * F, scale=D ** -0.5), None, r(E, F, D, scale=F ** -0.5), None
     lb = r(E, D, scale=0.1)
     w1, b1 = r(E, D, F, scale=D ** -0.5), r(E, F, scale=0.02)
     w2, b2 = r(E, F, D, scale=F ** -0.5), r(E, D, scale=0.02)
@@ -61,6 +71,12 @@ def make_params(E, D, F, dtype, device, generator):
 
 
 def dense_ffn(x, lw, lb, w1, b1, w2, b2):
+    """One module's FFN over every row of x: GPT-2's (LayerNorm, GELU, biases), or without lb / biases the Llama
+    family's (RMSNorm, SwiGLU of w1 = gate | up)."""
+    if lb is None:
+        u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * lw
+        gate, up = torch.mm(u, w1).chunk(2, dim=-1)
+        return torch.mm(F_.silu(gate) * up, w2)
     u = F_.layer_norm(x, (x.shape[1],), lw, lb, 1e-5)
     return torch.addmm(b2, F_.gelu(torch.addmm(b1, u, w1), approximate="tanh"), w2)
 
@@ -109,24 +125,27 @@ def implementations(device, include_loop=True):
 def run_config(cfg, device, dtype, impls, quick=False, modes=("fwd", "fwd+bwd")):
     """Time every implementation on one configuration; returns CSV rows."""
     T, D, E, K, routing, skip = cfg["T"], cfg["D"], cfg["E"], cfg["K"], cfg["routing"], cfg["skip"]
-    F = 4 * D
+    family = cfg.get("family", "gpt2")
+    F = cfg.get("F") or 4 * D
     gen = torch.Generator().manual_seed(0)
     ids, g = make_routing(T, K, E, routing, skip, device, gen)
     g = g.to(dtype)
-    params = make_params(E, D, F, dtype, device, gen)
+    params = make_params(E, D, F, dtype, device, gen, family)
+    ops = FAMILY_OPS[family]
     x = torch.randn(T, D, generator=gen).to(device=device, dtype=dtype)
     S = int((ids < E).sum())  # host sync here is fine: setup, not the timed region
-    flops_fwd = 4.0 * S * D * F
+    flops_fwd = (6.0 if family == "llama" else 4.0) * S * D * F
     rows = []
     for name, fn in impls.items():
         for mode in modes:
             if name == "dense":
                 xd = torch.randn(max(S, 1), D, generator=gen).to(device=device, dtype=dtype)
-                leaves = [xd] + [p[0].detach().clone() for p in params]
-                call = lambda: dense_ffn(*leaves)  # noqa: E731
+                one = [p[0].detach().clone() if p is not None else None for p in params]
+                leaves = [xd] + [p for p in one if p is not None]
+                call = lambda: dense_ffn(xd, *one)  # noqa: E731
             else:
-                leaves = [x, *params, g]
-                call = lambda: fn(x, *params, ids, g)  # noqa: E731
+                leaves = [x] + [p for p in params if p is not None] + [g]
+                call = lambda: fn(x, *params, ids, g, **ops)  # noqa: E731
             if mode == "fwd":
                 for t in leaves:
                     t.requires_grad_(False)
@@ -144,7 +163,7 @@ def run_config(cfg, device, dtype, impls, quick=False, modes=("fwd", "fwd+bwd"))
                     call().backward(dy)
                 ms = bench(step, device, quick)
             flops = flops_fwd * (3 if mode == "fwd+bwd" else 1)
-            rows.append(dict(impl=name, mode=mode, dtype=str(dtype).replace("torch.", ""), T=T, D=D, F=F, E=E,
+            rows.append(dict(impl=name, mode=mode, family=family, dtype=str(dtype).replace("torch.", ""), T=T, D=D, F=F, E=E,
                              K=K, routing=routing, skip=skip, rows=S, ms=round(ms[0], 4), ms_p20=round(ms[1], 4),
                              ms_p80=round(ms[2], 4), tflops=float(f"{flops / (ms[0] * 1e-3) / 1e12:.5g}")))
     by = {(r["impl"], r["mode"]): r for r in rows}
@@ -156,7 +175,15 @@ def run_config(cfg, device, dtype, impls, quick=False, modes=("fwd", "fwd+bwd"))
 
 
 # --------------------------------------------------------------------------------------------- sweeps
-def sweep(name):
+def sweep(name, family="gpt2"):
+    if family == "llama":  # Qwen2.5-0.5B's FFN (D 896, F 4864), and the CPU-sized point with its F / D
+        base = dict(T=16384, D=896, F=4864, E=8, K=2, routing="uniform", skip=0.0, family="llama")
+        if name == "quick":
+            return [dict(base, T=1024, D=224, F=1216, E=4), dict(base, T=1024, D=224, F=1216, E=4, routing="skewed",
+                                                                  skip=0.25)]
+        if name == "check":
+            return [base, dict(base, E=16), dict(base, K=1), dict(base, routing="skewed", skip=0.25)]
+        return [dict(base, T=t, E=e, K=k) for t, e, k in itertools.product((4096, 16384), (4, 8, 16), (1, 2, 3))]
     base = dict(T=16384, D=1024, E=8, K=2, routing="uniform", skip=0.0)
     if name == "quick":  # CPU-sized
         return [dict(base, T=1024, D=256, E=4, K=2), dict(base, T=1024, D=256, E=4, K=2, routing="skewed", skip=0.25)]
@@ -210,10 +237,10 @@ def tile_sweep(device, dtype, cfg=None):
 
 def summary(rows):
     """Short table: per configuration, triton TFLOP/s, % of dense and x the loop, fwd and fwd+bwd."""
-    lines = [f"{'T':>6} {'D':>5} {'E':>3} {'K':>2} {'routing':<8} {'skip':>4} | "
+    lines = [f"{'T':>6} {'D':>5} {'E':>3} {'K':>2} {'routing':<8} {'skip':>4} {'family':<6} | "
              f"{'fwd TF/s':>8} {'%dense':>6} {'xloop':>6} {'xtorch':>6} | "
              f"{'f+b TF/s':>8} {'%dense':>6} {'xloop':>6} {'xtorch':>6}"]
-    key = lambda r: (r["T"], r["D"], r["E"], r["K"], r["routing"], r["skip"])  # noqa: E731
+    key = lambda r: (r["T"], r["D"], r["E"], r["K"], r["routing"], r["skip"], r.get("family", "gpt2"))  # noqa: E731
     groups = {}
     for r in rows:
         groups.setdefault(key(r), {})[(r["impl"], r["mode"])] = r
@@ -231,7 +258,7 @@ def summary(rows):
             xt = f"{t['ms'] / r['ms']:.2f}" if t and main != "torch" else "-"
             tf = f"{r['tflops']:.1f}" if r["tflops"] >= 1 else f"{r['tflops']:.4f}"
             cells.append(f"{tf:>8} {pct:>6} {xl:>6} {xt:>6}")
-        lines.append(f"{k[0]:>6} {k[1]:>5} {k[2]:>3} {k[3]:>2} {k[4]:<8} {k[5]:>4} | {cells[0]} | {cells[1]}")
+        lines.append(f"{k[0]:>6} {k[1]:>5} {k[2]:>3} {k[3]:>2} {k[4]:<8} {k[5]:>4} {k[6]:<6} | {cells[0]} | {cells[1]}")
     return f"impl shown: {main}\n" + "\n".join(lines)
 
 
@@ -264,6 +291,8 @@ def main(argv=None):
     p.add_argument("--csv", default=CSV_PATH)
     p.add_argument("--tiles", action="store_true", help="GPU: try the GEMM tile configurations (TILE_CONFIGS) "
                    "at the base point instead of a sweep")
+    p.add_argument("--family", default="gpt2", choices=sorted(FAMILY_OPS),
+                   help="the modules' block family: gpt2 (LayerNorm, GELU, biases) or llama (RMSNorm, SwiGLU, no biases)")
     a = p.parse_args(argv)
     name = "quick" if a.quick else (a.sweep or ("check" if a.device == "cuda" else "quick"))
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device == "cuda" else torch.float32)
@@ -284,7 +313,7 @@ def main(argv=None):
         print(tile_sweep(a.device, dtype))
         return 0
     all_rows = []
-    for cfg in sweep(name):
+    for cfg in sweep(name, a.family):
         t0 = time.time()
         rows = [dict(stamp, **r) for r in run_config(cfg, a.device, dtype, impls, quick=name != "full")]
         append_csv(a.csv, rows)

@@ -104,7 +104,7 @@ def _to_launch(fn, args, kwargs, role) -> Launch:
 
 
 _KERNEL_MODULES = ("mom_kernels.gemm", "mom_kernels.gathers", "mom_kernels.reductions", "mom_kernels.weight_grads",
-                   "mom_kernels.route", "mom_kernels.decode")
+                   "mom_kernels.route", "mom_kernels.decode", "mom_kernels.rotary")
 
 
 class _env_set:
@@ -167,6 +167,41 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
         o, m0, r0 = rl.linear_fwd_impl(x, wo, bo, ids, g, None, None, 1e-5, plan)
         role[0] = "proj bwd"
         rl.linear_bwd_impl(o, x, wo, bo, ids, g, None, None, m0, r0, plan)
+        # the Llama family: RMSNorm (no beta), the SwiGLU FFN (gate | up: two accumulators forward, d gate | d up
+        # backward), bias-free projections, the rotary QKV split; split / TMA paths of the SwiGLU GEMMs
+        w1s = r(E, D, 2 * F)
+        role[0] = "swiglu ffn fwd"
+        y, mean, rstd, pre = rf.ffn_fwd_impl(x, lw, None, w1s, None, w2, None, ids, g, 1e-5, plan, True, rms=True,
+                                             swiglu=True)
+        role[0] = "swiglu ffn bwd"
+        rf.ffn_bwd_impl(y, x, lw, None, w1s, None, w2, None, ids, g, mean, rstd, pre, plan, rms=True, swiglu=True)
+        for env, tag in (({"MOM_KERNELS_GEMM": "split"}, "split"), ({"MOM_KERNELS_TMA": "1"}, "tma")):
+            with _env_set(env):
+                role[0] = f"swiglu ffn fwd {tag}"
+                rf.ffn_fwd_impl(x, lw, None, w1s, None, w2, None, ids, g, 1e-5, plan, True, rms=True, swiglu=True)
+                role[0] = f"swiglu ffn bwd {tag}"
+                rf.ffn_bwd_impl(x, x, lw, None, w1s, None, w2, None, ids, g, mean, rstd, r(T * K, 2 * F), plan,
+                                rms=True, swiglu=True)
+        for bq_ in (bq, None):
+            role[0] = "rms qkv fwd" + ("" if bq_ is not None else ", no bias")
+            qkv, mean, rstd = rl.linear_fwd_impl(x, wq, bq_, ids, None, lw, None, 1e-5, plan, rms=True)
+            role[0] = "rms qkv bwd" + ("" if bq_ is not None else ", no bias")
+            rl.linear_bwd_impl(qkv, x, wq, bq_, ids, None, lw, None, mean, rstd, plan, rms=True)
+        role[0] = "proj fwd, no bias"
+        o, m0, r0 = rl.linear_fwd_impl(x, wo, None, ids, g, None, None, 1e-5, plan)
+        role[0] = "proj bwd, no bias"
+        rl.linear_bwd_impl(o, x, wo, None, ids, g, None, None, m0, r0, plan)
+        role[0] = "swiglu dw gather"
+        gg.gather_rows(r(T * K, 2 * F), plan, gather=False, mode=3)
+        gg.gather_rows(x, plan, gather=True, mode=1, ln=(mean, rstd, lw, None))
+        ro_ = importlib.import_module("mom_kernels.rotary")
+        hd = 64
+        Bq, Tq, H, Hkv = 4, T // 4, D // hd, max(1, D // hd // 4)
+        cos, qkv4 = r(Bq, Tq, hd), r(Bq, Tq, (H + 2 * Hkv) * hd)
+        q, k, v = ro_._heads(qkv4, H, hd), ro_._heads(qkv4, Hkv, hd), ro_._heads(qkv4, Hkv, hd)
+        for backward in (False, True):
+            role[0] = "rotary " + ("bwd" if backward else "fwd")
+            ro_._launch(qkv4, q, k, v, cos, cos, backward)
         # the operand gathers of the grouped_mm weight-gradient path (GPU default in bf16; see dw_backend)
         role[0] = "dw gather"
         gp = r(T * K)
@@ -203,6 +238,10 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
                 de.decode_routed_ffn(r(1, D), lw, lb, w1, b1, w2, b2, ids1, r(1, K))
                 role[0] = f"decode qkv, split {split}"
                 de.decode_routed_linear(r(1, D), wq, bq, ids1, None, lw, lb)
+                role[0] = f"decode swiglu ffn, split {split}"
+                de.decode_routed_ffn(r(1, D), lw, None, w1s, None, w2, None, ids1, r(1, K), norm="rms", act="swiglu")
+                role[0] = f"decode rms qkv, split {split}"
+                de.decode_routed_linear(r(1, D), wq, None, ids1, None, lw, None, norm="rms")
     finally:
         for mod, n in names:
             setattr(mod, n, saved[mod, n])

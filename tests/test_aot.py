@@ -52,7 +52,7 @@ def test_aot_compile_sm90_sm80(tmp_path):
                        "_routing_weight_grad_kernel", "_gru_router_fwd_kernel", "_gru_router_bwd_kernel",
                        "_rows_epilogue_kernel", "_route_kernel", "_plan_scan_kernel", "_plan_scatter_kernel",
                        "_route_bwd_kernel", "_decode_gemv_kernel", "_decode_splitk_kernel",
-                       "_decode_splitk_combine_kernel"}
+                       "_decode_splitk_combine_kernel", "_rotary_kernel"}
     assert {r["arch"] for r in rows} == {90, 80}
     spills = [(r["kernel"], r["dtype"], r["arch"], r["config"], r["local"]) for r in rows if r["local"]]
     assert not spills, f"local-memory spills: {spills}"
@@ -66,6 +66,9 @@ def test_aot_compile_sm90_sm80(tmp_path):
     fat = [(r["config"], r["reg"]) for r in rows if r["kernel"] == "_grouped_gemm_kernel" and r["arch"] == 90
            and r["dtype"] == "bf16" and r["reg"] > 168]
     assert not fat, f"sm_90 grouped GEMMs over 168 registers: {fat}"
+    # the Llama family's variants are among them: SwiGLU's two accumulators (forward) and d gate | d up (backward)
+    swiglu = {r["config"] for r in rows if r["kernel"] == "_grouped_gemm_kernel" and "SWIGLU" in r["config"]}
+    assert any("EPI_GELU" in c for c in swiglu) and any("GELU_BWD" in c for c in swiglu), swiglu
     assert all(r["triton_shared"] <= 227 * 1024 for r in rows if r["arch"] == 90)
     assert all(r["triton_shared"] <= 163 * 1024 for r in rows if r["arch"] == 80)
 

@@ -71,7 +71,10 @@ def test_routed_linear_properties(c, has_ln, has_bias, weighted):
     x, w = _x(c, n_in), r(E, n_in, n_out)
     b = r(E, n_out) if has_bias else None
     g = r(c["T"], c["K"]).abs() + 0.1 if weighted else None
-    lw, lb = (1 + 0.2 * r(E, n_in), 0.2 * r(E, n_in)) if has_ln and n_in > 1 else (None, None)
+    # a LayerNorm over 2 features outputs +-1 whatever x is (its dx is 0 exactly): both fp32 backwards return
+    # rounding noise times rstd (up to 1 / sqrt(eps) = 316) there, and a draw then passed or failed with the
+    # thread count; from 3 features on the gradient is real
+    lw, lb = (1 + 0.2 * r(E, n_in), 0.2 * r(E, n_in)) if has_ln and n_in > 2 else (None, None)
     ids = c["ids"].to(torch.int32) if c["ids32"] else c["ids"]
     args = [x, w, b, ids, g, lw, lb]
     grad_idx = [i for i in (0, 1, 2, 4, 5, 6) if args[i] is not None]
