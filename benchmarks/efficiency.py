@@ -3,10 +3,12 @@
     python -m benchmarks.efficiency                      # CPU, the claim's pair at width / vocab / length x 1/8
     python -m benchmarks.efficiency --all                # every preset at x 1/4 (about 20 min on 2 CPU cores)
     python -m benchmarks.efficiency --device cuda --full # GPU, full sizes (batch 16 x 1024 tokens, bf16)
+    python -m benchmarks.efficiency --pair smollm-135m,mom-smollm-135m-efficient   # any vanilla / MoM pair
 
 By default it measures what the claim needs: mom-large-efficient and gpt2-large (the deep MoM's claim,
 parameters and depth, comes from the configs) and ends with a verdict table: each claim, the paper's figure,
-ours, whether it holds, and why. The quality part of the claim (equal quality at those FLOPs) is not shown
+ours, whether it holds, and why. --pair VANILLA,MOM gives any pair of presets (a Llama-family pair too) the same
+tables, claim chart and verdict columns, the paper's figures held against that pair. The quality part of the claim (equal quality at those FLOPs) is not shown
 by this job: the models are untrained. Results go to --out (benchmarks/out/, ignored by git);
 --update-results also writes them into benchmarks/results/, the committed reference.
 
@@ -59,6 +61,8 @@ ROWS = [
 ]
 BASELINE = {768: "gpt2", 1024: "gpt2-medium", 1280: "gpt2-large"}  # same width -> same-size GPT-2
 PAPER = dict(flops_ratio=0.84, memory_ratio=0.58, deep_depth=50)  # abstract: 16% fewer TFLOPs, 42% less memory
+CLAIM_BASE, CLAIM_MOM, DEEP = "gpt2-large", "mom-large-efficient", "mom-large-deep"
+CLAIM_PAIR = (CLAIM_BASE, CLAIM_MOM)  # the paper's pair: (vanilla, MoM)
 
 
 def row_config(name: str) -> MoMConfig:
@@ -68,27 +72,42 @@ def row_config(name: str) -> MoMConfig:
     return MoMConfig.from_name(name)
 
 
+def baseline_of(name: str, pair=CLAIM_PAIR) -> str:
+    """The vanilla model a row is measured against: the pair's vanilla for the pair's rows, else the GPT-2 of the
+    row's width (GPT-2 rows: themselves)."""
+    if name in pair:
+        return pair[0]
+    return BASELINE[row_config(name).n_embd]
+
+
 def scaled(cfg: MoMConfig, s: float, seq_len: int) -> MoMConfig:
-    """Width, vocabulary and router width x s (heads, layers, pools, K kept); room for seq_len positions."""
+    """Width, vocabulary and router width x s (heads, K/V heads, layers, pools, K kept; an even head size in the
+    Llama family, which rotates half-heads); room for seq_len positions."""
     if s == 1.0:
         return cfg.replace(n_positions=max(cfg.n_positions, seq_len))
-    head = max(1, round(cfg.n_embd * s / cfg.n_head))
+    step = 2 if cfg.family == "llama" else 1
+    head = max(step, step * round(cfg.n_embd * s / cfg.n_head / step))
     return cfg.replace(n_embd=head * cfg.n_head, vocab_size=max(16, round(cfg.vocab_size * s)),
                        router_dim=max(4, round(cfg.router_dim * s)), n_positions=max(seq_len, 16),
                        n_inner=None if cfg.n_inner is None else round(cfg.n_inner * s))
 
 
+def kv_elements(cfg: MoMConfig, batch: int, seq_len: int) -> int:
+    """KV cache elements of a sequence: one K and one V per attention call, kv_heads x head_dim wide."""
+    return cfg.n_cache_layers * 2 * batch * seq_len * cfg.kv_heads * cfg.head_dim
+
+
 # --- tables ------------------------------------------------------------------------------------------------------
-def analytic_rows(batch: int = 1, seq_len: int = 1024):
-    """Full-size figures from the configs alone (no model built)."""
+def analytic_rows(batch: int = 1, seq_len: int = 1024, pair=None):
+    """Full-size figures from the configs alone (no model built): every row of ROWS, or the pair (vanilla, MoM)."""
     out = []
-    for name, _, _, note in ROWS:
+    rows = ROWS if pair is None else [(name, name, {}, "") for name in pair]
+    for name, _, _, note in rows:
         cfg = row_config(name)
-        base = BASELINE[cfg.n_embd]
+        base = baseline_of(name, pair or CLAIM_PAIR)
         f, fb = flops.expected(cfg, batch, seq_len), flops.expected(row_config(base), batch, seq_len)
         p, pb = flops.num_parameters(cfg), flops.num_parameters(row_config(base))
-        kv = cfg.n_cache_layers * 2 * batch * seq_len * cfg.n_embd  # KV cache elements of the sequence
-        kvb = row_config(base).n_cache_layers * 2 * batch * seq_len * cfg.n_embd
+        kv, kvb = kv_elements(cfg, batch, seq_len), kv_elements(row_config(base), batch, seq_len)
         out.append(dict(model=name, baseline=base, params_M=p / 1e6,
                         router_params_M=(p - flops.num_parameters(cfg, routers=False)) / 1e6,
                         depth=cfg.graph_depth, K=cfg.top_k if cfg.chunks else 1,
@@ -135,8 +154,9 @@ def measure(args):
     from tqdm import tqdm
 
     names = args.models
+    pair = getattr(args, "pair", CLAIM_PAIR)  # (callers building args by hand may leave it out)
     for n in names:  # a MoM's ratios need its baseline
-        b = BASELINE[row_config(n).n_embd]
+        b = baseline_of(n, pair)
         if b not in names:
             names = [b] + names
     order = [r[0] for r in ROWS]
@@ -180,7 +200,7 @@ def measure(args):
         rows.append(row)
     by = {r["model"]: r for r in rows}
     for r in rows:
-        b = by[BASELINE[row_config(r["model"]).n_embd]]
+        b = by[baseline_of(r["model"], pair)]
         key = "GFLOPs_counted" if "GFLOPs_counted" in r else "GFLOPs_analytic"
         r["flops_ratio"] = r[key] / b[key]
         for mode in args.modes:
@@ -190,34 +210,35 @@ def measure(args):
 
 
 # --- the verdict -------------------------------------------------------------------------------------------------
-CLAIM_MOM, CLAIM_BASE, DEEP = "mom-large-efficient", "gpt2-large", "mom-large-deep"
-
-
 def layout(name: str) -> str:
     c = row_config(name)
     return (f"{c.n_bottom} + {c.chunks} chunks x ({c.depth} routed steps, top-{c.top_k} of {c.n_attn}/{c.n_ffn} "
             f"modules, + anchor) + {c.n_top} blocks")
 
 
-def verdict(arows, rows, modes, settings="") -> list:
-    """The paper's claims (paper.md), each with its figure, ours, whether it holds and why, from this run's
+def verdict(arows, rows, modes, settings="", pair=CLAIM_PAIR) -> list:
+    """The paper's claims (docs/method.md), each with its figure, ours, whether it holds and why, from this run's
     tables. Lower is better for every ratio; a claim holds when ours is at or below the paper's figure (at or
-    above for depth). `rows` may be None (analytic only)."""
+    above for depth). `rows` may be None (analytic only). pair (vanilla, MoM): the efficient-MoM claims held
+    against another pair (the deep MoM's claims belong to the paper's pair only)."""
+    base_name, mom_name = pair
     a = {r["model"]: r for r in arows}
     m = {r["model"]: r for r in rows or []}
-    eff, deep = a[CLAIM_MOM], a[DEEP]
+    eff = a[mom_name]
+    vdepth = row_config(base_name).graph_depth
+    label = "GPT-2-large" if base_name == CLAIM_BASE else base_name
     out = []
     ours = f"{eff['flops_ratio']:.3f}x (full size, 1 x 1024, analytic)"
-    if CLAIM_MOM in m and CLAIM_BASE in m:
-        ours += f"; {m[CLAIM_MOM]['flops_ratio']:.3f}x counted from the routers' picks here"
-    out.append(dict(claim="efficient MoM: forward TFLOPs / GPT-2-large's", paper=f"{PAPER['flops_ratio']}x",
+    if mom_name in m and base_name in m:
+        ours += f"; {m[mom_name]['flops_ratio']:.3f}x counted from the routers' picks here"
+    out.append(dict(claim=f"efficient MoM: forward TFLOPs / {label}'s", paper=f"{PAPER['flops_ratio']}x",
                     ours=ours, holds="yes" if eff["flops_ratio"] <= PAPER["flops_ratio"] else "no",
-                    why=f"graph depth {eff['depth']} vs 36, {layout(CLAIM_MOM)}; every pick runs a module "
+                    why=f"graph depth {eff['depth']} vs {vdepth}, {layout(mom_name)}; every pick runs a module "
                         f"(no SKIP), the costliest case"))
     for mode in modes:
-        if CLAIM_MOM not in m or CLAIM_BASE not in m:
+        if mom_name not in m or base_name not in m:
             break
-        r, b = m[CLAIM_MOM], m[CLAIM_BASE]
+        r, b = m[mom_name], m[base_name]
         ratio = r[f"{mode}_mem_ratio"]
         pm, wm, pb, wb = (r[f"{mode}_peak_MB"], r[f"{mode}_weights_MB"], b[f"{mode}_peak_MB"],
                           b[f"{mode}_weights_MB"])
@@ -225,27 +246,34 @@ def verdict(arows, rows, modes, settings="") -> list:
         what = {"train": "training forward (activations kept for backward)",
                 "prefill": "inference prefill (KV cache built)",
                 "decode": "one-token decode (KV cache read)"}[mode]
-        why = (f"= weights {wm / pb:.2f} (all of GPT-2-large's are kept) + the rest {(pm - wm) / pb:.2f} of "
-               f"GPT-2-large's peak; the rest (activations, KV caches: 14 steps vs 36 layers) is "
-               f"{(pm - wm) / max(pb - wb, 1e-9):.2f}x GPT-2-large's")
-        out.append(dict(claim=f"efficient MoM: peak memory / GPT-2-large's, {what}",
+        why = (f"= weights {wm / pb:.2f} (all of {label}'s are kept) + the rest {(pm - wm) / pb:.2f} of "
+               f"{label}'s peak; the rest (activations, KV caches: {eff['depth']} steps vs {vdepth} layers) is "
+               f"{(pm - wm) / max(pb - wb, 1e-9):.2f}x {label}'s")
+        out.append(dict(claim=f"efficient MoM: peak memory / {label}'s, {what}",
                         paper=f"{PAPER['memory_ratio']}x", ours=f"{ratio:.3f}x", holds="yes" if ok else "no",
                         why=why + (f"; {settings}" if settings else "")))
-    out.append(dict(claim="deep MoM: same parameters as GPT-2-large", paper="774M (1.0x)",
-                    ours=f"{deep['params_M']:.1f}M ({deep['params_ratio']:.3f}x)",
-                    holds="yes" if deep["params_ratio"] <= 1.02 else "no",
-                    why=f"all of GPT-2-large's weights plus {deep['router_params_M']:.1f}M router parameters"))
-    out.append(dict(claim="deep MoM: graph over 38% deeper", paper=f">= {PAPER['deep_depth']} vs 36",
-                    ours=f"{deep['depth']} vs 36 ({deep['depth_ratio']:.2f}x)",
-                    holds="yes" if deep["depth"] >= PAPER["deep_depth"] else "no",
-                    why=layout(DEEP)))
-    out.append(dict(claim="efficient MoM: at most 14 steps deep", paper="<= 14 vs 36", ours=f"{eff['depth']} vs 36",
-                    holds="yes" if eff["depth"] <= 14 else "no", why=layout(CLAIM_MOM)))
-    out.append(dict(claim="... and it matches GPT-2-large's quality at those FLOPs and memory",
+    if DEEP in a:
+        deep = a[DEEP]
+        out.append(dict(claim="deep MoM: same parameters as GPT-2-large", paper="774M (1.0x)",
+                        ours=f"{deep['params_M']:.1f}M ({deep['params_ratio']:.3f}x)",
+                        holds="yes" if deep["params_ratio"] <= 1.02 else "no",
+                        why=f"all of GPT-2-large's weights plus {deep['router_params_M']:.1f}M router parameters"))
+        out.append(dict(claim="deep MoM: graph over 38% deeper", paper=f">= {PAPER['deep_depth']} vs 36",
+                        ours=f"{deep['depth']} vs 36 ({deep['depth_ratio']:.2f}x)",
+                        holds="yes" if deep["depth"] >= PAPER["deep_depth"] else "no",
+                        why=layout(DEEP)))
+    if pair == CLAIM_PAIR:
+        out.append(dict(claim="efficient MoM: at most 14 steps deep", paper="<= 14 vs 36",
+                        ours=f"{eff['depth']} vs 36", holds="yes" if eff["depth"] <= 14 else "no", why=layout(mom_name)))
+    else:  # the paper's "over 60% less depth" (14 vs 36), for the pair's vanilla
+        out.append(dict(claim="efficient MoM: over 60% less depth", paper=f"<= 0.4 x {vdepth}",
+                        ours=f"{eff['depth']} vs {vdepth} ({eff['depth'] / vdepth:.2f}x)",
+                        holds="yes" if eff["depth"] <= 0.4 * vdepth else "no", why=layout(mom_name)))
+    out.append(dict(claim=f"... and it matches {label}'s quality at those FLOPs and memory",
                     paper="matches (GLUE, XSUM)", ours="not measured", holds="not shown",
-                    why="the models here are untrained (routers as initialised); showing it needs pre-training "
-                        "at 774M parameters (docs/training.md: at width 128 with 3 seeds the MoM was 0.030 nats worse "
-                        "at equal tokens and 0.10 behind at equal FLOPs)"))
+                    why=f"the models here are untrained (routers as initialised); showing it needs pre-training "
+                        f"at {a[base_name]['params_M']:.0f}M parameters (docs/training.md: at width 128 with 3 seeds "
+                        f"the MoM was 0.030 nats worse at equal tokens and 0.10 behind at equal FLOPs)"))
     return out
 
 
@@ -275,9 +303,10 @@ def _labels(ax, bars, fmt="{:.2f}"):
                     xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
 
 
-def claim_chart(arows, rows, modes, path, title):
-    """mom-large-efficient / gpt2-large: the forward FLOPs and each peak-memory ratio, with the paper's
-    0.84 over the FLOPs bars and 0.58 over the memory bars only."""
+def claim_chart(arows, rows, modes, path, title, pair=CLAIM_PAIR):
+    """MoM / vanilla of the pair (mom-large-efficient / gpt2-large): the forward FLOPs and each peak-memory
+    ratio, with the paper's 0.84 over the FLOPs bars and 0.58 over the memory bars only."""
+    base, mom = pair
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,10 +314,10 @@ def claim_chart(arows, rows, modes, path, title):
 
     a = {r["model"]: r for r in arows}
     m = {r["model"]: r for r in rows or []}
-    bars = [("FLOPs\n(full size)", a[CLAIM_MOM]["flops_ratio"], "flops")]
-    if CLAIM_MOM in m:
-        bars.append(("FLOPs\n(counted here)", m[CLAIM_MOM]["flops_ratio"], "flops"))
-        bars += [(f"memory\n{mode}", m[CLAIM_MOM][f"{mode}_mem_ratio"], "mem") for mode in modes]
+    bars = [("FLOPs\n(full size)", a[mom]["flops_ratio"], "flops")]
+    if mom in m:
+        bars.append(("FLOPs\n(counted here)", m[mom]["flops_ratio"], "flops"))
+        bars += [(f"memory\n{mode}", m[mom][f"{mode}_mem_ratio"], "mem") for mode in modes]
     fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(bars) + 3), 4.4))
     colors = {"flops": "tab:blue", "mem": "tab:orange"}
     xs = range(len(bars))
@@ -305,8 +334,8 @@ def claim_chart(arows, rows, modes, path, title):
     ax.set_xticks(list(xs))
     ax.set_xticklabels([n for n, _, _ in bars], fontsize=8)
     ax.set_ylim(0, max(1.15, max(v for _, v, _ in bars) * 1.15))
-    ax.set_ylabel(f"{CLAIM_MOM} / {CLAIM_BASE} (lower is better)")
-    ax.set_title(f"The paper's claim: {CLAIM_MOM} against {CLAIM_BASE} (1.0 = {CLAIM_BASE}; dashed: the paper)\n"
+    ax.set_ylabel(f"{mom} / {base} (lower is better)")
+    ax.set_title(f"The paper's claim: {mom} against {base} (1.0 = {base}; dashed: the paper)\n"
                  + title, fontsize=8)
     fig.tight_layout()
     with atomic_file(path) as tmp:  # an interrupted save keeps the previous chart
@@ -314,14 +343,15 @@ def claim_chart(arows, rows, modes, path, title):
     plt.close(fig)
 
 
-def chart(rows, modes, path, title):
-    """Every MoM against the GPT-2 of its width: one panel each for time, FLOPs and peak memory."""
+def chart(rows, modes, path, title, pair=CLAIM_PAIR):
+    """Every MoM against its vanilla (the GPT-2 of its width, or the pair's): one panel each for time, FLOPs and
+    peak memory; the paper's figures drawn over the pair's MoM."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    moms = [r for r in rows if not r["model"].startswith("gpt2")]
+    moms = [r for r in rows if row_config(r["model"]).chunks > 0]
     panels = [("forward time", [(f"{m}_time_ratio", m) for m in modes], None),
               ("forward FLOPs", [("flops_ratio", "FLOPs")], PAPER["flops_ratio"]),
               ("peak memory", [(f"{m}_mem_ratio", m) for m in modes], PAPER["memory_ratio"])]
@@ -336,9 +366,9 @@ def chart(rows, modes, path, title):
             top = max(top, *vals)
             _labels(ax, ax.bar(xs, vals, w, label=label), "{:.2f}")
         ax.axhline(1.0, **EVEN_LINE)
-        if paper is not None and any(r["model"] == CLAIM_MOM for r in moms):  # the paper's figure: one pair only
-            j = [r["model"] for r in moms].index(CLAIM_MOM)
-            ax.hlines(paper, j - 0.45, j + 0.45, label=f"paper, {CLAIM_MOM}: {paper}x", **PAPER_LINE)
+        if paper is not None and any(r["model"] == pair[1] for r in moms):  # the paper's figure: one pair only
+            j = [r["model"] for r in moms].index(pair[1])
+            ax.hlines(paper, j - 0.45, j + 0.45, label=f"paper, {pair[1]}: {paper}x", **PAPER_LINE)
         ax.set_xticks(range(len(moms)))
         ax.set_xticklabels([r["model"] for r in moms], rotation=20, ha="right", fontsize=7)
         ax.set_ylim(0, top * 1.18)
@@ -381,6 +411,10 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=None,
                     help=f"rows to measure (presets or extra rows: {', '.join(r[0] for r in ROWS)});\n"
                          f"each MoM brings its GPT-2")
+    ap.add_argument("--pair", default=None, metavar="VANILLA,MOM",
+                    help=f"any vanilla / MoM pair of presets instead of the paper's ({CLAIM_BASE},{CLAIM_MOM}):\n"
+                         f"the same table, claim chart and verdict columns for it, e.g.\n"
+                         f"smollm-135m,mom-smollm-135m-efficient")
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed forwards per measurement (default: 1 on cpu, 2 with --all, 10 on cuda)")
     ap.add_argument("--jobs", type=int, default=None,
@@ -395,6 +429,7 @@ def main(argv=None):
     ap.add_argument("--analytic-only", action="store_true", help="only the full-size analytic table and verdict")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    args.pair = _pair(ap, args.pair)
     # scale 1/8 by default: ratios within 0.01 of scale 1/4's (2026-11-29, b4: FLOPs 0.690 vs 0.689, peak memory
     # train 0.663 vs 0.670, prefill 0.788 vs 0.785, decode 0.692 vs 0.701) at half the CPU time
     args.scale = args.scale if args.scale is not None else (1.0 if args.full else (0.25 if args.all else 0.125))
@@ -406,28 +441,31 @@ def main(argv=None):
     args.jobs = max(1, args.jobs if args.jobs is not None else (2 if not cuda and not args.all and ncpu >= 2 else 1))
     if args.jobs > 1 and not cuda and "OMP_NUM_THREADS" not in os.environ:  # the workers inherit it
         os.environ["OMP_NUM_THREADS"] = str(max(1, ncpu // args.jobs))
-    args.models = args.models or ([r[0] for r in ROWS] if args.all else [CLAIM_BASE, CLAIM_MOM])
+    if args.pair != CLAIM_PAIR and (args.all or args.models):
+        ap.error("--pair measures its two presets: it takes neither --all nor --models")
+    args.models = args.models or ([r[0] for r in ROWS] if args.all else list(args.pair))
     folders = [args.out] + ([RESULTS] if args.update_results and os.path.abspath(args.out) != RESULTS else [])
     stamp = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit(),
                  hardware=f"{hardware(args.device)} (torch {torch.__version__}"
                           f"{', CUDA ' + torch.version.cuda if args.device.startswith('cuda') else ''})")
 
     # 1. the analytic full-size table (always)
-    arows = analytic_rows()
+    arows = analytic_rows(pair=None if args.pair == CLAIM_PAIR else args.pair)
     head = (f"Analytic forward cost at full size: batch 1 x 1024 tokens, no SKIP (worst case), full-square "
             f"attention core (flops_ratio_causal: causal core); kv_cache_ratio = graph depth ratio.\n"
             f"{stamp['date']}, commit {stamp['commit']}")
     print(head + "\n" + text_table(arows, ANALYTIC_COLS) + "\n", flush=True)
+    analytic = "efficiency_analytic" + ("" if args.pair == CLAIM_PAIR else f"_{args.pair[1]}")
     for folder in folders:
-        write(folder, "efficiency_analytic.md", f"# Analytic forward cost, full size\n\n{head}\n\n"
+        write(folder, f"{analytic}.md", f"# Analytic forward cost, full size\n\n{head}\n\n"
                                                 f"{markdown(arows, ANALYTIC_COLS)}\n")
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(arows[0]) + list(stamp))
         w.writeheader()
         w.writerows({**r, **stamp} for r in arows)
-        write(folder, "efficiency_analytic.csv", buf.getvalue())
+        write(folder, f"{analytic}.csv", buf.getvalue())
     if args.analytic_only:
-        vrows = verdict(arows, None, args.modes)
+        vrows = verdict(arows, None, args.modes, pair=args.pair)
         print("Verdict (lower is better for every ratio):\n" + verdict_text(vrows))
         return arows, None
 
@@ -443,12 +481,14 @@ def main(argv=None):
     cols = measured_cols(args.modes)
     short = ["model", "params_M", "depth", "K", "flops_ratio"] + [f"{m}_mem_ratio" for m in args.modes] + \
         [f"{m}_time_ratio" for m in args.modes]
-    print("\nMeasured forwards (ratios to the GPT-2 of the same width; full columns in the .md/.csv): "
+    print("\nMeasured forwards (ratios to each MoM's vanilla: " + ("the GPT-2 of its width" if args.pair == CLAIM_PAIR
+          else args.pair[0]) + "; full columns in the .md/.csv): "
           + settings + "\n" + text_table(rows, short))
     tag = f"{args.device.split(':')[0]}_" + ("full" if args.scale == 1.0 else f"scale{args.scale:g}") + \
-        f"_b{args.batch}x{args.seq_len}" + ("" if args.routing == "no-skip" else f"_{args.routing}")
+        f"_b{args.batch}x{args.seq_len}" + ("" if args.routing == "no-skip" else f"_{args.routing}") + \
+        ("" if args.pair == CLAIM_PAIR else f"_{args.pair[1]}")
     where = f"measured at {args.device}, scale {args.scale:g}, batch {args.batch} x {args.seq_len}"
-    vrows = verdict(arows, rows, args.modes, where)
+    vrows = verdict(arows, rows, args.modes, where, pair=args.pair)
     title = (f"{args.device} {args.dtype}, batch {args.batch} x {args.seq_len}, scale {args.scale:g}, routing "
              f"{args.routing}; {stamp['hardware']}, {stamp['date']}, {stamp['commit']}")
     for folder in folders:
@@ -458,16 +498,38 @@ def main(argv=None):
         append_csv(os.path.join(folder, f"efficiency_{tag}.csv"),
                    [{**r, "batch": args.batch, "seq_len": args.seq_len, "scale": args.scale, "dtype": args.dtype,
                      "routing": args.routing, "device": args.device, **stamp} for r in rows])
-        if any(not r["model"].startswith("gpt2") for r in rows):
-            chart(rows, args.modes, os.path.join(folder, f"efficiency_{tag}.png"), "MoM / GPT-2: " + title)
-        if any(r["model"] == CLAIM_MOM for r in rows):
-            claim_chart(arows, rows, args.modes, os.path.join(folder, f"efficiency_claim_{tag}.png"), title)
+        if any(row_config(r["model"]).chunks > 0 for r in rows):
+            chart(rows, args.modes, os.path.join(folder, f"efficiency_{tag}.png"), "MoM / vanilla: " + title,
+                  args.pair)
+        if any(r["model"] == args.pair[1] for r in rows):
+            claim_chart(arows, rows, args.modes, os.path.join(folder, f"efficiency_claim_{tag}.png"), title,
+                        args.pair)
         names = [f"efficiency_{tag}.{ext}" for ext in ("csv", "md", "png")] + \
-            [f"efficiency_claim_{tag}.png", "efficiency_analytic.csv", "efficiency_analytic.md"]
+            [f"efficiency_claim_{tag}.png", f"{analytic}.csv", f"{analytic}.md"]
         print(f"wrote into {os.path.relpath(folder)}/: "
               + ", ".join(n for n in names if os.path.exists(os.path.join(folder, n))))
     print("\nVerdict: the paper's claims against this run (lower is better for every ratio)\n" + verdict_text(vrows))
     return arows, rows
+
+
+def _pair(ap, text):
+    """--pair "VANILLA,MOM": two presets, a vanilla (chunks=0) and a routed one of the same family, vocabulary and
+    width (the MoM is cut from the vanilla's layers); the paper's pair when not given."""
+    if text is None:
+        return CLAIM_PAIR
+    from mom.config import PRESETS
+
+    names = [n.strip() for n in text.split(",")]
+    if len(names) != 2 or any(n not in PRESETS for n in names):
+        ap.error(f"--pair {text!r}: give two presets, VANILLA,MOM (presets: {', '.join(sorted(PRESETS))})")
+    van, mom = (MoMConfig.from_name(n) for n in names)
+    if van.chunks or not mom.chunks:
+        ap.error(f"--pair {text!r}: the first must be a vanilla preset (chunks=0), the second a MoM")
+    diff = [k for k in ("family", "n_embd", "n_head", "vocab_size") if getattr(van, k) != getattr(mom, k)]
+    if diff or mom.vanilla().source_layers != van.n_bottom:
+        ap.error(f"--pair {text!r}: {names[1]} is not cut from {names[0]} (differs in "
+                 f"{', '.join(diff) or 'layer count'})")
+    return tuple(names)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,27 @@ def test_measured_rows_count_the_picks_and_divide_by_the_same_width_gpt2(monkeyp
     assert mom["prefill_time_ratio"] == mom["prefill_ms"] / base["prefill_ms"]
     assert mom["prefill_mem_ratio"] == mom["prefill_peak_MB"] / base["prefill_peak_MB"]
     assert base["flops_ratio"] == 1.0
+
+
+def test_any_pair_gets_the_table_and_verdict(tmp_path, capsys):
+    """--pair VANILLA,MOM (a Llama-family pair here): its analytic rows against its vanilla, the efficient-MoM
+    claims held against it (no deep-MoM rows), files named after the MoM; a bad pair is refused by name."""
+    import pytest
+
+    pair = ("smollm-135m", "mom-smollm-135m-efficient")
+    rows = {r["model"]: r for r in eff.analytic_rows(pair=pair)}
+    assert set(rows) == set(pair) and rows[pair[0]]["flops_ratio"] == 1.0
+    assert 0.6 < rows[pair[1]]["flops_ratio"] < 0.8 and rows[pair[1]]["kv_cache_ratio"] == 12 / 30
+    v = {x["claim"]: x for x in eff.verdict(list(rows.values()), None, eff.MODES, pair=pair)}
+    assert v["efficient MoM: forward TFLOPs / smollm-135m's"]["holds"] == "yes"
+    assert v["efficient MoM: over 60% less depth"]["ours"] == "12 vs 30 (0.40x)"
+    assert not any("deep MoM" in k for k in v)
+    eff.main(["--analytic-only", "--out", str(tmp_path), "--pair", ",".join(pair)])
+    assert sorted(os.listdir(tmp_path)) == [f"efficiency_analytic_{pair[1]}.csv", f"efficiency_analytic_{pair[1]}.md"]
+    assert "smollm-135m's" in capsys.readouterr().out
+    for bad in ("smollm-135m", "mom-smollm-135m-efficient,smollm-135m", "gpt2-large,mom-smollm-135m-efficient",
+                "smollm-135m,nope"):
+        with pytest.raises(SystemExit):
+            eff.main(["--analytic-only", "--out", str(tmp_path), "--pair", bad])
+        assert "--pair" in capsys.readouterr().err
+
