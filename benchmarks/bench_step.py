@@ -4,12 +4,15 @@
     python -m benchmarks.bench_step --quick         # T 512, fewer repeats
     python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 --modules 16 \
         --batch 8 --tokens 1024 --graph            # the GPU point, also replayed from CUDA graphs
+    python -m benchmarks.bench_step --family llama --n-embd 896 --n-head 14 --kv-heads 2 --n-inner 4864
+                                                   # a Llama-family step at Qwen2.5-0.5B's shape
 
 The routed step is an `MoMLayer` with one step (depth 1, no anchor, no SKIP; by default uniform routing from
 fixed random logits) run by the "torch" backend (and "triton" on CUDA) and by the "reference" loop (the
 authors' style: one gather / matmul / index_add per module). The dense equivalent does the same matrix FLOPs
-as a step whose K picks are all real modules: a GPT-2 block whose c_attn, c_proj and FFN are K times wider
-(the K partial QKVs summed, so attention runs once on [T, D] like the routed step). Ratios are of medians
+as a step whose K picks are all real modules: a block of the step's family (GPT-2's, or the Llama family's:
+RMSNorm, rotary positions, grouped-query attention, SwiGLU) whose c_attn, c_proj and FFN are K times wider (the K
+partial QKVs summed, so attention runs once on [T, D] like the routed step). Ratios are of medians
 measured round-robin in one run. On CUDA it also records the activations each candidate's forward leaves
 for the backward, and the peak of forward+backward. Targets: on a CPU, the "torch" step costs <= 1.1x the
 dense equivalent and no more than the loop; on a GPU, the "triton" step forward+backward >= 5x faster than
@@ -23,10 +26,9 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mom import MoMConfig, MoMLayer
-from mom.blocks import causal_attention, merge_heads, split_heads
+from mom.blocks import Rotary, causal_attention, ffn_act, make_norm, merge_heads, qkv_heads
 from mom.routers import make_router
 from mom_kernels.launches import count_launches
 
@@ -45,26 +47,30 @@ class UniformRouter(nn.Module):
 
 
 class DenseEquivalent(nn.Module):
-    """A GPT-2 block with K-times-wider projections: the matrix FLOPs of a routed step with K real picks."""
+    """A block of cfg's family with K-times-wider projections: the matrix FLOPs of a routed step with K real
+    picks (and its norms, rotary positions, grouped-query attention and activation)."""
 
-    def __init__(self, D, n_head, F_, K):
+    def __init__(self, cfg: MoMConfig, K: int):
         super().__init__()
-        self.D, self.n_head, self.K = D, n_head, K
-        self.ln_1, self.ln_2 = nn.LayerNorm(D), nn.LayerNorm(D)
-        self.c_attn = nn.Linear(D, 3 * D * K)       # K QKV projections in one GEMM
-        self.c_proj = nn.Linear(D * K, D)           # K output projections in one GEMM
-        self.c_fc = nn.Linear(D, F_ * K)
-        self.c_fc_proj = nn.Linear(F_ * K, D)
+        D, W, F1, F_, bias = cfg.n_embd, cfg.qkv_dim, cfg.ffn_in_dim, cfg.ffn_dim, cfg.family == "gpt2"
+        self.cfg, self.K = cfg, K
+        self.ln_1, self.ln_2 = make_norm(cfg), make_norm(cfg)
+        self.c_attn = nn.Linear(D, W * K, bias=cfg.qkv_bias)  # K QKV projections in one GEMM
+        self.c_proj = nn.Linear(D * K, D, bias=bias)          # K output projections in one GEMM
+        self.c_fc = nn.Linear(D, F1 * K, bias=bias)           # K FFN up (or gate | up) projections
+        self.c_fc_proj = nn.Linear(F_ * K, D, bias=bias)
+        self.rotary = Rotary(cfg) if cfg.family == "llama" else None
 
     def forward(self, x):  # [B, T, D]
         B, T, D = x.shape
-        qkv = self.c_attn(self.ln_1(x)).view(B, T, self.K, 3 * D).sum(2)           # [B, T, 3D]
-        q, k, v = qkv.split(D, dim=-1)
-        o, _ = causal_attention(split_heads(q, self.n_head), split_heads(k, self.n_head),
-                                split_heads(v, self.n_head))
+        cfg = self.cfg
+        qkv = self.c_attn(self.ln_1(x)).view(B, T, self.K, cfg.qkv_dim).sum(2)      # [B, T, W]
+        rope = self.rotary(torch.arange(T, device=x.device), x.dtype) if self.rotary is not None else None
+        o, _ = causal_attention(*qkv_heads(qkv, cfg.n_head, cfg.kv_heads, rope))
         o = merge_heads(o)                                                          # [B, T, D]
         x = x + self.c_proj(o.repeat(1, 1, self.K))
-        return x + self.c_fc_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+        h = ffn_act(self.c_fc(self.ln_2(x)).view(B, T, self.K, cfg.ffn_in_dim), cfg.act)  # [B, T, K, F]
+        return x + self.c_fc_proj(h.reshape(B, T, self.K * cfg.ffn_dim))
 
 
 def build(a) -> SimpleNamespace:
@@ -76,10 +82,11 @@ def build(a) -> SimpleNamespace:
     N = B * T
     cfg = MoMConfig(vocab_size=256, n_positions=max(1024, T), n_embd=D, n_head=a.n_head, n_bottom=0, chunks=1,
                     n_attn=E, n_ffn=E, depth=1, top_k=K, anchor=False, skip=False,
-                    router="mlp" if a.router == "uniform" else a.router, backend="torch")
+                    router="mlp" if a.router == "uniform" else a.router, backend="torch", family=a.family,
+                    num_key_value_heads=a.kv_heads, n_inner=a.n_inner)
     with dev:  # built on the device: no CPU init of GPT-2-large-sized pools
         layer = MoMLayer(cfg).to(dtype)
-        dense = DenseEquivalent(D, a.n_head, cfg.ffn_dim, K).to(dtype)
+        dense = DenseEquivalent(cfg, K).to(dtype)
     if a.router == "uniform":
         layer.attn_router = UniformRouter(N, cfg.attn_slots, dev, dtype)
         layer.ffn_router = UniformRouter(N, cfg.ffn_slots, dev, dtype)
@@ -182,8 +189,12 @@ def graphed_time(s, fn, backward: bool, repeats: int) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="gpt2", choices=["gpt2", "llama"],
+                   help="the block family: gpt2 (LayerNorm, GELU, biases) or llama (RMSNorm, SwiGLU, rotary)")
     p.add_argument("--n-embd", type=int, default=768)
     p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (grouped-query attention; default n_head)")
+    p.add_argument("--n-inner", type=int, default=None, help="FFN width F (default 4 x n_embd)")
     p.add_argument("--modules", type=int, default=8, help="E, modules per pool")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--tokens", type=int, default=2048, help="T, tokens per sequence")
@@ -249,7 +260,8 @@ def main(argv=None):
         base = res["dense"]["median"]
         for name, r in res.items():
             hl = host.get((mode, name), {})
-            rows.append({**st, "bench": "routed_step", "mode": mode, "impl": name, "D": D, "E": E, "K": K, "B": B, "T": T,
+            rows.append({**st, "bench": "routed_step", "family": a.family, "mode": mode, "impl": name, "D": D,
+                         "F": s.cfg.ffn_dim, "kv_heads": s.cfg.kv_heads, "E": E, "K": K, "B": B, "T": T,
                          "router": a.router, "dtype": a.dtype, "median_s": f"{r['median']:.5f}",
                          "p20_s": f"{r['p20']:.5f}", "p80_s": f"{r['p80']:.5f}",
                          "ratio_to_dense": f"{r['median'] / base:.3f}",
@@ -267,8 +279,8 @@ def main(argv=None):
                          f"| {r['median'] / base:.2f}x | {rows[-1]['vs_reference'] or '-'} | {rows[-1]['act_mb'] or '-'} "
                          f"| {rows[-1]['peak_mb'] or '-'} | {hl.get('launches', '-')} | - |")
     append_csv(a.csv, rows)
-    print(f"routed step, D {D}, E {E}, K {K}, B {B} x T {T}, router {a.router}, {a.dtype}, {st['hardware']}, "
-          f"commit {st['commit']}, {st['date']}")
+    print(f"routed step ({a.family}), D {D}, F {s.cfg.ffn_dim}, heads {s.cfg.n_head} / K/V {s.cfg.kv_heads}, E {E}, "
+          f"K {K}, B {B} x T {T}, router {a.router}, {a.dtype}, {st['hardware']}, commit {st['commit']}, {st['date']}")
     print(f"FFN rows per module (routing load): {loads.tolist()}")
     print("| mode | impl | median ms | p20-p80 ms | vs dense | loop / impl | saved act. MiB | peak MiB | launches "
           "| host enqueue ms |\n|---|---|---|---|---|---|---|---|---|---|")

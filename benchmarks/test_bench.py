@@ -18,9 +18,10 @@ STEP_IMPLS = ["dense", "torch", "reference"] + (["triton"] if DEVICE == "cuda" e
 FFN_IMPLS = ["dense", "torch", "loop"] + (["triton"] if DEVICE == "cuda" else [])
 
 
-def _step_args(quick: bool):
+def _step_args(quick: bool, family: str = "gpt2"):
     if quick:
         argv = ["--n-embd", "64", "--n-head", "4", "--modules", "4", "--tokens", "64"]
+        argv += ["--family", "llama", "--kv-heads", "2", "--n-inner", "96"] if family == "llama" else []
     elif DEVICE == "cuda":
         argv = ["--n-embd", "1280", "--n-head", "20", "--modules", "16", "--batch", "8", "--tokens", "1024",
                 "--dtype", "bfloat16"]
@@ -32,10 +33,10 @@ def _step_args(quick: bool):
 _STEPS = {}
 
 
-def _step(quick: bool):
-    if quick not in _STEPS:  # one build per size for every test of the module
-        _STEPS[quick] = bench_step.build(_step_args(quick))
-    return _STEPS[quick]
+def _step(quick: bool, family: str = "gpt2"):
+    if (quick, family) not in _STEPS:  # one build per size for every test of the module
+        _STEPS[quick, family] = bench_step.build(_step_args(quick, family))
+    return _STEPS[quick, family]
 
 
 @pytest.mark.parametrize("impl", STEP_IMPLS)
@@ -84,3 +85,19 @@ def test_routed_ffn(benchmark, quick, case, impl):
     benchmark.group = KIND[impl]
     benchmark.extra_info.update(impl=impl, T=T, D=D, E=E, K=K, dtype=str(dtype))
     benchmark(run)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dense_equivalent_does_the_routed_steps_matrix_flops(family):
+    """bench_step's dense block (K-times-wider projections, of the step's family) counts the FLOPs of a routed
+    step whose K picks are all modules (the attention core once, the routers aside): mom.flops' model of both."""
+    from mom import flops
+
+    s = _step(True, family)
+    with torch.no_grad(), flops.flop_counter() as fc:  # (FlopCounterMode, counting the CPU SDPA kernel too)
+        s.cands["dense"](s.x)
+    cfg = s.cfg
+    N = s.B * s.T
+    want = N * s.K * (flops._attn_proj(cfg) + flops._ffn(cfg)) + flops._core_full(s.B, s.T, s.T, cfg.n_embd)
+    assert fc.get_total_flops() == pytest.approx(want, rel=0.01)
+
