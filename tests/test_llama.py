@@ -271,3 +271,26 @@ def test_two_phase_training_of_a_llama(tmp_path):
     removed = analysis.remove_modules(cut, drops["attn"], drops["ffn"])
     assert (removed.config.n_attn, removed.config.n_ffn) == (3 - len(drops["attn"][0]), 4 - len(drops["ffn"][0]))
     assert analysis.evaluate(removed, val, n_windows=4, batch_size=4) < 7.0  # finite, below ln(512) + 0.8
+
+
+def test_compiles_fullgraph_and_loads_through_auto_classes(tmp_path):
+    """torch.compile(fullgraph=True) traces a routed Llama-family MoM (the rotary tables, GQA attention, the
+    opaque routed ops) to the eager logits and loss; the native checkpoint's model through mom.hf and
+    AutoModelForCausalLM gives the same logits, and greedy generation through transformers runs."""
+    import mom.hf as mhf
+
+    cfg = MoMConfig.from_name("tiny-llama", backend="torch")
+    model = MoMForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    want = model(ids, labels=ids)
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels=ids)
+    assert_close("compiled logits", got.logits, want.logits, 1e-6, 1e-6)
+    got.loss.backward()
+    model.eval()
+    mhf.MoMHFForCausalLM.from_mom(model).save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.model.config == cfg and not loaded.config.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    out = loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 12)
