@@ -128,8 +128,9 @@ def qkv_heads(qkv, n_head: int, kv_heads: int, rope: Optional[Rope] = None):
     return q, k, v
 
 
-def causal_attention(q, k, v, past=None, mask: Optional[torch.Tensor] = None):
-    """Causal multi-head attention of T new queries over P cached + T new keys.
+def causal_attention(q, k, v, past=None, mask: Optional[torch.Tensor] = None, causal: bool = True):
+    """Causal multi-head attention of T new queries over P cached + T new keys (causal=False: every query sees
+    every key of the sequence, under `mask` if given; no cache).
 
     q: [B, n_head, T, head_dim]; k, v: [B, kv_heads, T, head_dim] (kv_heads < n_head: grouped-query attention,
     query head h reads K/V head h // (n_head / kv_heads)); past: (k, v) [B, kv_heads, P, head_dim], a static cache layer
@@ -139,6 +140,10 @@ def causal_attention(q, k, v, past=None, mask: Optional[torch.Tensor] = None):
     [B, kv_heads, P + T, head_dim], or the static layer itself.
     """
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}  # (SDPA reads K/V head h // group)
+    if not causal:  # bidirectional (an encoder's or a vision model's layer): the whole sequence, no cache
+        if past is not None:
+            raise ValueError("causal_attention: a KV cache needs causal attention (causal=False takes no past)")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(mask, q.dtype), **gqa), (k, v)
     if past is not None and hasattr(past, "update"):  # static cache: fixed shapes, masked
         k, v = past.update(k, v)                       # [B, kv_heads, L, head_dim]
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),

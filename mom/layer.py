@@ -67,6 +67,8 @@ class MoMLayer(nn.Module):
 
     def __init__(self, config: MoMConfig, init: bool = True):
         super().__init__()
+        if config.chunks == 0:  # a vanilla model's config skips the pool checks (top_k <= slots, ...): run them
+            config = config.replace(chunks=1)
         self.config = config
         self.attn_pool = AttentionPool(config)
         self.ffn_pool = FFNPool(config)
@@ -74,6 +76,7 @@ class MoMLayer(nn.Module):
         self.ffn_router = make_router(config, config.ffn_slots)
         self.anchor = Block(config) if config.anchor else None
         self.rotary = Rotary(config) if config.family == "llama" else None  # when no rope is passed in
+        self.causal = True  # False: bidirectional attention at every step (mom.MoMBlock(causal=False))
         if init:
             init_weights(self, config)
 
@@ -116,7 +119,7 @@ class MoMLayer(nn.Module):
                                     plan=plan, norm=cfg.norm)        # [N, W_qkv]
             q, k, v = ops.qkv_heads(qkv.view(B, T, -1), cfg.n_head, cfg.kv_heads, rope)  # [B, heads, T, hd]
             past = past_key_values[h] if past_key_values is not None else None
-            o, present = causal_attention(q, k, v, past, attn_mask)
+            o, present = causal_attention(q, k, v, past, attn_mask, self.causal)
             o = merge_heads(o).reshape(B * T, D)                     # [N, D]
             xf = ops.routed_linear(o, pa.c_proj_weight, pa.c_proj_bias, ra.ids, ra.weights, plan=plan,
                                    residual=xf)                      # xf + the routed projection
