@@ -22,12 +22,18 @@ into c_fc; embed_tokens -> wte, norm -> ln_f) and cuts it by the same rule.
 Hugging Face's GPT-2 keeps Conv1D weights as [in, out], the layout of our blocks and stacked pools, so no
 weight is transposed.
 
+One checkpoint format: `save_pretrained` writes config.json (MoMConfig's fields, model_type "mom", the top_k field
+as mom_top_k: transformers reads top_k as a sampling option) and model.safetensors, a folder that
+`MoMForCausalLM.from_pretrained` and, after `import mom.hf`, transformers' `AutoModelForCausalLM.from_pretrained`
+both load (so does `pipeline("text-generation")`); `from_pretrained` also reads what `MoMHFForCausalLM`'s
+save_pretrained writes (weights under "model.", sharded or not) and the older config.json without model_type.
 `save_pretrained` replaces its folder atomically (mom.io.atomic_dir: a kill leaves the old checkpoint or the
 new one, and other files in the folder are kept); `from_pretrained` / `load_state_dict` read the last complete
 version and name the file and what is wrong with it (missing, empty, truncated, a config field).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Dict, Union
@@ -252,33 +258,10 @@ def hf_to_vanilla(sd: Dict[str, torch.Tensor], config: MoMConfig) -> Dict[str, t
 def _read_hf_folder(folder: str):
     """(config dict, state dict) of a folder written by transformers' save_pretrained: config.json and
     model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin."""
-    from .io import read_json_file
-
     cfg_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found (a folder written by transformers' save_pretrained has one)")
-    hf_cfg = read_json_file(cfg_path, "transformers config")
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        weight_map = read_json_file(index, "safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise FileFormatError(f"{index}: no 'weight_map' of tensor -> shard file")
-        sd = {}
-        for shard in sorted(set(weight_map.values())):
-            path = os.path.join(folder, shard)
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} not found (named by {index})")
-            sd.update(load_safetensors(path))
-        lacking = sorted(set(weight_map) - set(sd))
-        if lacking:
-            raise FileFormatError(f"{index} names tensors no shard holds: {lacking[:3]}")
-        return hf_cfg, sd
-    for name in (WEIGHTS_NAME, "pytorch_model.bin"):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            return hf_cfg, load_state_dict(path)
-    raise FileNotFoundError(f"{folder}: no weights (model.safetensors, model.safetensors.index.json or "
-                            f"pytorch_model.bin)")
+    return read_json_file(cfg_path, "transformers config"), _read_weights(folder)[0]
 
 
 def from_hf(model_or_folder, config: MoMConfig = None, preserving: bool = False, prior_steps: int = None):
@@ -325,8 +308,50 @@ def _check_architecture(config: MoMConfig, theirs: MoMConfig, source: str):
                          f"{theirs.n_bottom}")
 
 
+# --- the checkpoint format ----------------------------------------------------------------------------------------
+MODEL_TYPE = "mom"
+HF_TOP_K = "mom_top_k"  # MoMConfig.top_k's name in config.json (transformers reads a config's top_k for sampling)
+_HF_KEYS = ("model_type", "architectures", "num_hidden_layers", "use_cache")  # written for transformers' loaders
+
+
+def config_dict(config: MoMConfig) -> dict:
+    """What config.json holds: every MoMConfig field (top_k as mom_top_k), model_type "mom" and the class
+    transformers loads it with (mom.hf registers both), num_hidden_layers = one KV cache layer per attention call."""
+    d = config.to_dict()
+    d[HF_TOP_K] = d.pop("top_k")
+    return {"model_type": MODEL_TYPE, "architectures": ["MoMHFForCausalLM"], **d,
+            "num_hidden_layers": config.graph_depth, "use_cache": True}
+
+
+def config_from_dict(d: dict, path: str = "config.json", **overrides) -> MoMConfig:
+    """The MoMConfig of a config.json's fields: `config_dict`'s, one transformers wrote for a MoMHFForCausalLM
+    (its own settings - generation, dtype, version - are not MoMConfig fields and are left out), or an older one
+    with MoMConfig's fields alone (then every key must be a field). Errors name the file and the field."""
+    d = dict(d)
+    if "model_type" in d:
+        if d["model_type"] != MODEL_TYPE:
+            raise ConfigError(f"{path}: model_type={d['model_type']!r} is not a mom checkpoint (cut a transformers "
+                              f"model with MoMForCausalLM.from_hf)")
+        written_by_transformers = "transformers_version" in d
+        d = {k: v for k, v in d.items() if k not in _HF_KEYS}
+        if HF_TOP_K in d:
+            d["top_k"] = d.pop(HF_TOP_K)
+        if written_by_transformers:
+            fields = set(MoMConfig.__dataclass_fields__)
+            d = {k: v for k, v in d.items() if k in fields}
+    try:
+        return MoMConfig.from_dict({**d, **overrides})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def write_config(config: MoMConfig, path: str):
+    with open(path, "w") as f:
+        json.dump(config_dict(config), f, indent=2)
+
+
 def save_pretrained(model, directory: str):
-    """config.json + model.safetensors (the tied LM head is wte; nothing is stored twice).
+    """config.json (`config_dict`) + model.safetensors (a tied LM head is wte; nothing is stored twice).
 
     Atomic as a whole (mom.io.atomic_dir): both files are written to a temp folder, fsynced, and swapped in,
     the old folder kept until the new one is complete; other files already in `directory` are kept."""
@@ -334,32 +359,58 @@ def save_pretrained(model, directory: str):
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(directory, owned=(CONFIG_NAME, WEIGHTS_NAME)) as tmp:
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            f.write(model.config.to_json())
+        write_config(model.config, os.path.join(tmp, CONFIG_NAME))
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME))
 
 
 def read_config(path: str, **overrides) -> MoMConfig:
-    """A MoMConfig from a config.json; errors name the file and the field."""
-    d = read_json_file(path, "model config")
-    try:
-        return MoMConfig.from_dict({**d, **overrides})
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+    """A MoMConfig from a config.json (`config_from_dict`); errors name the file and the field."""
+    return config_from_dict(read_json_file(path, "model config"), path, **overrides)
+
+
+def _read_weights(folder: str):
+    """(state dict, the file named in errors) of a checkpoint folder: model.safetensors, or the shards a
+    model.safetensors.index.json names (transformers' save_pretrained of a large model); pytorch_model.bin."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        weight_map = read_json_file(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FileFormatError(f"{index}: no 'weight_map' of tensor -> shard file")
+        sd = {}
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(folder, shard)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} not found (named by {index})")
+            sd.update(load_safetensors(path))
+        lacking = sorted(set(weight_map) - set(sd))
+        if lacking:
+            raise FileFormatError(f"{index} names tensors no shard holds: {lacking[:3]}")
+        return sd, index
+    for name in (WEIGHTS_NAME, "pytorch_model.bin"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return load_state_dict(path), path
+    raise FileNotFoundError(f"{folder}: no weights (model.safetensors, model.safetensors.index.json or "
+                            f"pytorch_model.bin)")
 
 
 def from_pretrained(directory: str, **config_overrides):
+    """The model a checkpoint folder holds (`save_pretrained`'s, or MoMHFForCausalLM's: weights under "model.")."""
     from .model import MoMForCausalLM
 
     folder = complete_dir(directory)  # after an interrupted save: the last complete version (read-only)
     if folder is None:
         raise FileNotFoundError(f"from_pretrained: {directory} not found")
-    cfg_path, w_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
-    for p in (cfg_path, w_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"from_pretrained: {p} not found")
+    cfg_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"from_pretrained: {cfg_path} not found")
     config = read_config(cfg_path, **config_overrides)
-    sd = load_safetensors(w_path)
+    try:
+        sd, w_path = _read_weights(folder)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"from_pretrained: {e}") from None
+    if sd and all(k.startswith("model.") for k in sd):  # MoMHFForCausalLM's save_pretrained: its .model's keys
+        sd = {k[len("model."):]: v for k, v in sd.items()}
     # the weights' dtype (not an integer buffer's, e.g. the routing prior's step count prior_t), before loading:
     # an fp64 checkpoint loaded into fp32 parameters would be rounded
     dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), None)

@@ -1,9 +1,11 @@
 """Hugging Face transformers integration: a MoM as an `AutoModelForCausalLM` (pip install "mom[hf]").
 
     import mom.hf                                            # registers model_type "mom" with the Auto classes
+    model.save_pretrained("out/mom")                         # the native format (mom.convert) ...
+    hf = AutoModelForCausalLM.from_pretrained("out/mom")     # ... loads here too, offline
     hf = mom.hf.MoMHFForCausalLM.from_mom(model)             # same weights and logits as a MoMForCausalLM
-    hf.save_pretrained("out/mom-hf")                         # config.json (model_type "mom") + model.safetensors
-    hf = AutoModelForCausalLM.from_pretrained("out/mom-hf")  # offline
+    hf.save_pretrained("out/mom-hf")                         # config.json (model_type "mom") + model.safetensors,
+                                                             # which MoMForCausalLM.from_pretrained reads too
     hf.generate(ids, attention_mask=mask, do_sample=True, top_p=0.9, eos_token_id=eos, max_new_tokens=20)
     pipeline("text-generation", model=hf, tokenizer=tok)
 
@@ -25,18 +27,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import MoMConfig
+from .convert import HF_TOP_K, MODEL_TYPE
 from .model import MoMForCausalLM
 
 __all__ = ["MoMHFConfig", "MoMHFForCausalLM"]
 
 _FIELDS = [f.name for f in dataclasses.fields(MoMConfig)]
 # MoMConfig fields whose names transformers reserves for generation (top_k: the router's picks, not sampling's)
-_RENAME = {"top_k": "mom_top_k"}
+_RENAME = {"top_k": HF_TOP_K}
 _HF_NAMES = {_RENAME.get(k, k): k for k in _FIELDS}
 
 
 class MoMHFConfig(PretrainedConfig):
-    model_type = "mom"
+    model_type = MODEL_TYPE
 
     def __init__(self, **kwargs):
         mom_kwargs = {_HF_NAMES[k]: kwargs.pop(k) for k in list(kwargs) if k in _HF_NAMES}
@@ -120,5 +123,5 @@ class MoMHFForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, cache=cache if use_cache else None)
 
 
-AutoConfig.register("mom", MoMHFConfig, exist_ok=True)
+AutoConfig.register(MODEL_TYPE, MoMHFConfig, exist_ok=True)
 AutoModelForCausalLM.register(MoMHFConfig, MoMHFForCausalLM, exist_ok=True)
