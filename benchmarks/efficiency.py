@@ -55,7 +55,7 @@ ROWS = [
     ("gpt2-large", "gpt2-large", {}, ""),
     ("mom-large-deep", "mom-large-deep", {}, ""),
     ("mom-large-efficient", "mom-large-efficient", {}, ""),
-    # paper.md: "Removing 50% of the attention modules and 25% of the FFN modules keeps comparable quality".
+    # docs/method.md: "Removing 50% of the attention modules and 25% of the FFN modules keeps comparable quality".
     ("mom-large-efficient-pruned", "mom-large-efficient", dict(n_attn=8, n_ffn=12),
      "not a preset: mom-large-efficient with 8/16 attention and 12/16 FFN modules per pool"),
 ]

@@ -1,6 +1,6 @@
 """MoMConfig: the shape of a Mixture-of-Modules language model, with GPT-2's field names.
 
-Layout (docs/method.md, "Layout of the model"):
+Layout (docs/method.md, "Layout"):
 
     embeddings -> n_bottom fixed blocks
                -> chunks x [ depth routed steps over the chunk's pools (+ one fixed anchor block) ]
@@ -119,7 +119,7 @@ class MoMConfig:
 
     # --- routers ---------------------------------------------------------------------------------------
     router: str = "gru"              # "gru" (the paper's, state carried over a chunk's steps) | "mlp"
-    router_dim: int = 256            # GRU state / MLP hidden width (paper.md: 256)
+    router_dim: int = 256            # GRU state / MLP hidden width (docs/method.md: 256)
     router_temperature: float = 1.0  # tau in softmax(logits / tau); the authors' scripts use 0.2
     skip: bool = True                # routers have a SKIP slot (costs nothing, adds nothing)
     shared_slots: bool = False       # authors' layout: both routers have max(n_attn, n_ffn) + skip slots and
@@ -128,7 +128,7 @@ class MoMConfig:
                                      # with top_k=1 the LM loss then gives the router no gradient)
     straight_through: bool = False   # forward uses weight 1 per pick, backward the soft weight's gradient
     straight_through_clamp: bool = False  # with straight_through: the weights' gradient clamped to [-1, 1], as
-                                     # the authors' code does (paper.md describes the plain estimator)
+                                     # the authors' code does (docs/method.md describes the plain estimator)
     weighted_qkv: bool = False       # QKV = sum of g_m * (LN_m(x) W_qkv[m] + b) instead of the plain sum
     dense_routing: bool = False      # ablation: every slot is used, weighted by the full softmax (top_k unused)
     routing_prior: float = 0.0       # function-preserving cut (mom/cut.py): a per-step logit bias added after
@@ -140,7 +140,7 @@ class MoMConfig:
                                      # logit bias (prior_bias [depth, slots]), left only where the loss says so
 
     # --- load-balancing loss (Switch style: n * sum_e f_e * P_e) ---------------------------------------
-    aux_loss_coef: float = 0.01      # paper.md
+    aux_loss_coef: float = 0.01      # docs/method.md
     balance_loss: str = "per_step"   # "per_step": one loss per router and step, averaged;
                                      # "pooled": f and P pooled over a chunk's steps, one loss per router
     balance_skip: bool = False       # count the SKIP slot as a slot to balance (False: balance modules only)

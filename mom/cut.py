@@ -28,7 +28,7 @@ docs/training.md, section 5, it never did within 600 steps).
 Which configs can be function-preserving (`preserving_problems`): every layer of the vanilla must survive
 the cut and be reachable in order, i.e.
   * n_attn == n_ffn (== M): with n_attn < n_ffn the cut drops layers n_attn.. of their attention halves
-    (paper.md's layer map), so the vanilla's function is gone whatever the routers do;
+    (docs/method.md's layer map), so the vanilla's function is gone whatever the routers do;
   * depth == M, or depth > M with top_k == 1 and a SKIP slot (the extra steps pick SKIP alone, adding 0);
     depth < M runs fewer layers than were cut;
   * top_k <= 1 + skip: the picks are module h and (K = 2) the one SKIP slot; a third pick would be a

@@ -24,7 +24,7 @@ same forward on the "torch" or "reference" backend; tests/test_flops.py checks i
     (`attention`). The causal figure (query i sees only its P + i + 1 keys, about half) is the field
     `attention_causal`; `FlopCount.causal_total` swaps it in.
   - The attention core runs once per routed step over every token, as our backends do, including tokens
-    whose K attention picks are all SKIP (their q = k = v = 0; paper.md). The part spent on such tokens'
+    whose K attention picks are all SKIP (their q = k = v = 0; docs/method.md). The part spent on such tokens'
     query rows, which a kernel could skip, is `attention_all_skip` (it is inside `attention`).
   - SKIP picks cost nothing: the routed projections and FFNs count only rows that picked a module (the
     "torch" and "reference" backends compute exactly those rows).

@@ -1,7 +1,7 @@
 """MoMLayer: one chunk of a Mixture-of-Modules model, a drop-in [B, T, D] -> [B, T, D] layer.
 
 A chunk owns an attention pool, an FFN pool, an attention router, an FFN router and (optionally) a fixed
-anchor block. It runs `depth` routed steps (paper.md, "One routed step"), reusing its pools at each step:
+anchor block. It runs `depth` routed steps (docs/method.md, "One routed step"), reusing its pools at each step:
 
     x [B, T, D]
     for each step h:

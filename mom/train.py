@@ -1,4 +1,4 @@
-"""Two-phase pre-training (paper.md): phase 1 a vanilla GPT-2, phase 2 the MoM cut from it by `from_gpt2`.
+"""Two-phase pre-training (docs/method.md): phase 1 a vanilla GPT-2, phase 2 the MoM cut from it by `from_gpt2`.
 
     python -m mom.train --config configs/tiny.json [--max_steps 50] [--set lr=3e-4 --set model_overrides.n_embd=64]
     torchrun --standalone --nproc_per_node=8 -m mom.train --config ...      (DDP; --distributed fsdp: FSDP2)
@@ -10,7 +10,7 @@ One script for one CPU, one GPU or many (torchrun sets RANK/WORLD_SIZE; gloo on 
     -> per step: grad_accum micro-batches (bf16 autocast on CUDA), all-reduce, clip, step
     -> every eval_interval: validation loss / perplexity; every ckpt_interval: checkpoint (atomic folder swap)
 
-Defaults are the authors' recipe (paper.md): AdamW (0.9, 0.95, eps 1e-5), lr 1e-3 with linear warmup (500)
+Defaults are the authors' recipe (docs/method.md): AdamW (0.9, 0.95, eps 1e-5), lr 1e-3 with linear warmup (500)
 then cosine to min_lr_ratio * lr (0.1, our choice: the paper says "cosine" only), weight decay 0.1 on
 matrices only (no decay on biases, LayerNorms, embeddings), clip 1.0, no dropout (the model has none).
 
@@ -74,7 +74,7 @@ class TrainConfig:
                                         # world size, one micro-batch per rank); grad_accum =
                                         # global_batch_size / (batch_size * world size)
     seed: int = 1234                    # model init and data order
-    # --- optimisation (paper.md) ------------------------------------------------------------------------------
+    # --- optimisation (docs/method.md) ------------------------------------------------------------------------------
     max_steps: int = 1000               # the schedule's length
     stop_after: Optional[int] = None    # stop after this step (an interruption; the schedule is unchanged)
     lr: float = 1e-3
@@ -258,7 +258,7 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
 
 
 def train_flops_per_token(cfg: MoMConfig, T: int) -> float:
-    """fwd + bwd FLOPs per token = 3 x forward (paper.md's cost model, every pick a module: an upper bound)."""
+    """fwd + bwd FLOPs per token = 3 x forward (docs/method.md's cost model, every pick a module: an upper bound)."""
     try:
         from . import flops
         return 3.0 * flops.expected(cfg, 1, T).total / T

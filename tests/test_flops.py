@@ -164,7 +164,7 @@ def test_num_parameters(cfg):
 
 
 def test_paper_bounds_analytic():
-    """The abstract's claims at full size, seq 1024 (paper.md): efficient <= 0.84x GPT-2-large's forward
+    """The abstract's claims at full size, seq 1024 (docs/method.md): efficient <= 0.84x GPT-2-large's forward
     FLOPs (no SKIP: the worst case); deep = GPT-2-large's parameters (+ routers) at depth >= 50."""
     large = MoMConfig.from_name("gpt2-large")
     eff, deep = MoMConfig.from_name("mom-large-efficient"), MoMConfig.from_name("mom-large-deep")

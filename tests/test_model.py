@@ -64,7 +64,7 @@ def test_mom_subsumes_vanilla(backend):
 
 
 def test_from_gpt2_layer_map_with_unequal_pools():
-    """paper.md's layer map with n_attn = 2 < n_ffn = 3 (M = 3): per chunk, the next M layers give attention
+    """docs/method.md's layer map with n_attn = 2 < n_ffn = 3 (M = 3): per chunk, the next M layers give attention
     module j (ln_1 + attn) for j < 2 and FFN module j (ln_2 + mlp) for j < 3, then the anchor; bottom first, top
     last (written out here layer by layer)."""
     cfg = small_config(n_attn=2, n_ffn=3, top_k=1, renormalize=False, depth=2)    # 1 + 2 x (3 + 1) + 1 = 10
