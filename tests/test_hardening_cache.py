@@ -57,12 +57,12 @@ def test_bad_caches_name_the_entry(model, past):
         (list(past[:5]) + [(k3, k3, k3)] + list(past[6:]), TypeError, r"past_key_values\[5\].*of length 3"),
         (_with(past, 4, v=k3.tolist()), TypeError, r"past_key_values\[4\] \(chunk 1 step 0\): v must be a "
                                                     r"torch.Tensor, got list"),
-        (_with(past, 3, k=k3[0]), ValueError, r"past_key_values\[3\] \(chunk 0 anchor\): k must be \[batch, n_head, "
+        (_with(past, 3, k=k3[0]), ValueError, r"past_key_values\[3\] \(chunk 0 anchor\): k must be \[batch, kv_heads, "
                                               r"cached, head_dim\] \(rank 4\)"),
         (_with(past, 6, k=k3[:1], v=k3[:1]), ValueError, r"past_key_values\[6\] \(chunk 1 anchor\): k was made for "
                                                          r"batch 1, input_ids has batch 2"),
         (_with(past, 7, k=k3[:, :2]), ValueError, r"past_key_values\[7\] \(top block 0\): k has 2 heads, the model "
-                                                  r"has config.n_head=4"),
+                                                  r"has 4 K/V heads"),
         (_with(past, 1, v=k3[..., :3]), ValueError, r"past_key_values\[1\] \(chunk 0 step 0\): v has head size 3, "
                                                     r"the model has n_embd / n_head = 5"),
         (_with(past, 5, k=k3[:, :, :4], v=k3[:, :, :4]), ValueError, r"past_key_values\[5\] \(chunk 1 step 1\): k "

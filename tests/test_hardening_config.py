@@ -12,17 +12,18 @@ from hypothesis import strategies as st
 from helpers import small_config
 from mom import MoMConfig
 from mom import data as mdata
-from mom.config import BACKENDS, BALANCE_MODES, ROUTERS, ConfigError
+from mom.config import BACKENDS, BALANCE_MODES, FAMILIES, ROUTERS, ConfigError
 from mom.train import TrainConfig, load_config, main
 
 MOM_INT = ("vocab_size", "n_positions", "n_embd", "n_head", "n_bottom", "chunks", "n_attn", "n_ffn", "depth",
-           "top_k", "n_top", "router_dim", "n_inner", "routing_prior_steps")
+           "top_k", "n_top", "router_dim", "n_inner", "routing_prior_steps", "num_key_value_heads")
 MOM_FLOAT = ("layer_norm_epsilon", "initializer_range", "router_temperature", "aux_loss_coef", "routing_prior",
-             "routing_prior_from")
+             "routing_prior_from", "rope_theta")
 MOM_BOOL = ("anchor", "skip", "shared_slots", "renormalize", "straight_through", "straight_through_clamp",
             "weighted_qkv", "dense_routing",
-            "balance_skip", "checkpoint_chunks", "routing_prior_learned")
-MOM_CHOICE = {"router": ROUTERS, "backend": BACKENDS, "balance_loss": BALANCE_MODES}
+            "balance_skip", "checkpoint_chunks", "routing_prior_learned", "tie_word_embeddings", "attention_bias")
+MOM_CHOICE = {"router": ROUTERS, "backend": BACKENDS, "balance_loss": BALANCE_MODES, "family": FAMILIES}
+MOM_NONE_OK = ("n_inner", "num_key_value_heads", "attention_bias")  # None: the default (4 D, n_head, the family's)
 
 
 def test_every_mom_field_is_covered():
@@ -49,8 +50,6 @@ def test_mom_config_wrong_type_or_non_finite_names_the_field(data):
     kind = data.draw(st.sampled_from(["int", "float", "bool", "choice"]))
     if kind == "int":
         field, value = data.draw(st.sampled_from(MOM_INT)), data.draw(_not_int)
-        if field == "n_inner" and value is None:
-            return  # None is n_inner's default (4 * n_embd)
     elif kind == "float":
         field, value = data.draw(st.sampled_from(MOM_FLOAT)), data.draw(_not_finite_number)
     elif kind == "bool":
@@ -58,6 +57,8 @@ def test_mom_config_wrong_type_or_non_finite_names_the_field(data):
     else:
         field = data.draw(st.sampled_from(sorted(MOM_CHOICE)))
         value = data.draw(st.one_of(_junk, st.integers()).filter(lambda v: v not in MOM_CHOICE[field]))
+    if field in MOM_NONE_OK and value is None:
+        return  # None is these fields' default
     with pytest.raises(ConfigError) as e:
         small_config(**{field: value})
     _assert_names(e, "MoMConfig", field, value)
