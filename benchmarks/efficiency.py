@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from mom import flops
-from mom.config import MoMConfig
+from mom.config import PRESETS, MoMConfig
 from mom.io import atomic_file
 from mom.memory import MODES, ROUTINGS, Spec, measure_isolated
 
@@ -114,7 +114,7 @@ def analytic_rows(batch: int = 1, seq_len: int = 1024, pair=None):
                         TFLOPs=f / 1e12, TFLOPs_causal=f.causal_total / 1e12,
                         flops_ratio=f / fb, flops_ratio_causal=f.causal_total / fb.causal_total,
                         params_ratio=p / pb, depth_ratio=cfg.graph_depth / row_config(base).graph_depth,
-                        kv_cache_ratio=kv / kvb, note=note))
+                        kv_cache_ratio=kv / kvb, preset="yes" if name in PRESETS else "no", note=note))
     return out
 
 
@@ -136,7 +136,7 @@ def text_table(rows, cols) -> str:
     return "\n".join("  ".join(x.rjust(w[i]) if i else x.ljust(w[i]) for i, x in enumerate(row)) for row in cells)
 
 
-ANALYTIC_COLS = ["model", "params_M", "router_params_M", "depth", "K", "TFLOPs", "flops_ratio",
+ANALYTIC_COLS = ["model", "preset", "params_M", "router_params_M", "depth", "K", "TFLOPs", "flops_ratio",
                  "flops_ratio_causal", "params_ratio", "depth_ratio", "kv_cache_ratio"]
 
 
@@ -280,15 +280,16 @@ def verdict(arows, rows, modes, settings="", pair=CLAIM_PAIR) -> list:
 VERDICT_COLS = ["claim", "paper", "ours", "holds", "why"]
 
 
-def verdict_text(vrows) -> str:
-    """The verdict as lines a terminal shows whole (the 'why' on its own indented line)."""
-    w = max(len(v["claim"]) for v in vrows)
-    p = max(len(v["paper"]) for v in vrows)
-    h = max(len(v["holds"]) for v in vrows)
-    lines = [f"{'claim':<{w}}  {'paper':<{p}}  {'holds':<{h}}  ours / why"]
+def verdict_text(vrows, width: int = 120) -> str:
+    """The verdict for a terminal of `width` columns: per claim, a line with whether it holds and the claim, then
+    the paper's figure and ours, then why, each wrapped and indented under it."""
+    import textwrap
+
+    lines = []
     for v in vrows:
-        lines.append(f"{v['claim']:<{w}}  {v['paper']:<{p}}  {v['holds']:<{h}}  {v['ours']}")
-        lines.append(f"{'':<{w}}  {'':<{p}}  {'':<{h}}  why: {v['why']}")
+        lines.append(f"[{v['holds']}] {v['claim']}")
+        for label, text in (("paper", v["paper"]), ("ours", v["ours"]), ("why", v["why"])):
+            lines += textwrap.wrap(text, width, initial_indent=f"    {label}: ", subsequent_indent=" " * (6 + len(label)))
     return "\n".join(lines)
 
 
@@ -335,6 +336,8 @@ def claim_chart(arows, rows, modes, path, title, pair=CLAIM_PAIR):
     ax.set_xticklabels([n for n, _, _ in bars], fontsize=8)
     ax.set_ylim(0, max(1.15, max(v for _, v, _ in bars) * 1.15))
     ax.set_ylabel(f"{mom} / {base} (lower is better)")
+    ax.text(0.99, 0.98, "equal quality at these ratios: not measured (untrained models)", transform=ax.transAxes,
+            ha="right", va="top", fontsize=7, style="italic")
     ax.set_title(f"The paper's claim: {mom} against {base} (1.0 = {base}; dashed: the paper)\n"
                  + title, fontsize=8)
     fig.tight_layout()
@@ -352,7 +355,7 @@ def chart(rows, modes, path, title, pair=CLAIM_PAIR):
     import matplotlib.pyplot as plt
 
     moms = [r for r in rows if row_config(r["model"]).chunks > 0]
-    panels = [("forward time", [(f"{m}_time_ratio", m) for m in modes], None),
+    panels = [("forward time (rough: shared cores)", [(f"{m}_time_ratio", m) for m in modes], None),
               ("forward FLOPs", [("flops_ratio", "FLOPs")], PAPER["flops_ratio"]),
               ("peak memory", [(f"{m}_mem_ratio", m) for m in modes], PAPER["memory_ratio"])]
     width = max(3.2, 0.9 * len(moms) + 1.5)

@@ -34,7 +34,9 @@ def test_verdict_judges_each_claim():
     assert v["deep MoM: graph over 38% deeper"]["holds"] == "yes"
     quality = [x for k, x in v.items() if "quality" in k]
     assert quality and quality[0]["holds"] == "not shown"
-    assert "holds" in eff.verdict_text(list(v.values())).splitlines()[0]
+    text = eff.verdict_text(list(v.values()))
+    assert text.splitlines()[0].startswith("[yes] efficient MoM") and "[not shown]" in text
+    assert max(len(line) for line in text.splitlines()) <= 120  # fits a 120-column terminal
 
 
 def test_charts_are_drawn(tmp_path):
