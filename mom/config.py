@@ -37,6 +37,7 @@ BACKENDS = ("reference", "torch", "triton", "auto")
 FAMILIES = ("gpt2", "llama")
 ROUTERS = ("gru", "mlp")
 BALANCE_MODES = ("per_step", "pooled")
+ROUTINGS = ("token_choice", "expert_choice")
 
 
 class ConfigError(ValueError, TypeError):
@@ -139,7 +140,17 @@ class MoMConfig:
     routing_prior_learned: bool = False  # instead of the decay: the routing_prior_from part is a trained per-step
                                      # logit bias (prior_bias [depth, slots]), left only where the loss says so
 
-    # --- load-balancing loss (Switch style: n * sum_e f_e * P_e) ---------------------------------------
+    # --- routing mode (docs/method.md, "Capacity routing") ----------------------------------------------
+    routing: str = "token_choice"    # "token_choice": each token picks top_k modules per step (the paper's);
+                                     # "expert_choice": each module takes a share of each sequence's tokens
+                                     # (Mixture-of-Depths / Mixture-of-Recursions; mom/capacity.py)
+    capacity: Optional[float] = None  # expert choice: the share c in (0, 1] of a sequence's T tokens each module
+                                     # takes, ceil(c T) of them; None = top_k / pool size per pool (a token gets
+                                     # top_k modules per pool on average: token choice's FLOPs without SKIP)
+    capacity_scale: float = 1.0      # expert choice: a taken token's weight = capacity_scale * sigmoid(logit / tau)
+
+    # --- auxiliary loss: load balancing (token choice, Switch style: n * sum_e f_e * P_e) or, with expert
+    # --- choice, the BCE that teaches each router logit whether its token was taken ------------------------
     aux_loss_coef: float = 0.01      # docs/method.md
     balance_loss: str = "per_step"   # "per_step": one loss per router and step, averaged;
                                      # "pooled": f and P pooled over a chunk's steps, one loss per router
@@ -201,6 +212,23 @@ class MoMConfig:
              "must be >= 1 with a routing_prior (the prior decays to 0 over these training forwards) unless "
              "routing_prior_learned")
         need(self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
+        need.choice("routing", ROUTINGS)
+        if self.capacity is not None:
+            need.number("capacity", "must be None (= top_k / pool size) or a finite number in (0, 1]")
+            need(0 < self.capacity <= 1, "capacity", "must be in (0, 1]: the share of a sequence's tokens a module "
+                 "takes")
+        need.number("capacity_scale")
+        need(self.capacity_scale > 0, "capacity_scale", "must be > 0")
+        if self.routing == "expert_choice":
+            for name, bad in (("dense_routing", True), ("shared_slots", True), ("straight_through", True),
+                              ("balance_loss", "pooled"), ("balance_skip", True)):
+                need(getattr(self, name) != bad, name, f"does not apply to expert-choice routing (routing="
+                     f"'expert_choice': each module takes its capacity; the routers have no SKIP slot, their aux "
+                     f"loss is a BCE, not a balance loss)")
+            need(not self.routing_prior, "routing_prior", "the function-preserving cut needs token choice (at "
+                 "step h module h takes every token: a capacity of 1)")
+        else:
+            need(self.capacity is None, "capacity", "is for routing='expert_choice' (token choice picks top_k)")
         need(self.graph_depth >= 1, "n_bottom", "the model needs at least one block (n_bottom + chunks * "
              "(depth + anchor) + n_top >= 1)")
         if self.chunks > 0:
@@ -209,7 +237,8 @@ class MoMConfig:
             need(not (self.shared_slots and not self.skip and self.n_attn != self.n_ffn), "shared_slots",
                  f"with skip=False needs n_attn == n_ffn (got {self.n_attn} and {self.n_ffn}): the smaller "
                  f"pool's extra slots would act as SKIP")
-            if self.top_k == 1 and self.renormalize and not (self.straight_through or self.dense_routing):
+            if self.top_k == 1 and self.renormalize and not (self.straight_through or self.dense_routing
+                                                             or self.routing == "expert_choice"):
                 warnings.warn("MoMConfig: top_k=1 with renormalize=True gives every pick the weight 1, so the "
                               "LM loss gives the routers no gradient (only the balancing loss trains them); "
                               "set renormalize=False or straight_through=True to train them", stacklevel=3)
@@ -265,7 +294,18 @@ class MoMConfig:
         return max(self.n_attn, self.n_ffn)
 
     def _slots(self, pool_size: int) -> int:
+        if self.routing == "expert_choice":  # one logit per module: a token no module takes passes through
+            return pool_size
         return (self.n_modules if self.shared_slots else pool_size) + int(self.skip)
+
+    def capacity_of(self, pool_size: int) -> float:
+        """Expert choice: the share of a sequence's tokens each module of a pool of pool_size takes."""
+        return self.capacity if self.capacity is not None else self.top_k / pool_size
+
+    def capacity_tokens(self, pool_size: int, seq_len: int) -> int:
+        """Expert choice: tokens of a sequence of seq_len each module takes in training, ceil(c T) (at least 1,
+        at most T)."""
+        return max(1, min(seq_len, math.ceil(self.capacity_of(pool_size) * seq_len - 1e-9)))
 
     @property
     def attn_slots(self) -> int:

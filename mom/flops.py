@@ -195,6 +195,9 @@ def expected(config: MoMConfig, batch: int, seq_len: int, skip_rate: float = 0.0
     `attention_all_skip` is estimated only for K = 1 (where a SKIP pick is an all-SKIP token); with K > 1 and
     one SKIP slot a token cannot pick SKIP twice, so it is 0. combine: include the "torch" backend's
     weighted-combine products (FlopCount.combine; False for the "reference" backend and the paper's model).
+    Expert-choice routing (config.routing): training's static count, each module ceil(c T) tokens of every
+    sequence (MoMConfig.capacity_tokens; skip_rate does not apply); the threshold rule of inference takes a
+    data-dependent number (`count` counts it from the picks).
     """
     cfg = config
     if not 0.0 <= skip_rate <= 1.0:
@@ -208,7 +211,13 @@ def expected(config: MoMConfig, batch: int, seq_len: int, skip_rate: float = 0.0
     N, S = B * T, P + T
     proj, core, ffn, core_causal = _fixed(cfg, B, T, P)
     steps = cfg.chunks * cfg.depth
-    if cfg.dense_routing:
+    if cfg.routing == "expert_choice" and cfg.chunks:
+        if skip_rate:
+            raise ValueError("skip_rate does not apply to expert-choice routing (each module takes its capacity)")
+        k_attn = cfg.n_attn * cfg.capacity_tokens(cfg.n_attn, T) / T   # module rows per token, on average
+        k_ffn = cfg.n_ffn * cfg.capacity_tokens(cfg.n_ffn, T) / T
+        all_skip_share = 0.0  # (tokens no attention module took vary with the input; not estimated)
+    elif cfg.dense_routing:
         k_attn, k_ffn, all_skip_share = cfg.n_attn, cfg.n_ffn, 0.0
     else:
         k_attn = k_ffn = cfg.top_k * (1.0 - skip_rate)
@@ -219,7 +228,8 @@ def expected(config: MoMConfig, batch: int, seq_len: int, skip_rate: float = 0.0
     core_causal += steps * _core_causal(B, T, P, D)
     routers = steps * N * (_router(cfg, cfg.attn_slots) + _router(cfg, cfg.ffn_slots))
     all_skip = round(steps * N * all_skip_share * 4 * S * D)
-    ka, kf = (cfg.attn_slots, cfg.ffn_slots) if cfg.dense_routing else (cfg.top_k, cfg.top_k)  # dense: all slots
+    ka, kf = (cfg.attn_slots, cfg.ffn_slots) if cfg.dense_routing or cfg.routing == "expert_choice" else \
+        (cfg.top_k, cfg.top_k)  # dense routing and expert choice combine every slot of a token
     comb = steps * N * _combine(cfg, ka, kf) if combine else 0
     rope = N * cfg.graph_depth * _rope(cfg)
     return FlopCount(proj, core, ffn, routers, N * 2 * D * cfg.vocab_size, core_causal, all_skip, comb, rope)

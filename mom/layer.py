@@ -33,6 +33,7 @@ import torch.utils._pytree as pytree  # (torch's own pytree registry; transforme
 
 from .blocks import AttentionPool, Block, FFNPool, KVCache, Rope, Rotary, causal_attention, init_weights, merge_heads
 from .cache import check_chunk_cache
+from .capacity import routing_mode
 from .config import MoMConfig
 from .routed import Ops, get_ops
 from .routers import balance_loss, make_router
@@ -77,6 +78,8 @@ class MoMLayer(nn.Module):
         self.anchor = Block(config) if config.anchor else None
         self.rotary = Rotary(config) if config.family == "llama" else None  # when no rope is passed in
         self.causal = True  # False: bidirectional attention at every step (mom.MoMBlock(causal=False))
+        self.capacity_mode = "auto"  # expert choice: "auto" (top capacity when training, else the threshold
+        #                              rule), or forced "train" / "threshold" (mom.capacity.force_mode)
         if init:
             init_weights(self, config)
 
@@ -110,10 +113,11 @@ class MoMLayer(nn.Module):
         state_a = state_f = None                                     # GRU states, zero at chunk start
         gru = ops.gru_router_for(B * T)                              # a fused router step, or None: the modules
         routing, presents, terms = [], [], []
+        ec_train = routing_mode(self)  # expert choice: training-style top capacity, or the causal threshold rule
         for h in range(cfg.depth):
             # --- assembled attention ---
             logits, state_a = self.attn_router(xf, state_a, gru)  # [N, S_a]
-            ra, plan = ops.route(logits, E_a, cfg, balance)                 # plan: shared by QKV and output projection
+            ra, plan = ops.route(logits, E_a, cfg, balance, T, ec_train)   # plan: shared by QKV and output projection
             qkv = ops.routed_linear(xf, pa.c_attn_weight, pa.c_attn_bias, ra.ids,
                                     ra.weights if cfg.weighted_qkv else None, pa.ln_weight, pa.ln_bias, eps,
                                     plan=plan, norm=cfg.norm)        # [N, W_qkv]
@@ -125,7 +129,7 @@ class MoMLayer(nn.Module):
                                    residual=xf)                      # xf + the routed projection
             # --- assembled FFN ---
             logits, state_f = self.ffn_router(xf, state_f, gru)   # [N, S_f]
-            rf, plan = ops.route(logits, E_f, cfg, balance)
+            rf, plan = ops.route(logits, E_f, cfg, balance, T, ec_train)
             xf = ops.routed_ffn(xf, pf.ln_weight, pf.ln_bias, pf.c_fc_weight, pf.c_fc_bias, pf.c_proj_weight,
                                 pf.c_proj_bias, rf.ids, rf.weights, eps, plan=plan, residual=xf, norm=cfg.norm,
                                 act=cfg.act)                         # xf + FFN
@@ -144,7 +148,12 @@ class MoMLayer(nn.Module):
         return MoMLayerOutput(x, routing, aux, presents if use_cache else None)
 
     def _aux_loss(self, terms):
-        """Mean Switch-style balance loss over routers and steps ("per_step") or over routers ("pooled")."""
+        """Mean Switch-style balance loss over routers and steps ("per_step") or over routers ("pooled"); with
+        expert choice the mean BCE of the routers' logits against the top-capacity picks (0 when the step routed
+        by the threshold rule: eval mode)."""
+        if self.config.routing == "expert_choice":
+            losses = [r.balance for pair in terms for r in pair if r.balance is not None]
+            return torch.stack(losses).mean() if losses else terms[0][0].weights.new_zeros(())
         if self.config.balance_loss == "per_step":
             losses = [r.balance for pair in terms for r in pair]
         else:  # pool f and P over the chunk's steps, one loss per router

@@ -381,8 +381,9 @@ class Ops:
     launch on the Triton backend, mom.blocks.qkv_heads elsewhere)."""
 
     def __init__(self, name, make_plan, routed_linear, routed_ffn, route=None, gru_router=None,
-                 fused_residual=False, few_token_gru_router=None, qkv_heads=None):
+                 fused_residual=False, few_token_gru_router=None, qkv_heads=None, capacity_route=None):
         self.name, self.make_plan = name, make_plan
+        self._capacity_route = capacity_route  # expert choice: (logits, n_modules, config, seq_len, train, balance)
         self.qkv_heads = qkv_heads if qkv_heads is not None else blocks.qkv_heads
         self._linear, self._ffn, self._route = routed_linear, routed_ffn, route
         self.gru_router = gru_router  # a fused GRU router step, cell + head (None: nn.GRUCell + nn.Linear)
@@ -408,9 +409,20 @@ class Ops:
             return self._ffn(*args, **kwargs, **({"residual": residual} if residual is not None else {}))
         return residual + self._ffn(*args, **kwargs)
 
-    def route(self, logits, n_modules: int, config, balance: bool = True):
+    def route(self, logits, n_modules: int, config, balance: bool = True, seq_len: Optional[int] = None,
+              train: bool = True):
         """(Routing, plan) of router logits [N, S] over a pool of n_modules. balance=False: the balance terms
-        may be left out (None; the Triton route computes them in its fused kernel anyway)."""
+        may be left out (None; the Triton route computes them in its fused kernel anyway). Expert-choice routing
+        (config.routing; mom/capacity.py) takes the sequence length of the N tokens and whether to route
+        training-style (top capacity per sequence) or by the threshold rule; every backend then runs its picks."""
+        if config.routing == "expert_choice":
+            seq_len = seq_len or logits.shape[0]
+            if self._capacity_route is not None:
+                return self._capacity_route(logits, n_modules, config, seq_len, train, balance)
+            from .capacity import route_capacity
+
+            r = route_capacity(logits, n_modules, config, seq_len, train, balance)
+            return r, self.make_plan(r.ids, n_modules)
         if self._route is not None:
             return self._route(logits, n_modules, config, balance)
         from .routers import route
@@ -457,10 +469,30 @@ def _triton_ops(device) -> Ops:
     from mom_kernels import decode, rotary, routing
     from mom_kernels.gru import gru_router
 
+    def plan(ids, n_modules):  # (the decoding path needs none)
+        return None if decode.use_decode(ids) else routing.make_plan(ids, n_modules)
+
     # decode.routed_*: the grouped-GEMM ops, or (no grad, at most decode.DECODE_MAX_TOKENS tokens) a pass that
     # reads each picked module's weights once - the decoding path
-    return Ops("triton", routing.make_plan, decode.routed_linear, decode.routed_ffn, _triton_route, gru_router,
-               fused_residual=True, qkv_heads=rotary.qkv_heads)
+    return Ops("triton", plan, decode.routed_linear, decode.routed_ffn, _triton_route, gru_router,
+               fused_residual=True, qkv_heads=rotary.qkv_heads, capacity_route=_triton_capacity_route)
+
+
+def _triton_capacity_route(logits, n_modules: int, config, seq_len: int, train: bool, balance: bool = True):
+    """Expert-choice route (mom_kernels.capacity): one launch and its loss sum; training-style picks come with
+    their uniform plan (static schedule); the threshold rule's picks get a sorted plan, or none for a decode step."""
+    from mom_kernels.capacity import capacity_route
+    from mom_kernels.decode import use_decode
+    from mom_kernels.routing import make_plan
+
+    from .routers import Routing
+
+    n_take = config.capacity_tokens(n_modules, seq_len)
+    ids, weights, probs, loss, plan = capacity_route(logits, n_modules, seq_len, n_take, config.router_temperature,
+                                                     config.capacity_scale, train)
+    if plan is None and not use_decode(ids):
+        plan = make_plan(ids, n_modules)
+    return Routing(ids, weights, probs, ids, None, None, loss if train and balance else None), plan
 
 
 def _triton_route(logits, n_modules: int, config, balance: bool = True):

@@ -104,7 +104,7 @@ def _to_launch(fn, args, kwargs, role) -> Launch:
 
 
 _KERNEL_MODULES = ("mom_kernels.gemm", "mom_kernels.gathers", "mom_kernels.reductions", "mom_kernels.weight_grads",
-                   "mom_kernels.route", "mom_kernels.decode", "mom_kernels.rotary")
+                   "mom_kernels.route", "mom_kernels.decode", "mom_kernels.rotary", "mom_kernels.capacity")
 
 
 class _env_set:
@@ -202,6 +202,16 @@ def record_launches(dtype=torch.bfloat16, T=4096, K=2, E=8, D=768, F=3072):
         for backward in (False, True):
             role[0] = "rotary " + ("bwd" if backward else "fwd")
             ro_._launch(qkv4, q, k, v, cos, cos, backward)
+        # capacity (expert-choice) routing: the route with its uniform plan (training), the threshold rule, backward
+        ca = importlib.import_module("mom_kernels.capacity")
+        Tq = min(T, 1024)  # one sequence's tokens
+        for train in (True, False):
+            role[0] = f"capacity route, {'train' if train else 'threshold'}"
+            ca._launch(r(T, E), Tq, max(1, Tq * K // E), 1.0, 1.0, train)
+        role[0] = "capacity route bwd"
+        lg = r(T, E)
+        ca._launch_bwd(lg, torch.empty(T, E, device=dev, dtype=torch.int64), lg, lg,
+                       torch.empty(1, device=dev, dtype=torch.float32), 1.0, 1.0, True, True, True)
         # the operand gathers of the grouped_mm weight-gradient path (GPU default in bf16; see dw_backend)
         role[0] = "dw gather"
         gp = r(T * K)

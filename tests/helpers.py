@@ -64,6 +64,9 @@ ROUTED_CASES = [
     # the Llama family: RMSNorm, SwiGLU, rotary positions; GQA with q/k/v biases and an untied head, then MHA
     dict(family="llama", n_embd=24, num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False),
     dict(family="llama", n_embd=24, router="mlp", top_k=3, n_attn=4, n_ffn=3, skip=False),
+    # capacity (expert-choice) routing: the default capacity (top_k / pool), and every module taking every token
+    dict(routing="expert_choice", router_temperature=0.5, capacity_scale=0.7),
+    dict(routing="expert_choice", capacity=1.0, router="mlp", family="llama", n_embd=24, weighted_qkv=True),
 ]
 
 

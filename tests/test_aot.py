@@ -52,7 +52,8 @@ def test_aot_compile_sm90_sm80(tmp_path):
                        "_routing_weight_grad_kernel", "_gru_router_fwd_kernel", "_gru_router_bwd_kernel",
                        "_rows_epilogue_kernel", "_route_kernel", "_plan_scan_kernel", "_plan_scatter_kernel",
                        "_route_bwd_kernel", "_decode_gemv_kernel", "_decode_splitk_kernel",
-                       "_decode_splitk_combine_kernel", "_rotary_kernel"}
+                       "_decode_splitk_combine_kernel", "_rotary_kernel", "_capacity_route_kernel",
+                       "_capacity_route_bwd_kernel"}
     assert {r["arch"] for r in rows} == {90, 80}
     spills = [(r["kernel"], r["dtype"], r["arch"], r["config"], r["local"]) for r in rows if r["local"]]
     assert not spills, f"local-memory spills: {spills}"

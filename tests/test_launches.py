@@ -55,6 +55,15 @@ def test_llama_step_launch_budget():
     assert not c.syncs, c.table()
 
 
+def test_expert_choice_step_launch_budget():
+    """A capacity-routed step: the route, its picks' weights, the BCE aux loss and the uniform plan in one launch
+    per router call (and one backward), the same GEMMs: within the step budget, nothing read back to the host."""
+    c = _step_count(_layer(depth=1, routing="expert_choice", capacity=0.5))
+    assert c.total <= STEP_BUDGET, c.table()
+    assert c.triton["_capacity_route_kernel"] == 2 and c.triton["_plan_scan_kernel"] == 0, c.table()
+    assert not c.syncs, c.table()
+
+
 def test_decode_step_launch_budget():
     """A decode step (no grad, a few tokens, balance off) runs the route kernel alone: no plan, no balance
     terms (the few-token ops need none); at most DECODE_STEP_BUDGET launches per routed step, none of them a
