@@ -23,7 +23,7 @@ def test_toy_run(sample_data, tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["--data", sample_data, "--out", str(out), "--size", "toy", "--seeds", "1", "2", "--in_process"]
     res = quality.main(argv)
-    assert set(res["arms"]) == {"plain", "preserving", "learned", "vanilla", "vanilla_flops"}
+    assert set(res["arms"]) == {"plain", "capacity", "preserving", "learned", "vanilla", "vanilla_flops"}
     for arm, r in res["arms"].items():
         assert len(r["final"]) == 2 and r["std"] >= 0
     assert res["arms"]["vanilla_flops"]["steps"] == round(res["flops_ratio"] * res["arms"]["vanilla"]["steps"])
@@ -34,13 +34,17 @@ def test_toy_run(sample_data, tmp_path, capsys):
     for ext in (".json", ".md", ".png"):
         assert os.path.getsize(str(out / "quality") + ext) > 0
     cmds = open(out / "commands.sh").read()
-    assert cmds.count("python -m mom.train --config") == 1 + 5 * 2
+    assert cmds.count("python -m mom.train --config") == 1 + 6 * 2
     with open(out / "configs" / "preserving_s1.json") as f:
         cfg = json.load(f)
     assert cfg["model_overrides"]["routing_prior"] == 50.0 and cfg["init_from"].endswith("phase1")
     with open(out / "configs" / "learned_s1.json") as f:
         assert json.load(f)["model_overrides"]["routing_prior_learned"] is True
+    with open(out / "configs" / "capacity_s1.json") as f:
+        assert json.load(f)["model_overrides"]["routing"] == "expert_choice"
+    assert set(res["agreement"]) == {1, 2} and all(0 <= g["agreement"] <= 1 for g in res["agreement"].values())
+    assert "inference's" in open(str(out / "quality") + ".md").read()
     capsys.readouterr()
     quality.main(argv + ["--no_removal"])  # rerun: every arm is found finished
     printed = capsys.readouterr().out
-    assert printed.count("done already") == 1 + 5 * 2
+    assert printed.count("done already") == 1 + 6 * 2
