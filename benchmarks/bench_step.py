@@ -83,7 +83,7 @@ def build(a) -> SimpleNamespace:
     cfg = MoMConfig(vocab_size=256, n_positions=max(1024, T), n_embd=D, n_head=a.n_head, n_bottom=0, chunks=1,
                     n_attn=E, n_ffn=E, depth=1, top_k=K, anchor=False, skip=False,
                     router="mlp" if a.router == "uniform" else a.router, backend="torch", family=a.family,
-                    num_key_value_heads=a.kv_heads, n_inner=a.n_inner)
+                    num_key_value_heads=a.kv_heads, n_inner=a.n_inner, routing=a.routing, capacity=a.capacity)
     with dev:  # built on the device: no CPU init of GPT-2-large-sized pools
         layer = MoMLayer(cfg).to(dtype)
         dense = DenseEquivalent(cfg, K).to(dtype)
@@ -111,7 +111,8 @@ def build(a) -> SimpleNamespace:
 
     def routing_only(xx):
         xf = xx.reshape(N, D)
-        wsum = sum(fast.route(r(xf, None, fast.gru_router)[0], E, gru_cfg)[0].weights.sum(-1) for r in routers)
+        wsum = sum(fast.route(r(xf, None, fast.gru_router)[0], E, gru_cfg, seq_len=T)[0].weights.sum(-1)
+                   for r in routers)
         return xx + wsum.view(B, T, 1)                                                   # [B, T, D]
 
     cands["routers"] = routing_only
@@ -195,6 +196,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-head", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (grouped-query attention; default n_head)")
     p.add_argument("--n-inner", type=int, default=None, help="FFN width F (default 4 x n_embd)")
+    p.add_argument("--routing", default="token_choice", choices=["token_choice", "expert_choice"],
+                   help="token choice (each token picks top-K) or capacity routing (each module takes a share of the "
+                        "tokens: K / E by default, the same FLOPs)")
+    p.add_argument("--capacity", type=float, default=None, help="expert choice: the share of tokens a module takes")
     p.add_argument("--modules", type=int, default=8, help="E, modules per pool")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--tokens", type=int, default=2048, help="T, tokens per sequence")
@@ -260,7 +265,8 @@ def main(argv=None):
         base = res["dense"]["median"]
         for name, r in res.items():
             hl = host.get((mode, name), {})
-            rows.append({**st, "bench": "routed_step", "family": a.family, "mode": mode, "impl": name, "D": D,
+            rows.append({**st, "bench": "routed_step", "family": a.family, "routing": a.routing, "mode": mode,
+                         "impl": name, "D": D,
                          "F": s.cfg.ffn_dim, "kv_heads": s.cfg.kv_heads, "E": E, "K": K, "B": B, "T": T,
                          "router": a.router, "dtype": a.dtype, "median_s": f"{r['median']:.5f}",
                          "p20_s": f"{r['p20']:.5f}", "p80_s": f"{r['p80']:.5f}",
@@ -279,7 +285,8 @@ def main(argv=None):
                          f"| {r['median'] / base:.2f}x | {rows[-1]['vs_reference'] or '-'} | {rows[-1]['act_mb'] or '-'} "
                          f"| {rows[-1]['peak_mb'] or '-'} | {hl.get('launches', '-')} | - |")
     append_csv(a.csv, rows)
-    print(f"routed step ({a.family}), D {D}, F {s.cfg.ffn_dim}, heads {s.cfg.n_head} / K/V {s.cfg.kv_heads}, E {E}, "
+    print(f"routed step ({a.family}, {a.routing}), D {D}, F {s.cfg.ffn_dim}, heads {s.cfg.n_head} / K/V "
+          f"{s.cfg.kv_heads}, E {E}, "
           f"K {K}, B {B} x T {T}, router {a.router}, {a.dtype}, {st['hardware']}, commit {st['commit']}, {st['date']}")
     print(f"FFN rows per module (routing load): {loads.tolist()}")
     print("| mode | impl | median ms | p20-p80 ms | vs dense | loop / impl | saved act. MiB | peak MiB | launches "
