@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
-# The one script a session with a lent GPU runs (from the repo root, PYTHONPATH=., nothing installed):
+# The GPU checks, in one run on any CUDA machine (from the repo root; nothing beyond torch + triton needed):
+#
+#     bash benchmarks/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to benchmarks/out/gpu_check (ignored by git)
+#
 #   1. environment (GPU, torch, triton) and the hash of the kernel sources, printed
 #   2. one routed step against the dense block and the loop, eager and replayed from CUDA graphs, with its
 #      launches and host enqueue time (bf16, GPT-2-large width D 1280, E 16, K 2, batch 8 x 1024)
-#                                                                               -> $OUT/step.log, bench_step.csv
+#                                                                           -> OUT_DIR/step.log, bench_step.csv
+#      the Llama-family step at Qwen2.5-0.5B's shape and the capacity-routed (expert-choice) step, eager
+#                                                                           -> OUT_DIR/step.log (appended)
 #   3. mom-large-efficient against GPT-2-large and the loop, 8 x 1024, eager and graphed
-#                                                                               -> $OUT/model.log, bench_model.csv
-#   4. the kernel and model tests on CUDA (compiled): route + plan, GRU, launch budget, CUDA-graph capture
-#      and GraphedTrainStep                                                     -> $OUT/tests.log
+#                                                                           -> OUT_DIR/model.log, bench_model.csv
+#   4. the kernel and model tests on CUDA (compiled): route + plan, GRU, launch budget, CUDA-graph capture,
+#      GraphedTrainStep, the Llama-family kernels, capacity routing             -> OUT_DIR/tests.log
 #   5. the routed_ffn sweep "check" (bf16, against cuBLAS and the loop), then again with the TMA weight path
-#      (MOM_KERNELS_TMA=1)                                                      -> $OUT/bench.log, routed_ffn.csv
+#      (MOM_KERNELS_TMA=1)                                                  -> OUT_DIR/bench.log, routed_ffn.csv
 #   6. the GEMM tile configurations at the base point, forward (epilogue slices, persistent grid, tile shapes)
-#                                                                               -> $OUT/bench.log (appended)
+#                                                                           -> OUT_DIR/bench.log (appended)
 #      the routed step again with MOM_KERNELS_AUTOTUNE=1 (its choices per GEMM), and the step's kernel
-#      timeline (benchmarks/profile_step.py)                                    -> $OUT/step.log (appended)
+#      timeline (benchmarks/profile_step.py)                                -> OUT_DIR/step.log (appended)
 #   7. generation: mom-large-efficient vs GPT-2-large decoding, bf16, both graphed, batch 1 and 64, prompt 128
 #      (benchmarks/bench_decode.py), and the few-token kernel's weight reads against the copy bandwidth
-#      (benchmarks/bench_gemv.py)                                               -> $OUT/decode.log
-#   8. a short table, printed last.
-# Budget: < 10 minutes in all (about 6 when nothing times out); every stage has its own timeout
-# (80 + 90 + 110 + 50 + 45 + 25 + 40 + 30 + 90 + 30 s), and a stage that times out leaves what it finished. 8 files come back
-# from $OUT, so this writes no more. Copy the CSV rows into benchmarks/results/ afterwards.
+#      (benchmarks/bench_gemv.py)                                           -> OUT_DIR/decode.log
+#   8. a short table with the targets, printed last.
+# Time: about 7 minutes, at most 10: every stage has its own timeout (80 + 40 + 80 + 110 + 50 + 35 + 25 + 40 +
+# 30 + 70 + 30 s), and a stage that times out leaves what it finished. It writes 8 files at most into OUT_DIR;
+# copy the table and the CSV rows into benchmarks/results/ with the GPU, date and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/gpu_check}"
+OUT="${1:-benchmarks/out/gpu_check}"
 mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -49,8 +54,18 @@ timeout 80 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-em
   > "$OUT/step.log" 2>&1 \
   || echo "bench_step failed or timed out (rc $?)"
 
+stage "Llama-family step (Qwen2.5-0.5B's shape) and capacity-routed step (bf16, 8 x 1024, eager)"
+timeout 40 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --family llama --n-embd 896 \
+  --n-head 14 --kv-heads 2 --n-inner 4864 --modules 10 --top-k 2 --batch 8 --tokens 1024 --repeats 5 \
+  --csv "$OUT/bench_step.csv" 2>&1 | grep -E "^\| " | sed 's/^/llama: /' >> "$OUT/step.log" \
+  || echo "Llama-family bench_step failed or timed out"
+timeout 40 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
+  --modules 16 --routing expert_choice --capacity 0.125 --batch 8 --tokens 1024 --repeats 5 \
+  --csv "$OUT/bench_step.csv" 2>&1 | grep -E "^\| " | sed 's/^/capacity: /' >> "$OUT/step.log" \
+  || echo "capacity bench_step failed or timed out"
+
 stage "whole model (mom-large-efficient vs gpt2-large, bf16, 8 x 1024)"
-timeout 90 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
+timeout 80 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
   --repeats 5 --graph --pairs mom-large-efficient:gpt2-large --csv "$OUT/bench_model.csv" > "$OUT/model.log" 2>&1 \
   || echo "bench_model failed or timed out (rc $?)"
 
@@ -61,7 +76,7 @@ TESTS="tests/test_kernels_routing.py tests/test_kernels_routed_ffn.py tests/test
        tests/test_kernels_residual.py tests/test_kernels_gathers.py tests/test_kernels_multitile.py
        tests/test_cuda_graphs.py tests/test_oracle_step.py tests/test_decode_kernels.py tests/test_decode_static.py
        tests/test_kernels_tma.py tests/test_kernels_segments.py tests/test_kernels_subtile.py
-       tests/test_kernels_autotune.py"
+       tests/test_kernels_autotune.py tests/test_kernels_llama.py tests/test_capacity.py"
 if python -c "import xdist" 2>/dev/null; then PAR="-n 14"; else PAR=""; fi  # compiling dominates: spread it
 # shellcheck disable=SC2086
 timeout 110 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
@@ -74,7 +89,7 @@ timeout 50 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/route
 BENCH_RC=$?
 tail -n 2 "$OUT/bench.log"
 echo "-- the same sweep with the TMA weight path (MOM_KERNELS_TMA=1)" >> "$OUT/bench.log"
-MOM_KERNELS_TMA=1 timeout 45 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn_tma.csv" \
+MOM_KERNELS_TMA=1 timeout 35 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn_tma.csv" \
   >> "$OUT/bench.log" 2>&1 || echo "TMA sweep failed or timed out"
 
 stage "GEMM tiles at the base point (forward): epilogue slices, persistent grid, tile shapes"
@@ -95,7 +110,7 @@ timeout 30 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-
   --modules 16 --top-k 2 --batch 8 --tokens 1024 >> "$OUT/step.log" 2>&1 || echo "profile_step failed or timed out"
 
 stage "generation (bf16, graphed) and the few-token kernel"
-timeout 90 python -m benchmarks.bench_decode --device cuda --scale 1 --dtype bfloat16 --cuda-graph --batch 1 64 \
+timeout 70 python -m benchmarks.bench_decode --device cuda --scale 1 --dtype bfloat16 --cuda-graph --batch 1 64 \
   --prompt 128 --new-tokens 16 --repeats 1 --out "$OUT/decode" > "$OUT/decode.log" 2>&1 \
   || echo "bench_decode failed or timed out (rc $?)"
 rm -rf "$OUT/decode"   # its CSV / MD / PNG: the table is in decode.log
@@ -108,7 +123,7 @@ echo "-- tests"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
 tail -n 1 "$OUT/tests.log"
 echo "-- routed step"
-grep -E "^routed step|^FFN rows|^\||^GRU|^tuned: " "$OUT/step.log" || tail -n 5 "$OUT/step.log"
+grep -E "^routed step|^FFN rows|^\||^GRU|^tuned: |^llama: |^capacity: " "$OUT/step.log" || tail -n 5 "$OUT/step.log"
 echo "targets: triton step fwd+bwd <= 1.6x dense eager, <= 1.3x graphed; routing <= 5% of the graphed step"
 echo "-- whole model"
 grep -E "^batch|^\|" "$OUT/model.log" || tail -n 5 "$OUT/model.log"
@@ -125,7 +140,7 @@ if [ -f "$OUT/routed_ffn.csv" ]; then
   if [ -f "$OUT/routed_ffn_tma.csv" ]; then
     echo "-- routed_ffn sweep, TMA weight path"
     python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT/routed_ffn_tma.csv'))"
-    rm -f "$OUT/routed_ffn_tma.csv"   # (8 files come back: its summary is printed here)
+    rm -f "$OUT/routed_ffn_tma.csv"   # (at most 8 files: its summary is printed here)
   fi
 else
   tail -n 5 "$OUT/bench.log"
