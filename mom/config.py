@@ -237,8 +237,9 @@ class MoMConfig:
             need(not (self.shared_slots and not self.skip and self.n_attn != self.n_ffn), "shared_slots",
                  f"with skip=False needs n_attn == n_ffn (got {self.n_attn} and {self.n_ffn}): the smaller "
                  f"pool's extra slots would act as SKIP")
+            one_slot = self.attn_slots == 1 and self.ffn_slots == 1   # no choice to learn: no router to train
             if self.top_k == 1 and self.renormalize and not (self.straight_through or self.dense_routing
-                                                             or self.routing == "expert_choice"):
+                                                             or self.routing == "expert_choice" or one_slot):
                 warnings.warn("MoMConfig: top_k=1 with renormalize=True gives every pick the weight 1, so the "
                               "LM loss gives the routers no gradient (only the balancing loss trains them); "
                               "set renormalize=False or straight_through=True to train them", stacklevel=3)

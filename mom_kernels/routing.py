@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["RoutingPlan", "make_plan", "make_plan_torch", "default_block_m"]
 
@@ -80,7 +81,11 @@ class RoutingPlan:
         return self.sorted_pick, self.offsets, self.tile_module, self.tile_row_start
 
 
-def _identity(ids: torch.Tensor) -> tuple:
+def _identity(ids: torch.Tensor) -> Optional[tuple]:
+    """What a plan remembers of the ids it was built from; None for a fake tensor (shape propagation under
+    FakeTensorMode or torch.compile), which has no storage to name."""
+    if isinstance(ids, FakeTensor):
+        return None
     return (ids.data_ptr(), ids._version, tuple(ids.shape), ids.dtype)
 
 

@@ -128,7 +128,7 @@ def test_aux_loss_trains_the_logits_toward_the_picks():
     model = make_model(cfg, torch.float64).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     out = model(ids, labels=ids)
-    assert out.aux_loss > 0 and math.isclose(float(out.loss), float(out.lm_loss + 0.5 * out.aux_loss), rel_tol=1e-12)
+    assert out.aux_loss > 0 and math.isclose(out.loss.item(), (out.lm_loss + 0.5 * out.aux_loss).item(), rel_tol=1e-12)
     assert out.aux_loss.requires_grad
     model.eval()
     assert float(model(ids, labels=ids).aux_loss) == 0.0

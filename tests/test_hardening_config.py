@@ -12,18 +12,20 @@ from hypothesis import strategies as st
 from helpers import small_config
 from mom import MoMConfig
 from mom import data as mdata
-from mom.config import BACKENDS, BALANCE_MODES, FAMILIES, ROUTERS, ConfigError
+from mom.config import BACKENDS, BALANCE_MODES, FAMILIES, ROUTERS, ROUTINGS, ConfigError
 from mom.train import TrainConfig, load_config, main
 
 MOM_INT = ("vocab_size", "n_positions", "n_embd", "n_head", "n_bottom", "chunks", "n_attn", "n_ffn", "depth",
            "top_k", "n_top", "router_dim", "n_inner", "routing_prior_steps", "num_key_value_heads")
 MOM_FLOAT = ("layer_norm_epsilon", "initializer_range", "router_temperature", "aux_loss_coef", "routing_prior",
-             "routing_prior_from", "rope_theta")
+             "routing_prior_from", "rope_theta", "capacity", "capacity_scale")
 MOM_BOOL = ("anchor", "skip", "shared_slots", "renormalize", "straight_through", "straight_through_clamp",
             "weighted_qkv", "dense_routing",
             "balance_skip", "checkpoint_chunks", "routing_prior_learned", "tie_word_embeddings", "attention_bias")
-MOM_CHOICE = {"router": ROUTERS, "backend": BACKENDS, "balance_loss": BALANCE_MODES, "family": FAMILIES}
-MOM_NONE_OK = ("n_inner", "num_key_value_heads", "attention_bias")  # None: the default (4 D, n_head, the family's)
+MOM_CHOICE = {"router": ROUTERS, "backend": BACKENDS, "balance_loss": BALANCE_MODES, "family": FAMILIES,
+              "routing": ROUTINGS}
+MOM_NONE_OK = ("n_inner", "num_key_value_heads", "attention_bias", "capacity")  # None: the default (4 D, n_head,
+#                                                                                 the family's, top_k / pool)
 
 
 def test_every_mom_field_is_covered():
@@ -70,6 +72,8 @@ def test_mom_config_wrong_type_or_non_finite_names_the_field(data):
     ("aux_loss_coef", math.inf, "finite number"), ("initializer_range", -math.inf, "finite number"),
     ("initializer_range", -0.1, "> 0"), ("n_embd", None, "int"), ("n_head", "4", "int"),
     ("router", None, "one of"), ("backend", ["torch"], "one of"),
+    ("capacity", math.nan, "finite number"), ("capacity", "0.5", "finite number"), ("capacity_scale", 0.0, "> 0"),
+    ("routing", "expert-choice", "one of"),
 ])
 def test_reported_mom_config_cases(field, value, rule):
     with pytest.raises(ConfigError, match=rule) as e:
