@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from mom.cli import ArgumentParser
+
 from .common import OUT, RESULTS, append_csv, hardware, stamp
 
 PAIRS = {"mom-small": "gpt2", "mom-medium": "gpt2-medium", "mom-large-deep": "gpt2-large",
@@ -221,22 +223,23 @@ def chart(rows, path, title):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m benchmarks.bench_decode", description=__doc__)
     ap.add_argument("--models", nargs="+", default=[CLAIM[0]], help=f"MoM presets (baselines added); {list(PAIRS)}")
     ap.add_argument("--all", action="store_true", help="every MoM preset")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
     ap.add_argument("--prompt", type=int, nargs="+", default=[128, 1024], help="full-size prompt lengths (x scale)")
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run (default 32)")
     ap.add_argument("--scale", type=float, default=None, help="width / vocab / prompt factor (default 0.25 on a "
                                                               "CPU, 1 on CUDA)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="default float32 on a CPU, bfloat16 on CUDA")
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--backend", default="auto", help="the MoM's routed-op backend (default auto)")
     ap.add_argument("--cuda-graph", action="store_true", help="replay each decode step from a CUDA graph")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per case, the best kept (default 2)")
     ap.add_argument("--quick", action="store_true", help="smoke run: scale 1/16, batch 1 and 2, prompts 64 / 128, "
                                                           "4 new tokens")
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--out", default=OUT, help="folder for the CSV / Markdown / PNG (default benchmarks/out/)")
     ap.add_argument("--update-results", action="store_true", help="also write under benchmarks/results/")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

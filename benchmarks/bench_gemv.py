@@ -14,25 +14,28 @@ Target (H200, the few-token Triton kernel): >= 70% of the copy bandwidth.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
+from mom.cli import ArgumentParser
+
 from .common import OUT, append_csv, hardware, stamp, time_interleaved
 
 
 def main(argv=None) -> list:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = ArgumentParser(prog="python -m benchmarks.bench_gemv", description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="default float32 on a CPU, bfloat16 on CUDA")
     ap.add_argument("--n-embd", type=int, default=None, help="default 320 on a CPU (GPT-2-large x 1/4), 1280 on CUDA")
-    ap.add_argument("--modules", type=int, default=16)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--csv", default=os.path.join(OUT, "bench_gemv.csv"))
+    ap.add_argument("--modules", type=int, default=16, help="E, modules in the pool (default 16)")
+    ap.add_argument("--top-k", type=int, default=2, help="K, picks per token (default 2)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16], help="tokens per call (default 1 4 16)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed runs; the median is reported (default 30)")
+    ap.add_argument("--csv", default=os.path.join(OUT, "bench_gemv.csv"),
+                    help="append the rows to this CSV (default benchmarks/out/bench_gemv.csv; \"\" for none)")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"

@@ -17,12 +17,12 @@ date. GPU targets: per-FLOP throughput within 15% of GPT-2, forward+backward >= 
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
 from mom import MoMConfig, MoMForCausalLM
+from mom.cli import ArgumentParser
 from mom.flops import count
 from mom.routed import get_ops
 
@@ -118,18 +118,19 @@ def bench_pair(mom_name, base_name, a, overrides):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m benchmarks.bench_model", description=__doc__)
     p.add_argument("--pairs", nargs="+", default=["mom-small:gpt2"], help="MOM_PRESET:GPT2_PRESET ...")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-loop", action="store_true")
+    p.add_argument("--batch", type=int, default=1, help="sequences per forward (default 1)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", help="torch dtype name: float32, bfloat16, float16 (default float32)")
+    p.add_argument("--backend", default="auto", help="the MoM's routed-op backend: auto, torch, triton, reference (default auto)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
+    p.add_argument("--no-loop", action="store_true", help="leave out the authors' per-module loop")
     p.add_argument("--graph", action="store_true", help="CUDA: also replay both models from CUDA graphs")
     p.add_argument("--quick", action="store_true", help="tiny presets, batch 2 x 64")
-    p.add_argument("--csv", default=os.path.join(OUT, "bench_model.csv"))
+    p.add_argument("--csv", default=os.path.join(OUT, "bench_model.csv"),
+                   help="append the rows to this CSV (default benchmarks/out/bench_model.csv; \"\" for none)")
     a = p.parse_args(argv)
     overrides = {}
     if a.quick:

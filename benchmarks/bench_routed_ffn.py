@@ -19,7 +19,6 @@ triton.testing.do_bench (p20 / p80 kept) on CUDA, of a perf_counter loop on a CP
 to benchmarks/out/routed_ffn.csv (--csv) with the device name, commit and date.
 GPU targets: triton forward >= 85% of dense, forward + backward >= 75%, >= 3x the loop.
 """
-import argparse
 import csv
 import datetime
 import itertools
@@ -30,6 +29,8 @@ import time
 
 import torch
 import torch.nn.functional as F_
+
+from mom.cli import ArgumentParser
 
 from .common import OUT, append_csv, commit, env_override, hardware
 
@@ -282,13 +283,16 @@ def summary_csv(path, commit=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="routed_ffn throughput (see the module docstring)")
-    p.add_argument("--sweep", default=None, choices=["quick", "check", "full"])
+    p = ArgumentParser(prog="python -m benchmarks.bench_routed_ffn", description=__doc__)
+    p.add_argument("--sweep", default=None, choices=["quick", "check", "full"],
+                   help="quick: a few small shapes (the CPU default); check: one axis at a time around the base "
+                        "point (GPU); full: the whole grid (GPU)")
     p.add_argument("--quick", action="store_true", help="= --sweep quick (the CPU default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
     p.add_argument("--no-loop", action="store_true", help="skip the per-module loop (slow on big sweeps)")
-    p.add_argument("--csv", default=CSV_PATH)
+    p.add_argument("--csv", default=CSV_PATH, help=f"append the rows to this CSV (default {CSV_PATH}; \"\" for none)")
     p.add_argument("--tiles", action="store_true", help="GPU: try the GEMM tile configurations (TILE_CONFIGS) "
                    "at the base point instead of a sweep")
     p.add_argument("--family", default="gpt2", choices=sorted(FAMILY_OPS),

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from mom import MoMConfig, MoMLayer
 from mom.blocks import Rotary, causal_attention, ffn_act, make_norm, merge_heads, qkv_heads
+from mom.cli import ArgumentParser
 from mom.routers import make_router
 from mom_kernels.launches import count_launches
 
@@ -188,12 +189,12 @@ def graphed_time(s, fn, backward: bool, repeats: int) -> dict:
     return time_interleaved({"g": graph.replay}, repeats, s.dev)["g"]
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(prog: str = "python -m benchmarks.bench_step", description: str = __doc__) -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description=description)
     p.add_argument("--family", default="gpt2", choices=["gpt2", "llama"],
                    help="the block family: gpt2 (LayerNorm, GELU, biases) or llama (RMSNorm, SwiGLU, rotary)")
-    p.add_argument("--n-embd", type=int, default=768)
-    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--n-embd", type=int, default=768, help="D, the model width (default 768)")
+    p.add_argument("--n-head", type=int, default=12, help="attention heads (default 12)")
     p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (grouped-query attention; default n_head)")
     p.add_argument("--n-inner", type=int, default=None, help="FFN width F (default 4 x n_embd)")
     p.add_argument("--routing", default="token_choice", choices=["token_choice", "expert_choice"],
@@ -201,19 +202,20 @@ def parser() -> argparse.ArgumentParser:
                         "tokens: K / E by default, the same FLOPs)")
     p.add_argument("--capacity", type=float, default=None, help="expert choice: the share of tokens a module takes")
     p.add_argument("--modules", type=int, default=8, help="E, modules per pool")
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=2, help="K, picks per token (token choice; default 2)")
     p.add_argument("--tokens", type=int, default=2048, help="T, tokens per sequence")
     p.add_argument("--batch", type=int, default=1, help="B, sequences (N = B * T tokens are routed)")
     p.add_argument("--router", default="uniform", choices=["uniform", "mlp", "gru"],
                    help="uniform: fixed random logits (uniform load); mlp / gru: the real routers at init")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per case; the median is reported (default 5)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", help="torch dtype name: float32, bfloat16, float16, float64 (default float32)")
     p.add_argument("--quick", action="store_true", help="T 512, 3 repeats")
     p.add_argument("--no-loop", action="store_true", help="leave out the reference loop")
     p.add_argument("--graph", action="store_true",
                    help="CUDA: also time dense, triton and the routers replayed from a CUDA graph (no host overhead)")
-    p.add_argument("--csv", default=os.path.join(OUT, "bench_step.csv"))
+    p.add_argument("--csv", default=os.path.join(OUT, "bench_step.csv"),
+                   help="append the rows to this CSV (default benchmarks/out/bench_step.csv; \"\" for none)")
     return p
 
 

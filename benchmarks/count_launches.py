@@ -14,10 +14,11 @@ batch 1 in a replayed CUDA graph each launch costs a few microseconds whatever i
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
+
+from mom.cli import ArgumentParser
 
 # the layer of one counted step (tests/test_launches.py budgets the same one)
 STEP_LAYER = dict(n_embd=32, n_head=4, n_inner=48, chunks=1, n_attn=4, n_ffn=3, depth=1, top_k=2, n_bottom=0,
@@ -25,8 +26,9 @@ STEP_LAYER = dict(n_embd=32, n_head=4, n_inner=48, chunks=1, n_attn=4, n_ffn=3, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = ArgumentParser(prog="python -m benchmarks.count_launches", description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu (Triton interpreted) or cuda (default: cuda when available)")
     p.add_argument("--table", action="store_true", help="list the depth-1 step's kernels and ops")
     p.add_argument("--decode", action="store_true", help="count one decode step of --model and its GPT-2 instead")
     p.add_argument("--model", default="mom-large-efficient", help="MoM preset for --decode")

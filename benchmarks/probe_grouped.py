@@ -13,11 +13,11 @@ Prints TFLOP/s (2 P n_in n_out FLOPs over the CUDA-event median of triton.testin
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
+from mom.cli import ArgumentParser
 from mom_kernels.gemm import grouped_gemm
 from mom_kernels.weight_grads import grouped_dw
 from mom_kernels.routing import make_plan
@@ -30,12 +30,12 @@ CONFIGS = ["BLOCK_R=128", "BLOCK_R=32", "num_warps=4", "num_stages=4", "num_stag
 def main(argv=None):
     from triton.testing import do_bench
 
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--modules", type=int, default=16)
-    p.add_argument("--n-in", type=int, default=1280)
-    p.add_argument("--n-out", type=int, default=5120)
+    p = ArgumentParser(prog="python -m benchmarks.probe_grouped", description=__doc__)
+    p.add_argument("--tokens", type=int, default=8192, help="T, routed tokens (default 8192)")
+    p.add_argument("--top-k", type=int, default=2, help="K, picks per token (default 2)")
+    p.add_argument("--modules", type=int, default=16, help="E, modules (default 16)")
+    p.add_argument("--n-in", type=int, default=1280, help="input features (default 1280)")
+    p.add_argument("--n-out", type=int, default=5120, help="output features (default 5120)")
     p.add_argument("--gemm", action="store_true", help="also probe the forward / dX kernel")
     a = p.parse_args(argv)
     T, K, E, n_in, n_out = a.tokens, a.top_k, a.modules, a.n_in, a.n_out

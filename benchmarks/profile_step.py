@@ -92,7 +92,7 @@ def tile_sweep(s):
 
 
 def main(argv=None):
-    p = parser()
+    p = parser("python -m benchmarks.profile_step", __doc__)
     p.add_argument("--tiles", action="store_true", help="also time TILE_CONFIGS")
     p.add_argument("--out", default=None, help="folder for the chrome traces (default: not kept)")
     a = p.parse_args(argv)

@@ -8,7 +8,7 @@ One phase 1 (a vanilla GPT-2), then, for every seed, six phase-2 arms on the sam
                  top_k / pool = half of each sequence's tokens in training, the same FLOPs as the plain arm without
                  SKIP; its validation (eval mode) routes by the causal threshold rule. (The function-preserving
                  cuts do not apply: they need module h to take every token at step h, a capacity of 1.)
-    preserving   the function-preserving cut (mom/cut.py: routing prior, decays over --prior_frac of phase 2)
+    preserving   the function-preserving cut (mom/cut.py: routing prior, decays over --prior-frac of phase 2)
     learned      the function-preserving cut with a trained prior (routing_prior_learned: no forced decay;
                  routing can leave the layer order only where the loss's gradient moves it)
     vanilla      the vanilla trained on for the same steps (equal tokens)
@@ -16,7 +16,7 @@ One phase 1 (a vanilla GPT-2), then, for every seed, six phase-2 arms on the sam
                  MoM's forward FLOPs per token over the vanilla's, mom.flops.expected, every pick a module)
 Validation loss at phase 2's start (the cut itself) and at the end, mean and spread over seeds, curves (PNG),
 a table (Markdown) and everything as JSON; then the removal experiment (50% attention, 25% FFN modules removed,
-mom.analysis.removal_experiment) on the best MoM arm's first seed, without and with --retrain_steps of
+mom.analysis.removal_experiment) on the best MoM arm's first seed, without and with --retrain-steps of
 re-training (against the full model re-trained alike).
 
 Every arm is one plain command, printed before it runs and written to <out>/commands.sh:
@@ -25,9 +25,7 @@ A finished arm (its checkpoint at max_steps) is not run again: the script is rer
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -36,6 +34,7 @@ import subprocess
 import sys
 import time
 
+from mom.cli import ArgumentParser
 from mom.io import atomic_file, atomic_write_json, atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,20 +255,21 @@ def header(res: dict, a) -> str:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", default="runs/quality")
+    p = ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
+    p.add_argument("--data", required=True, help="a prepared data folder (python -m mom.data)")
+    p.add_argument("--out", default="runs/quality", help="folder for the runs, their configs and commands.sh")
     p.add_argument("--results", default=None, help="prefix of the result files (default: <out>/quality)")
-    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--size", choices=sorted(SIZES), default="full", help="full (the committed run), reduced or toy")
     for k, v in SIZES["full"].items():
-        p.add_argument(f"--{k}", type=int, default=None, help=f"overrides the size's (full: {v})")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--prior_frac", type=float, default=0.5, help="the prior decays over this share of phase 2")
+        p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=int, default=None,
+                       help=f"overrides the size's {k} (full: {v})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="phase-2 seeds (default 1 2 3)")
+    p.add_argument("--prior-frac", type=float, default=0.5, help="the prior decays over this share of phase 2")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
     p.add_argument("--jobs", type=int, default=1, help="phase-2 arms run at a time (each its own process with "
                                                        "--threads threads; on 2 cores: --jobs 2 --threads 1)")
-    p.add_argument("--no_removal", action="store_true")
-    p.add_argument("--in_process", action="store_true", help="run mom.train in this process (tests)")
+    p.add_argument("--no-removal", action="store_true", help="skip the removal experiment")
+    p.add_argument("--in-process", action="store_true", help="run mom.train in this process (tests)")
     a = p.parse_args(argv)
     for k, v in SIZES[a.size].items():
         if getattr(a, k) is None:

@@ -402,7 +402,9 @@ def _shape(text: str) -> tuple:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from mom.cli import ArgumentParser  # the package's one command-line style
+
+    p = ArgumentParser(prog="python -m mom_kernels.aot", description=__doc__)
     p.add_argument("--dtypes", default="bf16,fp16,fp32", type=_dtype_list,
                    help="comma-separated: bf16, fp16, fp32, fp64 (or torch names: bfloat16, float32, ...)")
     p.add_argument("--archs", default="90,80", type=_arch_list, help="comma-separated: 90, 80 (or sm_90, sm_80)")
