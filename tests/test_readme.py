@@ -54,6 +54,39 @@ def test_readme_torchrun_line_runs_with_the_tiny_config(tmp_path):
     assert args[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"] and "configs/tiny.json" in args
     prepare("sample", str(tmp_path / "data"), "bpe:512", cache=str(tmp_path / "cache"))
     args[args.index("--data") + 1] = str(tmp_path / "data")
-    args[args.index("--out_dir") + 1] = str(tmp_path / "run")
-    r = run_torchrun(args[1:] + ["--max_steps", "2", "--eval_interval", "2"], 300, "the README's torchrun line")
+    args[args.index("--out-dir") + 1] = str(tmp_path / "run")
+    r = run_torchrun(args[1:] + ["--max-steps", "2", "--eval-interval", "2"], 300, "the README's torchrun line")
     assert '"step": 2' in r.stdout
+
+
+def test_readme_command_lines_parse(monkeypatch):
+    """Every `python -m <tool> ...` line of the README's shell blocks is a valid command line for that tool
+    (parsed by the tool's own parser, not run)."""
+    import importlib
+    import shlex
+
+    import mom.cli
+
+    class Parsed(Exception):
+        pass
+
+    original = mom.cli.ArgumentParser.parse_known_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        ns, rest = original(self, args, namespace)
+        raise Parsed(ns, rest)
+
+    monkeypatch.setattr(mom.cli.ArgumentParser, "parse_known_args", parse_then_stop)
+    lines = [ln for b in _blocks("bash") for ln in b.splitlines() if re.search(r"(^| )-m (mom|benchmarks)\.", ln)]
+    tools = set()
+    for line in lines:
+        for cmd in line.split("&&"):
+            args = shlex.split(cmd.split("#")[0])
+            if "-m" not in args or not args[args.index("-m") + 1].startswith(("mom", "benchmarks")):
+                continue
+            tool, argv = args[args.index("-m") + 1], args[args.index("-m") + 2:]
+            with pytest.raises(Parsed) as parsed:
+                importlib.import_module(tool).main(argv)
+            assert parsed.value.args[1] == [], (line, parsed.value.args[1])
+            tools.add(tool)
+    assert {"mom.data", "mom.train", "mom.generate", "mom.analysis", "benchmarks.efficiency"} <= tools, tools
