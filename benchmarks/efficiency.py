@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from mom import flops
+from mom.cli import ArgumentParser
 from mom.config import PRESETS, MoMConfig
 from mom.io import atomic_file
 from mom.memory import MODES, ROUTINGS, Spec, measure_isolated
@@ -393,9 +394,8 @@ def write(folder, name, text):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.efficiency",
-                                 description="\n\n".join(__doc__.split("\n\n")[:2]),
-                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap = ArgumentParser(prog="python -m benchmarks.efficiency", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                        formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--all", action="store_true",
                     help=f"every preset and the pruned row against its GPT-2, 2 timed forwards each (about\n"
@@ -410,7 +410,8 @@ def main(argv=None):
     ap.add_argument("--routing", default="no-skip", choices=ROUTINGS,
                     help="no-skip: SKIP slots masked, every pick runs a module (worst case);\n"
                          "init: routers as initialised (seeded), SKIP picked when they pick it")
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                    help="what to measure: the training forward, the prefill, the decode step (default: all)")
     ap.add_argument("--models", nargs="+", default=None,
                     help=f"rows to measure (presets or extra rows: {', '.join(r[0] for r in ROWS)});\n"
                          f"each MoM brings its GPT-2")
@@ -424,7 +425,7 @@ def main(argv=None):
                     help="forwards measured at the same time, each in its own process with cores / jobs threads\n"
                          "(default: 2 on a CPU with 2+ cores, 1 with --all or on CUDA; memory is per process,\n"
                          "times are of forwards that shared the machine: --jobs 1 for timings)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the models' initialisation (default: 0)")
     ap.add_argument("--out", default=OUT, help=f"output folder (default {os.path.relpath(OUT)}, ignored by git)")
     ap.add_argument("--update-results", action="store_true",
                     help=f"also write the tables and charts into {os.path.relpath(RESULTS)} (the committed\n"

@@ -18,7 +18,6 @@ smaller model, against the full model re-trained alike (mom.train, same data).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from .cli import ArgumentParser
 from .data import TokenData
 from .io import atomic_write_json, atomic_write_text, read_json_file, read_jsonl, write_with
 
@@ -264,19 +264,21 @@ def plot_curves(runs: List[str], out_png: str, table: Optional[str] = None) -> L
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mom.analysis", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m mom.analysis", description=__doc__)
     p.add_argument("--ckpt", help="a checkpoint folder (or a run folder holding ckpt/)")
     p.add_argument("--data", help="a prepared data folder (its val split is used)")
     p.add_argument("--out", required=True, help="output folder (or PNG path with --curves)")
     p.add_argument("--windows", type=int, default=None, help="validation windows to use (default: all)")
-    p.add_argument("--remove_attn", type=float, default=None, help="fraction of attention modules to drop")
-    p.add_argument("--remove_ffn", type=float, default=None, help="fraction of FFN modules to drop")
-    p.add_argument("--retrain_steps", type=int, default=0)
-    p.add_argument("--retrain_lr", type=float, default=3e-4)
+    p.add_argument("--remove-attn", type=float, default=None,
+                   help="share of attention modules to remove, least used first (in [0, 1))")
+    p.add_argument("--remove-ffn", type=float, default=None,
+                   help="share of FFN modules to remove, least used first (in [0, 1))")
+    p.add_argument("--retrain-steps", type=int, default=0,
+                   help="steps of re-training after the removal, beside the full model re-trained alike (default: 0)")
+    p.add_argument("--retrain-lr", type=float, default=3e-4, help="learning rate of the re-training (default: 3e-4)")
     p.add_argument("--curves", nargs="+", help="run folders to plot (then --out is the PNG)")
     p.add_argument("--table", help="with --curves: also write a Markdown table here")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args(argv)
     for name, ok, rule in (("windows", a.windows is None or a.windows >= 1, ">= 1"),
                            ("retrain_steps", a.retrain_steps >= 0, ">= 0"),
@@ -285,11 +287,11 @@ def main(argv=None):
                            ("remove_attn", a.remove_attn is None or 0 <= a.remove_attn < 1, "in [0, 1)"),
                            ("remove_ffn", a.remove_ffn is None or 0 <= a.remove_ffn < 1, "in [0, 1)")):
         if not ok:
-            p.error(f"--{name} {getattr(a, name)}: must be {rule}")
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be {rule}")
     try:
         _run(p, a)
     except (ValueError, OSError) as e:  # bad settings or files: one line naming the problem, exit code 2
-        print(f"mom.analysis: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"python -m mom.analysis: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
 
 

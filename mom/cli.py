@@ -6,7 +6,7 @@ benchmarks, mom_kernels.aot): argparse's convention.
   shows in `--help` and never clashes with a prefix.
 - Every option has a description in `--help` (tests/test_cli.py checks every tool's parser).
 - A bad command line is one line on stderr that says it is the command line: `<prog>: error on the command
-  line: <what>`, exit status 2, after the usage. (Errors in a file a tool reads name that file instead.)
+  line: <what>`, exit status 2 (`--help` shows the usage). Errors in a file a tool reads name that file instead.
 
 argparse itself does the parsing; this only adds the alias rewrite and the error wording, so every tool builds
 its parser as usual with `mom.cli.ArgumentParser(...)`.
@@ -45,6 +45,5 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(self.hyphenate(args), namespace)
 
     def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error on the command line: {message}\n")
+        self.exit(2, f"{self.prog}: error on the command line: {' '.join(message.split())}\n")
 

@@ -27,6 +27,7 @@ MistralConfig (mom/hf_config.py).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import warnings
@@ -41,8 +42,13 @@ ROUTINGS = ("token_choice", "expert_choice")
 
 
 class ConfigError(ValueError, TypeError):
-    """A setting of the wrong type or outside its range; the message names the field and the value.
+    """A setting of the wrong type or outside its range; the message names the field and the value, and `field`
+    holds the field's name when there is one (a command-line tool says where the bad value came from).
     (A ValueError, and a TypeError too, so callers catching either for a bad setting still do.)"""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
 
 
 class Checker:
@@ -54,7 +60,7 @@ class Checker:
 
     def __call__(self, ok: bool, name: str, rule: str):
         if not ok:
-            raise ConfigError(f"{self.owner}.{name}={getattr(self.obj, name)!r}: {rule}")
+            raise ConfigError(f"{self.owner}.{name}={getattr(self.obj, name)!r}: {rule}", field=name)
 
     def int(self, name: str, rule: str = "must be an int"):
         v = getattr(self.obj, name)
@@ -86,7 +92,9 @@ def dataclass_from_dict(cls, d: dict):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(known)}")
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {sorted(known)}"
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}{hint}", field=unknown[0])
     return cls(**d)
 
 
@@ -370,7 +378,7 @@ class MoMConfig:
         """A preset by name (see PRESETS and docs/presets in the README); keyword overrides win."""
         if not isinstance(name, str) or name not in PRESETS:
             raise ConfigError(f"MoMConfig.from_name: unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return dataclass_from_dict(cls, {**PRESETS[name], **overrides})
 
 
 _GPT2_SMALL = dict(n_embd=768, n_head=12)

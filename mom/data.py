@@ -33,7 +33,6 @@ resuming needs only the step, and N ranks x A micro-steps read the same global b
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import hashlib
@@ -51,6 +50,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .cli import ArgumentParser
 from .io import (FileFormatError, atomic_dir, atomic_write_bytes, complete_dir, move_into_place, read_json_file,
                  require_keys, scratch_dir)
 from .tokenizer import ByteBPE, load_gpt2, load_local, train_bpe
@@ -409,18 +409,18 @@ class TokenData:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mom.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m mom.data", description=__doc__)
     p.add_argument("--source", default="shakespeare", help="comma-separated sources (default: shakespeare)")
-    p.add_argument("--tokenizer", default="bpe:512", help="gpt2 | bpe:N | PATH/tokenizer.json")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--val_fraction", type=float, default=0.05)
+    p.add_argument("--tokenizer", default="bpe:512", help="gpt2 | bpe:N | PATH/tokenizer.json (default: bpe:512)")
+    p.add_argument("--out", required=True, help="output folder (written as a whole; another dataset's is refused)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of the documents held out for validation (default: 0.05)")
     p.add_argument("--cache", default=DEFAULT_CACHE, help="download cache (default ~/.cache/mom)")
     a = p.parse_args(argv)
     try:
         meta = prepare(a.source, a.out, a.tokenizer, a.val_fraction, a.cache)
     except (ValueError, OSError, ChecksumError) as e:  # bad settings, missing or broken files: one line, no traceback
-        print(f"mom.data: error: {e}", file=sys.stderr)
+        print(f"python -m mom.data: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens", "documents", "split")}))
 

@@ -214,31 +214,33 @@ def _checkpoint_folder(path: str) -> str:
 
 def main(argv=None) -> int:
     """`python -m mom.generate --ckpt runs/p2 --data data/shakespeare --prompt "..."`: prints the samples."""
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(
+    from .cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="python -m mom.generate",
         description="Sample text from a trained MoM or GPT-2 checkpoint (a run folder of mom.train or its ckpt/), "
                     "tokenised with the tokenizer of the data folder the run was trained on.")
     p.add_argument("--ckpt", required=True, help="run folder (out_dir of mom.train) or its ckpt/ folder")
     p.add_argument("--data", required=True, help="the prepared data folder the run trained on (its tokenizer)")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-text token)")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate per sample (default: 50)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples of the same prompt (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample within the smallest set of tokens whose probability reaches p (default: off)")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     a = p.parse_args(argv)
+    if a.max_new_tokens < 1 or a.num_samples < 1:
+        p.error(f"--max-new-tokens {a.max_new_tokens} --num-samples {a.num_samples}: both must be >= 1")
     try:
         from .data import load_tokenizer
         from .model import MoMForCausalLM
 
-        if a.max_new_tokens < 1 or a.num_samples < 1:
-            raise ValueError("--max-new-tokens and --num-samples must be >= 1")
         tok = load_tokenizer(a.data)
         model = MoMForCausalLM.from_pretrained(_checkpoint_folder(a.ckpt)).to(a.device).eval()
         if tok.vocab_size > model.config.vocab_size:
@@ -251,7 +253,7 @@ def main(argv=None) -> int:
             out = generate(model, prompt, a.max_new_tokens, do_sample=not a.greedy, temperature=a.temperature,
                            top_k=a.top_k, top_p=a.top_p, eos_token_id=tok.eot_id, generator=gen)
     except (ValueError, TypeError, FileNotFoundError, OSError) as e:
-        print(f"mom.generate: {e}", file=sys.stderr)
+        print(f"python -m mom.generate: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for i, row in enumerate(out.tolist()):
         text = tok.decode([t for t in row[len(ids):] if t != tok.eot_id])

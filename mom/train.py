@@ -1,6 +1,6 @@
 """Two-phase pre-training (docs/method.md): phase 1 a vanilla GPT-2, phase 2 the MoM cut from it by `from_gpt2`.
 
-    python -m mom.train --config configs/tiny.json [--max_steps 50] [--set lr=3e-4 --set model_overrides.n_embd=64]
+    python -m mom.train --config configs/tiny.json [--max-steps 50] [--set lr=3e-4 --set model_overrides.n_embd=64]
     torchrun --standalone --nproc_per_node=8 -m mom.train --config ...      (DDP; --distributed fsdp: FSDP2)
 
 One script for one CPU, one GPU or many (torchrun sets RANK/WORLD_SIZE; gloo on CPU, NCCL on CUDA):
@@ -17,7 +17,8 @@ matrices only (no decay on biases, LayerNorms, embeddings), clip 1.0, no dropout
 Output folder (out_dir):
     run.json        the run's identity (model config, data, hyper-parameters); another run is refused here
     metrics.jsonl   one row per logged step ({"step", "loss", ...}) and per evaluation ({"val_loss", ...})
-    ckpt/           model.safetensors + config.json (loadable with MoMForCausalLM.from_pretrained),
+    ckpt/           model.safetensors + config.json (MoMForCausalLM.from_pretrained; after `import mom.hf`,
+                    AutoModelForCausalLM and pipeline too),
                     optimizer.pt, train_state.json (step, tokens, RNG states)
 
 Crash safety (mom.io): every setting is checked (TrainConfig.__post_init__, prepare_run) and every checkpoint
@@ -34,9 +35,9 @@ early without changing its schedule.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from .cli import ArgumentParser
 from .config import BACKENDS, PRESETS, Checker, ConfigError, MoMConfig, dataclass_from_dict
 from .data import TokenData, data_folder, read_meta
 from .io import (FileFormatError, append_line, atomic_dir, atomic_write_json, atomic_write_text,
@@ -58,49 +60,59 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")
 
 
+def setting(default, help: str, **kw):
+    """A TrainConfig field with its description (the `--help` of `python -m mom.train`; transformers'
+    HfArgumentParser keeps descriptions the same way, in the field's metadata)."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class TrainConfig:
     # --- model ---------------------------------------------------------------------------------------------
-    model: str = "tiny"                 # a preset name (MoMConfig.from_name) or a path to a config.json
-    model_overrides: dict = field(default_factory=dict)  # MoMConfig fields that win over the preset
-    vanilla: bool = False               # phase 1: train model's `.vanilla()` GPT-2 (the layers phase 2 cuts)
-    init_from: Optional[str] = None     # a checkpoint folder/file: a vanilla one is cut into this model
-                                        # (from_gpt2; phase 2), a routed one must have this exact config
+    model: str = setting("tiny", "a preset name (MoMConfig.from_name) or a path to a config.json")
+    model_overrides: dict = setting({}, "MoMConfig fields that win over the preset's (a JSON object; "
+                                        "--set model_overrides.n_embd=64 sets one)")
+    vanilla: bool = setting(False, "phase 1: train the model's .vanilla() GPT-2 / Llama (the layers phase 2 cuts)")
+    init_from: Optional[str] = setting(None, "a checkpoint folder or file: a vanilla one is cut into this model "
+                                             "(phase 2); a routed one must have this exact config")
     # --- data ----------------------------------------------------------------------------------------------
-    data: str = "data/sample"           # a folder written by `python -m mom.data`
-    block_size: Optional[int] = None    # T, tokens per sequence (None: the model's n_positions)
-    batch_size: int = 8                 # sequences per micro-batch and rank
-    global_batch_size: Optional[int] = None  # sequences per optimiser step over all ranks (None: batch_size x
-                                        # world size, one micro-batch per rank); grad_accum =
-                                        # global_batch_size / (batch_size * world size)
-    seed: int = 1234                    # model init and data order
-    # --- optimisation (docs/method.md) ------------------------------------------------------------------------------
-    max_steps: int = 1000               # the schedule's length
-    stop_after: Optional[int] = None    # stop after this step (an interruption; the schedule is unchanged)
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1           # cosine decays to min_lr_ratio * lr at max_steps
-    warmup_steps: int = 500
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-5
-    grad_clip: float = 1.0              # max global grad norm; 0 = off
+    data: str = setting("data/sample", "a folder written by python -m mom.data")
+    block_size: Optional[int] = setting(None, "T, tokens per sequence (null: the model's n_positions)")
+    batch_size: int = setting(8, "sequences per micro-batch and rank")
+    global_batch_size: Optional[int] = setting(None, "sequences per optimiser step over all ranks (null: batch_size "
+                                                     "x world size; else grad_accum = global_batch_size / "
+                                                     "(batch_size x world size))")
+    seed: int = setting(1234, "model init and data order")
+    # --- optimisation (docs/method.md) ------------------------------------------------------------------------
+    max_steps: int = setting(1000, "the schedule's length in optimiser steps")
+    stop_after: Optional[int] = setting(None, "stop after this step (an interruption: the schedule is unchanged)")
+    lr: float = setting(1e-3, "peak learning rate")
+    min_lr_ratio: float = setting(0.1, "the cosine decays to min_lr_ratio x lr at max_steps")
+    warmup_steps: int = setting(500, "linear warmup steps")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    eps: float = setting(1e-5, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "max global gradient norm (0: off)")
     # --- evaluation, logging, checkpoints ------------------------------------------------------------------
-    eval_interval: int = 100            # steps between validation losses (and one at the end)
-    eval_windows: Optional[int] = None  # validation sequences (the first ones of val.bin); None = all
-    log_interval: int = 10
-    ckpt_interval: int = 500            # steps between checkpoints (and one at the end); 0 = end only
-    out_dir: str = "runs/tiny"
-    resume: bool = False                # continue from out_dir/ckpt (must be the same run)
+    eval_interval: int = setting(100, "steps between validation losses (and one at the end)")
+    eval_windows: Optional[int] = setting(None, "validation sequences (the first ones of val.bin; null: all)")
+    log_interval: int = setting(10, "steps between logged training losses")
+    ckpt_interval: int = setting(500, "steps between checkpoints (and one at the end; 0: at the end only)")
+    out_dir: str = setting("runs/tiny", "the run's folder: run.json, metrics.jsonl, ckpt/")
+    resume: bool = setting(False, "continue from out_dir/ckpt (must be the same run)")
     # --- execution -----------------------------------------------------------------------------------------
-    device: str = "auto"                # auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda
-    dtype: str = "auto"                 # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    backend: Optional[str] = None       # the model's routed-op backend (None: keep the config's)
-    distributed: str = "ddp"            # under torchrun: ddp | fsdp (FSDP2 fully_shard per block)
-    compile: bool = False               # torch.compile the model
-    threads: Optional[int] = None       # torch.set_num_threads (CPU); 1 is fastest for tiny models on a busy CPU
-    peak_flops: Optional[float] = None  # accelerator peak FLOP/s for MFU (e.g. 989e12, H100 bf16 dense)
-    progress: bool = True               # tqdm bar on rank 0
+    device: str = setting("auto", "auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda")
+    dtype: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    backend: Optional[str] = setting(None, "the model's routed-op backend: reference | torch | triton | auto "
+                                           "(null: keep the config's)")
+    distributed: str = setting("ddp", "under torchrun: ddp | fsdp (FSDP2 fully_shard per block)")
+    compile: bool = setting(False, "torch.compile the model")
+    threads: Optional[int] = setting(None, "torch.set_num_threads (CPU); 1 is fastest for tiny models on a busy CPU")
+    peak_flops: Optional[float] = setting(None, "accelerator peak FLOP/s for MFU (e.g. 989e12, H100 bf16 dense)")
+    progress: bool = setting(True, "a tqdm progress bar on rank 0")
 
     def __post_init__(self):
         """Every field's type and range, before anything is read, trained or written (ConfigError names the
@@ -115,6 +127,12 @@ class TrainConfig:
         need.str("model", "must be a preset name or a path to a config.json")
         need(isinstance(self.model_overrides, dict) and all(isinstance(k, str) for k in self.model_overrides),
              "model_overrides", "must be a dict of MoMConfig fields")
+        known = {f.name for f in dataclasses.fields(MoMConfig)}
+        for key in self.model_overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(f"TrainConfig.model_overrides: {key!r} is not a MoMConfig field"
+                                  + (f" (did you mean {close[0]!r}?)" if close else ""), field=f"model_overrides.{key}")
         opt("init_from", lambda n: need.str(n, "must be None or a checkpoint path"))
         need.str("data", "must be a prepared data folder")
         need.str("out_dir", "must be a folder path")
@@ -171,8 +189,27 @@ def _parse_value(text: str):
         return text
 
 
-def load_config(path: Optional[str], overrides: dict) -> TrainConfig:
-    """A TrainConfig from a JSON (.json) or TOML (.toml) file, then `overrides` ("a.b" keys reach into dicts)."""
+class CommandLineError(ConfigError):
+    """A bad setting that came from the command line (an option or --set), not from the config file."""
+
+
+def _from_command_line(field: Optional[str], overrides: dict) -> Optional[str]:
+    """The override key that set `field` (a TrainConfig field, "model_overrides.<name>", or a MoMConfig field
+    through model_overrides), or None when the value came from the file or the defaults."""
+    if field is None:
+        return None
+    for key in (field, f"model_overrides.{field}", field.split(".")[0]):
+        if key in overrides:
+            return key
+    return None
+
+
+def load_config(path: Optional[str], overrides: dict, origins: Optional[dict] = None) -> TrainConfig:
+    """A TrainConfig from a JSON (.json) or TOML (.toml) file, then `overrides` ("a.b" keys reach into dicts),
+    with the model it describes checked too (MoMConfig's own validation). A bad value is a ConfigError naming the
+    file, or a CommandLineError naming the option when an override set it (`origins`: key -> how it was
+    written on the command line)."""
+    origins = origins or {}
     d = {}
     if path:
         if not os.path.exists(path):
@@ -192,12 +229,18 @@ def load_config(path: Optional[str], overrides: dict) -> TrainConfig:
         for i, p in enumerate(parents):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parents[:i + 1])} is {node!r}, not a dict of fields")
+                raise CommandLineError(f"{origins.get(key, '--set ' + key)}: {'.'.join(parents[:i + 1])} is "
+                                       f"{node!r}, not a dict of fields", field=key)
         node[last] = value
     try:
-        return TrainConfig.from_dict(d)
+        tc = TrainConfig.from_dict(d)
+        model_config(tc)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from e
+        key = _from_command_line(e.field, overrides)
+        if key is not None:
+            raise CommandLineError(f"{origins.get(key, '--set ' + key)}: {e}", field=e.field) from e
+        raise ConfigError(f"{path}: {e}" if path else str(e), field=e.field) from e
+    return tc
 
 
 def model_config(tc: TrainConfig) -> MoMConfig:
@@ -206,7 +249,7 @@ def model_config(tc: TrainConfig) -> MoMConfig:
         try:
             cfg = MoMConfig.from_name(tc.model, **tc.model_overrides)
         except ConfigError as e:
-            raise ConfigError(f"model {tc.model!r} with model_overrides {tc.model_overrides}: {e}") from e
+            raise ConfigError(f"model {tc.model!r} with model_overrides {tc.model_overrides}: {e}", field=e.field) from e
     elif os.path.isfile(tc.model):
         from .convert import read_config
         cfg = read_config(tc.model, **tc.model_overrides)
@@ -397,9 +440,10 @@ def save_checkpoint(out_dir: str, model, optimizer, tc: TrainConfig, cfg: MoMCon
     if not d.main:
         return
     from safetensors.torch import save_file
+
+    from .convert import write_config
     with atomic_dir(os.path.join(out_dir, "ckpt")) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            f.write(cfg.to_json())
+        write_config(cfg, os.path.join(tmp, "config.json"))  # the one checkpoint format (AutoModelForCausalLM too)
         save_file({k: v.detach().contiguous() for k, v in msd.items()}, os.path.join(tmp, "model.safetensors"))
         torch.save({"optimizer": osd, "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
                                               if torch.cuda.is_available() else []}},
@@ -524,8 +568,8 @@ def prepare_run(tc: TrainConfig, d: Dist):
     gbs = tc.global_batch_size or tc.batch_size * d.world  # unset: one micro-batch of batch_size per rank
     if gbs % (tc.batch_size * d.world):
         raise RunError(f"global_batch_size={gbs} is not a multiple of batch_size={tc.batch_size} x "
-                       f"world size {d.world}; set --global_batch_size to a multiple of "
-                       f"{tc.batch_size * d.world} or --batch_size to a divisor of {gbs // d.world or 1}")
+                       f"world size {d.world}; set --global-batch-size to a multiple of "
+                       f"{tc.batch_size * d.world} or --batch-size to a divisor of {gbs // d.world or 1}")
     if os.path.lexists(tc.out_dir) and not os.path.isdir(tc.out_dir):
         raise RunError(f"out_dir={tc.out_dir} exists and is not a folder")
     ident = _identity(dataclasses.replace(tc, global_batch_size=gbs, block_size=T), cfg, meta)
@@ -706,39 +750,58 @@ def _train(tc: TrainConfig, d: Dist, device) -> dict:
     return {"step": end, "val_loss": val_loss, "out_dir": tc.out_dir}
 
 
-def main(argv=None):
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    p = argparse.ArgumentParser(prog="python -m mom.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Every config key is also an option, --KEY VALUE (JSON value): "
-                                       + ", ".join(f for f in fields if f != "resume")
-                                       + ". See docs/training.md for what each means.")
-    p.add_argument("--config", help="a .json or .toml training config (configs/)")
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m mom.train", description=__doc__,
+                       usage="python -m mom.train [-h] [--config FILE] [--set KEY=VALUE ...] [--SETTING VALUE ...]",
+                       epilog="A setting's value is read as JSON when it parses (3e-4, true, null, {...}), else as "
+                              "a string. Options win over --config; docs/training.md has the recipe.")
+    p.add_argument("--config", metavar="FILE", help="a .json or .toml training config (configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key (JSON value; a.b reaches into model_overrides), repeatable")
-    for name in fields:
-        if name == "resume":
-            p.add_argument("--resume", action="store_true", default=None, help="continue from out_dir/ckpt")
+                   help="set a key (a JSON value; a.b reaches into a dict: model_overrides.n_embd=64); repeatable")
+    g = p.add_argument_group("settings (each is also a key of the config file)")
+    for f in dataclasses.fields(TrainConfig):
+        default = "{}" if f.name == "model_overrides" else json.dumps(f.default)
+        if f.name == "resume":
+            g.add_argument("--resume", action="store_true", default=None, help=f.metadata["help"])
         else:
-            p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+            g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
+                           help=f"{f.metadata['help']} (default: {default})")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
-    overrides = {}
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    overrides, origins = {}, {}
     for kv in a.set:
         if "=" not in kv:
             p.error(f"--set {kv}: expected KEY=VALUE")
         k, v = kv.split("=", 1)
-        overrides[k] = _parse_value(v)
+        top = k.split(".")[0]
+        if top not in fields:
+            close = difflib.get_close_matches(top, fields, n=1)
+            p.error(f"--set {kv}: {top!r} is not a setting" + (f" (did you mean {close[0]!r}?)" if close else
+                                                               f"; settings: {', '.join(fields)}"))
+        overrides[k], origins[k] = _parse_value(v), f"--set {kv}"
     for name in fields:
         v = getattr(a, name)
         if v is not None:
             overrides[name] = v if isinstance(v, bool) else _parse_value(v)
+            origins[name] = f"--{name.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
     worker = int(os.environ.get("WORLD_SIZE", "1")) > 1        # one of torchrun's processes
     try:
-        tc = load_config(a.config, overrides)
+        tc = load_config(a.config, overrides, origins)
+    except CommandLineError as e:
+        p.error(" ".join(str(e).split()))
+    except (RunError, ValueError, OSError) as e:  # the config file, or a file it names: one line naming it
+        print(f"python -m mom.train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        _exit_command(2, worker)
+    try:
         result = train(tc)
     except (RunError, ValueError, OSError) as e:  # settings, files, folders: one line naming the problem
         msg = " ".join(str(e).split())
-        print(f"mom.train: error: {msg}", file=sys.stderr)
+        print(f"python -m mom.train: error: {msg}", file=sys.stderr)
         _exit_command(2, worker)
     except BaseException:
         if not worker:

@@ -179,8 +179,8 @@ def test_loss_curves_continue_the_init_from_runs_token_axis(tmp_path):
 
 def test_cli_bad_settings_exit_2_naming_the_option(sample_data, tmp_path, capsys):
     for args, expect in ((["--windows", "0"], "--windows 0: must be >= 1"),
-                         (["--remove_attn", "1.0"], "--remove_attn 1.0: must be in [0, 1)"),
-                         (["--retrain_lr", "nan"], "--retrain_lr nan: must be a finite number > 0"),
+                         (["--remove-attn", "1.0"], "--remove-attn 1.0: must be in [0, 1)"),
+                         (["--retrain_lr", "nan"], "--retrain-lr nan: must be a finite number > 0"),  # old spelling
                          ([], "--ckpt and --data are needed")):
         with pytest.raises(SystemExit) as e:
             analysis.main(["--out", str(tmp_path / "a")] + args)

@@ -49,7 +49,7 @@ def test_every_tool_is_listed_and_uses_the_shared_parser():
             with open(os.path.join(ROOT, pkg, name), encoding="utf-8") as f:
                 src = f.read()
             assert "argparse.ArgumentParser(" not in src, f"{pkg}/{name}: build the parser with mom.cli.ArgumentParser"
-            if "ArgumentParser(" in src:
+            if "parse_args(" in src:
                 found.add(f"{pkg}.{name[:-3]}")
     assert found == set(TOOLS)
 

@@ -204,3 +204,24 @@ def test_cli_config_file_and_overrides(sample_data, tmp_path, capsys):
         main(["--config", str(cfg), "--set", "model_overrides.vocab_size=64", "--out_dir", str(tmp_path / "o"),
               "--progress", "false"])
     assert e.value.code == 2 and "tokenizer/vocab mismatch" in capsys.readouterr().err
+
+
+def test_a_runs_checkpoint_loads_with_transformers_auto_classes(sample_data, tmp_path):
+    """One checkpoint format: out_dir/ckpt loads with AutoModelForCausalLM (after import mom.hf) and with
+    MoMForCausalLM.from_pretrained, with the same logits, and a text-generation pipeline (with the data folder's
+    tokenizer) generates from it."""
+    transformers = pytest.importorskip("transformers")
+    import mom.hf  # noqa: F401  (registers model_type "mom")
+    from mom import MoMForCausalLM
+
+    train(tiny(sample_data, tmp_path / "run", max_steps=2, eval_interval=2))
+    ckpt = str(tmp_path / "run" / "ckpt")
+    auto = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    native = MoMForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.randint(0, native.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(auto(ids).logits, native(ids).logits)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=mdata.load_tokenizer(sample_data).tokenizer,
+                                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    gen = transformers.pipeline("text-generation", model=ckpt, tokenizer=tok, device="cpu")
+    assert gen("To be", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("To be")
