@@ -1,8 +1,8 @@
 """What the routers learned, and what happens without the modules they use least.
 
     python -m mom.analysis --ckpt runs/x/ckpt --data data/x --out analysis/x                   (routing)
-    python -m mom.analysis --ckpt ... --data ... --out ... --remove_attn 0.5 --remove_ffn 0.25 \\
-                           [--retrain_steps 100]                                               (+ removal)
+    python -m mom.analysis --ckpt ... --data ... --out ... --remove-attn 0.5 --remove-ffn 0.25 \\
+                           [--retrain-steps 100]                                               (+ removal)
     python -m mom.analysis --curves runs/a runs/b --out curves.png [--table table.md]          (loss curves)
 
 Routing: over validation windows, for every chunk c and step h, the share of the B*T*K picks of each router

@@ -133,7 +133,7 @@ def test_cli_routing_removal_and_retrain(sample_data, tmp_path):
     n = torch.get_num_threads()
     try:
         analysis.main(["--ckpt", str(ckpt), "--data", sample_data, "--out", str(tmp_path / "a"),
-                       "--remove_attn", "0.34", "--remove_ffn", "0.25", "--retrain_steps", "2", "--threads", "1"])
+                       "--remove-attn", "0.34", "--remove-ffn", "0.25", "--retrain-steps", "2", "--threads", "1"])
     finally:
         torch.set_num_threads(n)
     res = json.load(open(tmp_path / "a" / "removal.json"))
@@ -189,5 +189,5 @@ def test_cli_bad_settings_exit_2_naming_the_option(sample_data, tmp_path, capsys
     with pytest.raises(SystemExit) as e:                      # a missing checkpoint: one line naming it
         analysis.main(["--ckpt", str(tmp_path / "nope"), "--data", sample_data, "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("mom.analysis: error:") and "nope" in err, err
+    assert e.value.code == 2 and err.startswith("python -m mom.analysis: error:") and "nope" in err, err
     assert len(err.splitlines()) == 1 and not (tmp_path / "a").exists()

@@ -177,13 +177,13 @@ def sample_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["--eval_interval", "0"], "TrainConfig.eval_interval=0: must be >= 1"),
-    (["--log_interval", "0"], "TrainConfig.log_interval=0: must be >= 1"),
-    (["--batch_size", "-2"], "TrainConfig.batch_size=-2: must be >= 1"),
-    (["--global_batch_size", "0"], "TrainConfig.global_batch_size=0"),
+    (["--eval-interval", "0"], "TrainConfig.eval_interval=0: must be >= 1"),
+    (["--log-interval", "0"], "TrainConfig.log_interval=0: must be >= 1"),
+    (["--batch-size", "-2"], "TrainConfig.batch_size=-2: must be >= 1"),
+    (["--global-batch-size", "0"], "TrainConfig.global_batch_size=0"),
     (["--lr", "Infinity"], "TrainConfig.lr=inf: must be a finite number"),
     (["--lr", "fast"], "TrainConfig.lr='fast': must be a finite number"),
-    (["--max_steps", "10.5"], "TrainConfig.max_steps=10.5: must be an int"),
+    (["--max-steps", "10.5"], "TrainConfig.max_steps=10.5: must be an int"),
     (["--device", "gpu"], "TrainConfig.device='gpu': must be one of"),
     (["--set", "model_overrides.layer_norm_epsilon=\"1e-5\""], "MoMConfig.layer_norm_epsilon='1e-5'"),
     (["--set", "model_overrides.router_temperature=Infinity"], "MoMConfig.router_temperature=inf"),
@@ -192,7 +192,7 @@ def sample_data(tmp_path_factory):
 def test_train_cli_rejects_bad_settings(sample_data, tmp_path, capsys, args, expect):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        main(["--data", sample_data, "--out_dir", str(out), "--progress", "false", "--max_steps", "3",
+        main(["--data", sample_data, "--out-dir", str(out), "--progress", "false", "--max-steps", "3",
               "--threads", "1"] + args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and expect in err, err
@@ -201,7 +201,7 @@ def test_train_cli_rejects_bad_settings(sample_data, tmp_path, capsys, args, exp
 
 
 def test_data_cli_rejects_bad_settings(tmp_path, capsys):
-    for args, expect in ((["--val_fraction", "1.5"], "val_fraction=1.5: must be a number in (0, 1)"),
+    for args, expect in ((["--val-fraction", "1.5"], "val_fraction=1.5: must be a number in (0, 1)"),
                          (["--tokenizer", "bpe:lots"], "bpe:N needs an integer N"),
                          (["--tokenizer", "bpe:70000"], "vocab_size must be in"),
                          (["--source", "folder:/nonexistent/texts"], "/nonexistent/texts does not exist")):

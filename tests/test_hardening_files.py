@@ -89,7 +89,7 @@ def test_data_cli_error_is_one_line(sample_data, tmp_path, capsys):
     d = copy_data(sample_data, tmp_path)
     open(d / "train.bin", "wb").close()
     with pytest.raises(SystemExit) as e:
-        main(["--data", str(d), "--out_dir", str(tmp_path / "out"), "--progress", "false"])
+        main(["--data", str(d), "--out-dir", str(tmp_path / "out"), "--progress", "false"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and str(d / "train.bin") in err, err
 

@@ -21,7 +21,7 @@ def sample_data(tmp_path_factory):
 
 def test_toy_run(sample_data, tmp_path, capsys):
     out = tmp_path / "q"
-    argv = ["--data", sample_data, "--out", str(out), "--size", "toy", "--seeds", "1", "2", "--in_process"]
+    argv = ["--data", sample_data, "--out", str(out), "--size", "toy", "--seeds", "1", "2", "--in-process"]
     res = quality.main(argv)
     assert set(res["arms"]) == {"plain", "capacity", "preserving", "learned", "vanilla", "vanilla_flops"}
     for arm, r in res["arms"].items():
@@ -45,6 +45,6 @@ def test_toy_run(sample_data, tmp_path, capsys):
     assert set(res["agreement"]) == {1, 2} and all(0 <= g["agreement"] <= 1 for g in res["agreement"].values())
     assert "inference's" in open(str(out / "quality") + ".md").read()
     capsys.readouterr()
-    quality.main(argv + ["--no_removal"])  # rerun: every arm is found finished
+    quality.main(argv + ["--no-removal"])  # rerun: every arm is found finished
     printed = capsys.readouterr().out
     assert printed.count("done already") == 1 + 6 * 2

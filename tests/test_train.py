@@ -201,7 +201,7 @@ def test_cli_config_file_and_overrides(sample_data, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown field"):
         load_config(None, {"learning_rate": 1})
     with pytest.raises(SystemExit) as e:  # a clear one-line error and exit code 2 from the CLI
-        main(["--config", str(cfg), "--set", "model_overrides.vocab_size=64", "--out_dir", str(tmp_path / "o"),
+        main(["--config", str(cfg), "--set", "model_overrides.vocab_size=64", "--out-dir", str(tmp_path / "o"),
               "--progress", "false"])
     assert e.value.code == 2 and "tokenizer/vocab mismatch" in capsys.readouterr().err
 
