@@ -102,12 +102,15 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device="c
 def append_csv(path: str, rows: List[dict]):
     """Append rows; when they bring new columns, the file is rewritten with the union of the columns (old rows
     get empty cells), so a CSV never holds rows under the wrong header. Atomic (mom.io.atomic_write_text: the
-    new content goes to a temp file that replaces the old one), so a kill leaves the old file or the new."""
+    new content goes to a temp file that replaces the old one), so a kill leaves the old file or the new.
+    An empty path writes nothing (the benchmarks' `--csv ""`)."""
     import io
 
     from mom.io import atomic_write_text
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     old_rows: List[dict] = []
     fields = list(rows[0].keys())
     buf = io.StringIO()

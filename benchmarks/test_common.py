@@ -32,3 +32,11 @@ def test_append_csv_keeps_old_rows_and_widens_the_header(tmp_path):
         f.truncate()
     append_csv(path, [{"model": "e", "ms": 5, "MB": 6}])
     assert [r["model"] for r in _read(path)[1]] == ["a", "b", "c", "d", "e"]
+
+
+def test_append_csv_with_no_path_writes_nothing_and_a_bare_name_works(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    append_csv("", [{"model": "a"}])
+    assert list(tmp_path.iterdir()) == []
+    append_csv("rows.csv", [{"model": "a"}])
+    assert (tmp_path / "rows.csv").read_text().splitlines() == ["model", "a"]

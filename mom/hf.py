@@ -1,4 +1,4 @@
-"""Hugging Face transformers integration: a MoM as an `AutoModelForCausalLM` (pip install "mom[hf]").
+"""Hugging Face transformers integration: a MoM as an `AutoModelForCausalLM` (pip install "mixture-of-modules[hf]").
 
     import mom.hf                                            # registers model_type "mom" with the Auto classes
     model.save_pretrained("out/mom")                         # the native format (mom.convert) ...

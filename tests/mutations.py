@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -574,7 +575,7 @@ def apply(m: Mutation, root: str) -> None:
     path = os.path.join(root, m.path)
     if not os.path.isfile(path):
         raise MutationError(f"{m.name}: {m.path} does not exist")
-    text = open(path).read()
+    text = Path(path).read_text()
     n = text.count(m.old)
     if n != 1:
         raise MutationError(f"{m.name}: the text to replace occurs {n} times in {m.path} (must be exactly once; "
@@ -691,7 +692,7 @@ def _run(a, chosen: Sequence[Mutation], snap: str) -> int:
     errors = []
     for m in chosen:
         path = os.path.join(snap, m.path)
-        n = open(path).read().count(m.old) if os.path.isfile(path) else None
+        n = Path(path).read_text().count(m.old) if os.path.isfile(path) else None
         if n != 1:
             errors.append(f"{m.name}: " + (f"{m.path} does not exist" if n is None else
                                            f"the text to replace occurs {n} times in {m.path} (must be exactly "

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import assert_close, make_model, small_config
 from mom import MoMConfig, flops

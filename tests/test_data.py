@@ -1,6 +1,7 @@
 """mom.tokenizer and mom.data: BPE round trips, determinism, prepare (shipped sample, no network), checksums."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from mom import data as mdata
 from mom.tokenizer import EOT, ByteBPE, bytes_to_unicode, load_local, train_bpe
 
-SAMPLE = open(mdata.SAMPLE_TEXT, encoding="utf-8").read()
+SAMPLE = Path(mdata.SAMPLE_TEXT).read_text(encoding="utf-8")
 
 
 def test_bytes_to_unicode_is_a_bijection_onto_printables():

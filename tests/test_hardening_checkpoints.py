@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ CKPT_FILES = ("config.json", "model.safetensors", "optimizer.pt", "train_state.j
 
 
 def _digest(folder, names):
-    return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in names}
+    return {n: hashlib.sha256(Path(os.path.join(folder, n)).read_bytes()).hexdigest() for n in names}
 
 
 # --- save_pretrained ------------------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def test_save_pretrained_killed_at_every_step(tmp_path):
         which = "old" if _same_weights(loaded, old) else "new" if _same_weights(loaded, new) else None
         assert which, (k, faults.log)
         seen.add(which)
-        assert open(os.path.join(complete_dir(str(d)), "README.md")).read() == "the user's notes"
+        assert Path(os.path.join(complete_dir(str(d)), "README.md")).read_text() == "the user's notes"
         new.save_pretrained(str(d))                             # the next save tidies up and succeeds
         assert _same_weights(MoMForCausalLM.from_pretrained(str(d)), new)
         assert leftovers(root) == [] and sorted(os.listdir(d)) == ["README.md", "config.json", "model.safetensors"]
@@ -224,12 +225,12 @@ def _damaged_run(straight, tmp_path, name, damage):
     out = tmp_path / name
     shutil.copytree(os.path.dirname(straight["ckpt2"]) + "/before-4", out)
     damage(out / "ckpt")
-    before = {p: open(os.path.join(out, p), "rb").read() for p in ("run.json", "metrics.jsonl")}
+    before = {p: Path(os.path.join(out, p)).read_bytes() for p in ("run.json", "metrics.jsonl")}
     return out, before
 
 
 def _truncate(path):
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     open(path, "wb").write(data[: len(data) // 2])
 
 
@@ -250,7 +251,7 @@ def test_damaged_checkpoint_names_the_file_and_writes_nothing(straight, sample_d
     with pytest.raises((FileFormatError, FileNotFoundError), match=match) as e:
         train(tiny(sample_data, out, resume=True))
     assert str(out / "ckpt") in str(e.value)
-    assert {p: open(os.path.join(out, p), "rb").read() for p in before} == before
+    assert {p: Path(os.path.join(out, p)).read_bytes() for p in before} == before
 
 
 def test_from_pretrained_bad_files_name_the_path(tmp_path):

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def tiny(data, out, **kw):
 
 
 def _cut(path, n_bytes):
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     open(path, "wb").write(data[:n_bytes])
 
 
@@ -127,7 +128,7 @@ def test_model_and_init_from_files_name_the_path(sample_data, tmp_path):
 
 # --- prepare: atomic data folders ---------------------------------------------------------------------------------
 def _fingerprint(folder):
-    return {n: open(os.path.join(folder, n), "rb").read() for n in ("train.bin", "val.bin", "meta.json",
+    return {n: Path(os.path.join(folder, n)).read_bytes() for n in ("train.bin", "val.bin", "meta.json",
                                                                        "tokenizer.json")}
 
 
@@ -159,7 +160,7 @@ def test_prepare_killed_at_every_step_leaves_old_or_new_data(tmp_path):
         assert which, (k, faults.log[-3:])                  # never a train.bin of one and meta.json of another
         seen.add(which)
         assert mdata.TokenData(str(d), "train", 64).n_windows > 0    # readable as is
-        assert open(os.path.join(shown, "NOTES.md")).read() == "the user's"
+        assert Path(os.path.join(shown, "NOTES.md")).read_text() == "the user's"
         mdata.prepare("sample", str(d), toks[400], cache=cache)      # the next run tidies up
         assert _fingerprint(d) == new and leftovers(root) == [] and (d / "NOTES.md").exists()
     assert seen == {"old", "new"}

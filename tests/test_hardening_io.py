@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,7 +169,7 @@ def _write_version(folder, v):
 
 
 def _version(folder):
-    got = {open(os.path.join(folder, n)).read() for n in ("a.txt", "b.txt")}
+    got = {Path(os.path.join(folder, n)).read_text() for n in ("a.txt", "b.txt")}
     assert len(got) == 2 and len({g.split()[-1] for g in got}) == 1, f"a mix of versions: {got}"
     return got.pop().split()[-1]
 
@@ -190,7 +191,7 @@ def test_atomic_dir_killed_at_every_step(tmp_path):
         assert done is not None, (k, faults.log, os.listdir(root))
         v = _version(done)
         seen.add(v)
-        assert open(os.path.join(done, "notes.md")).read() == "the user's"
+        assert Path(os.path.join(done, "notes.md")).read_text() == "the user's"
         mio.recover_dir(str(folder))                         # the next writer's first step
         assert _version(folder) == v and leftovers(root) == [], (k, faults.log, os.listdir(root))
         _write_version(folder, 3)
@@ -214,7 +215,7 @@ def test_atomic_dir_keeps_what_the_block_wrote_listed_or_not_at_every_step(tmp_p
     probe = tmp_path / "probe"
     _write_listed_and_unlisted(probe, 1)
     n = faults.count_ops(lambda: _write_listed_and_unlisted(probe, 2))
-    assert open(probe / "c.txt").read() == "c.txt v2" and open(probe / "a.txt").read() == "a.txt v2"
+    assert Path(probe / "c.txt").read_text() == "c.txt v2" and Path(probe / "a.txt").read_text() == "a.txt v2"
     seen = set()
     for k in range(1, n + 2):                                    # n + 1: the write runs to its end
         root = tmp_path / f"k{k}"
@@ -227,7 +228,7 @@ def test_atomic_dir_keeps_what_the_block_wrote_listed_or_not_at_every_step(tmp_p
         else:
             _write_listed_and_unlisted(folder, 2)
         done = mio.complete_dir(str(folder))
-        got = {name: open(os.path.join(done, name)).read() for name in ("a.txt", "c.txt", "notes.md")}
+        got = {name: Path(os.path.join(done, name)).read_text() for name in ("a.txt", "c.txt", "notes.md")}
         assert got["notes.md"] == "the user's", (k, faults.log)
         v = got["a.txt"].split()[-1]
         assert got["c.txt"] == f"c.txt {v}", (k, got, faults.log)  # never the new a.txt beside the old c.txt

@@ -3,8 +3,6 @@ biases (gate and up in one grouped GEMM, two accumulators), the RMSNorm / bias-f
 decode path, the rotary QKV split (mom_kernels/rotary.py) against mom.blocks.qkv_heads. Outputs and every gradient,
 fp64 / fp32 tight, fp16 / bf16 by the 2x rule; T = 1, K = 1, all SKIP, empty modules, odd sizes, non-contiguous
 inputs; the GEMM modes; bit-identical reruns; bad arguments."""
-import functools
-import os
 
 import pytest
 import torch

@@ -3,6 +3,7 @@ starts at the vanilla's validation loss, the table / JSON / PNG are written, a r
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_toy_run(sample_data, tmp_path, capsys):
     assert {"val_loss_before", "val_loss_after", "val_loss_after_retrain", "val_loss_full_retrain"} <= set(res["removal"])
     for ext in (".json", ".md", ".png"):
         assert os.path.getsize(str(out / "quality") + ext) > 0
-    cmds = open(out / "commands.sh").read()
+    cmds = Path(out / "commands.sh").read_text()
     assert cmds.count("python -m mom.train --config") == 1 + 6 * 2
     with open(out / "configs" / "preserving_s1.json") as f:
         cfg = json.load(f)
@@ -43,7 +44,7 @@ def test_toy_run(sample_data, tmp_path, capsys):
     with open(out / "configs" / "capacity_s1.json") as f:
         assert json.load(f)["model_overrides"]["routing"] == "expert_choice"
     assert set(res["agreement"]) == {1, 2} and all(0 <= g["agreement"] <= 1 for g in res["agreement"].values())
-    assert "inference's" in open(str(out / "quality") + ".md").read()
+    assert "inference's" in Path(str(out / "quality") + ".md").read_text()
     capsys.readouterr()
     quality.main(argv + ["--no-removal"])  # rerun: every arm is found finished
     printed = capsys.readouterr().out

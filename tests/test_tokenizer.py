@@ -2,6 +2,7 @@
 GPT-2's files read by it (same ids as OpenAI's), and the hand-written merge loop gone."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
@@ -11,7 +12,7 @@ from mom import tokenizer as mtok
 from mom.io import FileFormatError
 from mom.tokenizer import EOT, ByteBPE, bytes_to_unicode, load_gpt2, train_bpe
 
-SAMPLE = open(mdata.SAMPLE_TEXT, encoding="utf-8").read()
+SAMPLE = Path(mdata.SAMPLE_TEXT).read_text(encoding="utf-8")
 
 
 def test_local_bpe_is_a_tokenizers_tokenizer_in_our_id_layout():
@@ -33,7 +34,7 @@ def test_endoftext_in_text_is_plain_text():
 
 
 def test_no_hand_written_bpe_left():
-    src = open(mtok.__file__, encoding="utf-8").read()
+    src = Path(mtok.__file__).read_text(encoding="utf-8")
     for gone in ("def _bpe", "ranked", "Counter", "import regex"):
         assert gone not in src
 

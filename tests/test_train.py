@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def rows(out, key):
 
 
 def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_resume_gives_the_same_losses(phase1, sample_data, tmp_path):
 # (just before its os._exit): a DDP run's process group is destroyed, its gloo threads gone (teardown_distributed),
 # and no interpreter shutdown runs in a worker (an atexit handler would say so).
 _WORKER = r"""
-import atexit, os, sys
+import atexit, os, pathlib, sys
 import mom.train as mt
 
 atexit.register(lambda: print("interpreter shutdown ran in a worker", file=sys.stderr, flush=True))
@@ -109,8 +110,8 @@ real_exit = mt._exit_command
 
 
 def exit_command(code, worker):
-    gloo = [n for n in (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-            if "gloo" in n]
+    comms = (pathlib.Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    gloo = [n for n in comms if "gloo" in n]
     mode = sys.argv[len(sys.argv) - sys.argv[::-1].index("--distributed")]       # the last --distributed wins
     if code == 0 and mode == "ddp" and gloo:
         print(f"rank {os.environ['RANK']}: gloo threads still running after mom.train: {gloo}", file=sys.stderr,
