@@ -200,6 +200,35 @@ def test_train_cli_rejects_bad_settings(sample_data, tmp_path, capsys, args, exp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["command line", "file"])
+@pytest.mark.parametrize("key,value,expect", [
+    ("vanilla", "yes", "TrainConfig.vanilla='yes': must be a bool"),
+    ("max_step", 5, "(did you mean 'max_steps'?)"),
+    ("model_overrides", {"n_embdd": 64}, "'n_embdd' is not a MoMConfig field (did you mean 'n_embd'?)"),
+    ("model_overrides", {"n_embd": -4}, "MoMConfig.n_embd=-4: must be >= 1"),
+])
+def test_train_cli_says_whether_the_command_line_or_the_file_is_wrong(tmp_path, capsys, where, key, value, expect):
+    """The same bad setting, given on the command line or in the config file: one line naming where it is."""
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"max_steps": 3, **({key: value} if where == "file" else {})}))
+    if where == "file":
+        args = []
+    elif isinstance(value, dict):
+        (k, v), = value.items()
+        args = ["--set", f"{key}.{k}={json.dumps(v)}"]
+    else:
+        args = ["--set", f"{key}={value}"]
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(cfg), "--out-dir", str(tmp_path / "out")] + args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and expect in err, err
+    if where == "file":
+        assert err.startswith(f"python -m mom.train: error: {cfg}: "), err
+    else:
+        assert err.startswith(f"python -m mom.train: error on the command line: {args[0]} {args[1]}"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_data_cli_rejects_bad_settings(tmp_path, capsys):
     for args, expect in ((["--val-fraction", "1.5"], "val_fraction=1.5: must be a number in (0, 1)"),
                          (["--tokenizer", "bpe:lots"], "bpe:N needs an integer N"),
