@@ -22,7 +22,7 @@ takes per sequence, R = B C rows per module, p = t E + m the pick of module m fo
 The rank takes T^2 / 2 comparisons per (sequence, module) program in BLOCK_I x BLOCK_J tiles (exact for every
 dtype and for ties, where a sort of packed keys would not be in fp64): cheap next to the step's GEMMs at the
 sequence lengths of training. The plain PyTorch spec is mom.capacity.route_capacity (+ routing.make_plan_torch);
-tests/test_kernels_capacity.py checks this against it.
+tests/test_capacity.py checks this against it.
 """
 from __future__ import annotations
 

@@ -66,6 +66,9 @@ CONFIG_TESTS = ("tests/test_config.py", "tests/test_hardening_config.py")
 CONVERT_TESTS = ("tests/test_model.py", "tests/test_hardening_checkpoints.py", "tests/test_cut.py")
 MODEL_TESTS = ("tests/test_generate.py", "tests/test_model.py")
 EFFICIENCY_TESTS = ("benchmarks/test_efficiency.py",)
+LLAMA_TESTS = ("tests/test_llama.py",)
+KERNEL_LLAMA_TESTS = ("tests/test_kernels_llama.py",)
+CAPACITY_TESTS = ("tests/test_capacity.py",)
 
 
 @dataclass(frozen=True)
@@ -517,6 +520,85 @@ MUTATIONS: List[Mutation] = [
              "line", "benchmarks/common.py",
              'buf.write(text if not text or text.endswith("\\n") else text + "\\r\\n")', "buf.write(text)",
              ("benchmarks/test_common.py",)),
+    # ---- the Llama family (mom/blocks.py, mom/hf_config.py, mom/convert.py; the kernels' RMS / SWIGLU / rotary) ----
+    Mutation("rms_norm_centred", "RMSNorm subtracts the mean (a LayerNorm without beta)", "mom/blocks.py",
+             "xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)",
+             "xf * torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)", LLAMA_TESTS),
+    Mutation("rotate_half_sign", "rotate_half returns (x2, -x1): the rotation runs backwards", "mom/blocks.py",
+             "return torch.cat([-x2, x1], dim=-1)", "return torch.cat([x2, -x1], dim=-1)", LLAMA_TESTS),
+    Mutation("rope_theta_ignored", "the rotary tables use the base 10000 whatever rope_theta says", "mom/blocks.py",
+             "inv = 1.0 / self.theta ** (", "inv = 1.0 / 10000.0 ** (", LLAMA_TESTS),
+    Mutation("swiglu_halves_swapped", "SwiGLU takes silu of the up half times the gate half", "mom/blocks.py",
+             "return F.silu(gate) * up", "return F.silu(up) * gate", LLAMA_TESTS),
+    Mutation("qkv_heads_k_v_swapped", "the fused projection's K and V column blocks read the other way round",
+             "mom/blocks.py", "q, k, v = qkv.split([n_head * hd, kv_heads * hd, kv_heads * hd], dim=-1)",
+             "q, v, k = qkv.split([n_head * hd, kv_heads * hd, kv_heads * hd], dim=-1)", LLAMA_TESTS),
+    Mutation("hf_config_kv_heads_ignored", "from_hf reads every config as multi-head (num_key_value_heads dropped)",
+             "mom/hf_config.py", 'num_key_value_heads=d.get("num_key_value_heads") or H', "num_key_value_heads=H",
+             LLAMA_TESTS),
+    Mutation("hf_config_qwen2_biases_dropped", "a Qwen2 config is read without its q/k/v biases",
+             "mom/hf_config.py", 'attention_bias=mt == "qwen2"', "attention_bias=False", LLAMA_TESTS),
+    Mutation("hf_config_rope_theta_default", "from_hf ignores the checkpoint's RoPE base", "mom/hf_config.py",
+             'theta = params.get("rope_theta", d.get("rope_theta", 10000.0))', "theta = 10000.0", LLAMA_TESTS),
+    Mutation("convert_gate_up_swapped", "a Llama layer's c_fc is up | gate instead of gate | up", "mom/convert.py",
+             '("mlp.c_fc.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"))',
+             '("mlp.c_fc.weight", ("mlp.up_proj.weight", "mlp.gate_proj.weight"))', LLAMA_TESTS),
+    Mutation("gemm_swiglu_halves_swapped", "the fused FFN's epilogue takes silu of the up accumulator", GEMM,
+             "acc = _swiglu_of(acc, acc2, _sigmoid(acc))", "acc = _swiglu_of(acc2, acc, _sigmoid(acc2))",
+             KERNEL_LLAMA_TESTS),
+    Mutation("gemm_swiglu_d_up_uses_up", "the SwiGLU backward's d up multiplies by up instead of gate", GEMM,
+             "d_up = acc * pre * th", "d_up = acc * up * th", KERNEL_LLAMA_TESTS),
+    Mutation("gathers_rms_unbiased", "the gathered RMSNorm divides the sum of squares by N - 1", GA,
+             "rstd = 1.0 / tl.sqrt(s2 / N + eps)", "rstd = 1.0 / tl.sqrt(s2 / (N - 1) + eps)", KERNEL_LLAMA_TESTS),
+    Mutation("reductions_rms_backward_centred", "the RMSNorm input gradient subtracts the mean gradient (LayerNorm's "
+             "rule)", RED, "            d = acc - xhat * c2[:, None]\n",
+             "            d = acc - xhat * c2[:, None] - (tl.sum(acc, axis=1) / N)[:, None]\n", KERNEL_LLAMA_TESTS),
+    Mutation("decode_rms_centred", "the decode path's RMSNorm statistics subtract the mean", "mom_kernels/decode.py",
+             "    if not RMS:\n        for k0 in range(0, N_in, BLOCK_K):",
+             "    if True:\n        for k0 in range(0, N_in, BLOCK_K):", KERNEL_LLAMA_TESTS),
+    Mutation("rotary_kernel_sign", "the rotary kernel rotates the first half with + x2 sin", "mom_kernels/rotary.py",
+             "y1 = x1 * c - x2 * s", "y1 = x1 * c + x2 * s", KERNEL_LLAMA_TESTS),
+    Mutation("rotary_backward_not_transposed", "the rotary backward rotates forward again (sin not negated)",
+             "mom_kernels/rotary.py", "        if BACKWARD:\n            s = -s\n", "", KERNEL_LLAMA_TESTS),
+    # ---- capacity routing (mom/capacity.py, mom_kernels/capacity.py) ----
+    Mutation("capacity_tokens_floor", "a module takes floor(c T) tokens instead of ceil(c T)", "mom/config.py",
+             "math.ceil(self.capacity_of(pool_size) * seq_len - 1e-9)",
+             "math.floor(self.capacity_of(pool_size) * seq_len + 1e-9)", CAPACITY_TESTS),
+    Mutation("capacity_threshold_moved", "inference takes a token when its logit is >= 1 (not >= 0)",
+             "mom/capacity.py", "        sel = logits >= 0\n", "        sel = logits >= 1\n", CAPACITY_TESTS),
+    Mutation("capacity_weights_unscaled", "a taken pick's weight ignores capacity_scale", "mom/capacity.py",
+             "torch.where(sel, config.capacity_scale * scores, torch.zeros_like(scores))",
+             "torch.where(sel, scores, torch.zeros_like(scores))", CAPACITY_TESTS),
+    Mutation("capacity_bce_target_inverted", "the aux loss teaches the routers the opposite choice",
+             "mom/capacity.py", "F.binary_cross_entropy_with_logits(z, sel.to(z.dtype))",
+             "F.binary_cross_entropy_with_logits(z, (~sel).to(z.dtype))", CAPACITY_TESTS),
+    Mutation("capacity_kernel_ties_to_later", "the capacity kernel breaks ties toward the later token",
+             "mom_kernels/capacity.py", "(offs_j[None, :] < offs_i[:, None])", "(offs_j[None, :] > offs_i[:, None])",
+             CAPACITY_TESTS),
+    Mutation("capacity_kernel_sigmoid_grad", "the capacity backward drops the sigmoid's derivative (1 - s)",
+             "mom_kernels/capacity.py", "dz = ds * s * (1.0 - s)", "dz = ds * s", CAPACITY_TESTS),
+    # ---- the drop-in block (mom/block.py), the command line (mom/cli.py), the checkpoint format ----
+    Mutation("block_always_causal", "MoMBlock(causal=False) still attends causally", "mom/block.py",
+             "self.layer.causal = causal", "self.layer.causal = True", ("tests/test_block.py",)),
+    Mutation("block_aux_loss_first_only", "mom.aux_loss returns the first block's loss, not the sum",
+             "mom/block.py", "return torch.stack(losses).sum()", "return losses[0]", ("tests/test_block.py",)),
+    Mutation("cli_underscore_alias_dropped", "the old underscore spellings are no longer accepted", "mom/cli.py",
+             "return super().parse_known_args(self.hyphenate(args), namespace)",
+             "return super().parse_known_args(args, namespace)", ("tests/test_cli.py",)),
+    Mutation("cli_error_without_its_source", "a command-line error no longer says it is the command line",
+             "mom/cli.py", 'f"{self.prog}: error on the command line: ', 'f"{self.prog}: error: ',
+             ("tests/test_cli.py",)),
+    Mutation("train_cli_source_lost", "mom.train blames the config file for a bad option", "mom/train.py",
+             'for key in (field, f"model_overrides.{field}", field.split(".")[0]):', "for key in ():",
+             ("tests/test_hardening_config.py",)),
+    Mutation("train_checkpoint_old_config", "a run's checkpoint writes the old config.json (no model_type)",
+             "mom/train.py", 'write_config(cfg, os.path.join(tmp, "config.json"))',
+             'atomic_write_text(os.path.join(tmp, "config.json"), cfg.to_json())',
+             ("tests/test_train.py::test_a_runs_checkpoint_loads_with_transformers_auto_classes",)),
+    Mutation("convert_top_k_under_its_own_name", "config.json keeps top_k (transformers reads it as a sampling "
+             "setting)", "mom/convert.py", 'd[HF_TOP_K] = d.pop("top_k")', 'd["top_k"] = d.pop("top_k")',
+             ("tests/test_checkpoint_format.py",)),
+
 ]
 
 
