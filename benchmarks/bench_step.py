@@ -102,6 +102,17 @@ def build(a) -> SimpleNamespace:
         cands["triton"] = step["triton"]
     if not a.no_loop:
         cands["reference"] = step["reference"]
+    extra = []
+    if a.routing == "expert_choice":  # token choice beside it, in the same run: the same pools, K and routers
+        tc_cfg = cfg.replace(routing="token_choice", capacity=None)
+        with dev:
+            tc = MoMLayer(tc_cfg).to(dtype)
+        if a.router == "uniform":
+            tc.attn_router = UniformRouter(N, tc_cfg.attn_slots, dev, dtype)
+            tc.ffn_router = UniformRouter(N, tc_cfg.ffn_slots, dev, dtype)
+        for b in [b for b in ("torch", "triton") if b in step]:
+            cands[f"{b} token choice"] = lambda xx, b=b: tc.forward(xx, ops=_ops(b, dev)).hidden_states
+        extra = list(tc.parameters())
     # The routing of a step alone: the paper's GRU routers (attention + FFN) and top-K (target: <= 5% of a
     # step). Its output is x plus the picks' weights, so forward+backward runs through the routers.
     gru_cfg = cfg.replace(router="gru")
@@ -117,7 +128,7 @@ def build(a) -> SimpleNamespace:
         return xx + wsum.view(B, T, 1)                                                   # [B, T, D]
 
     cands["routers"] = routing_only
-    params = list(layer.parameters()) + list(dense.parameters()) + list(routers.parameters())
+    params = list(layer.parameters()) + list(dense.parameters()) + list(routers.parameters()) + extra
     return SimpleNamespace(cfg=cfg, dev=dev, dtype=dtype, D=D, K=K, E=E, T=T, B=B, N=N, x=x, g=g, loads=loads,
                            cands=cands, params=params)
 
@@ -199,7 +210,7 @@ def parser(prog: str = "python -m benchmarks.bench_step", description: str = __d
     p.add_argument("--n-inner", type=int, default=None, help="FFN width F (default 4 x n_embd)")
     p.add_argument("--routing", default="token_choice", choices=["token_choice", "expert_choice"],
                    help="token choice (each token picks top-K) or capacity routing (each module takes a share of the "
-                        "tokens: K / E by default, the same FLOPs)")
+                        "tokens: K / E by default, the same FLOPs; the run then times token choice beside it)")
     p.add_argument("--capacity", type=float, default=None, help="expert choice: the share of tokens a module takes")
     p.add_argument("--modules", type=int, default=8, help="E, modules per pool")
     p.add_argument("--top-k", type=int, default=2, help="K, picks per token (token choice; default 2)")
