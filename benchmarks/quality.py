@@ -22,6 +22,7 @@ re-training (against the full model re-trained alike).
 Every arm is one plain command, printed before it runs and written to <out>/commands.sh:
     python -m mom.train --config <out>/configs/<arm>.json --progress false
 A finished arm (its checkpoint at max_steps) is not run again: the script is rerunnable and resumes.
+--arms runs a subset (the vanilla always: every arm is compared with it, seed by seed).
 """
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ def model_overrides(a, vocab_size: int) -> dict:
             "top_k": 2, "anchor": True, "n_top": 1, "backend": "torch"}
 
 
+def mom_arms(a) -> tuple:
+    """The MoM arms among the ones this run trains."""
+    return tuple(x for x in MOM_ARMS if x in a.arms)
+
+
 def flops_ratio(ov: dict) -> float:
     from mom.config import MoMConfig
     from mom.flops import expected
@@ -80,7 +86,7 @@ def arm_configs(a, vocab_size: int) -> dict:
     ratio = flops_ratio(ov)
     prior_steps = max(1, round(a.prior_frac * a.phase2_steps))
     for seed in a.seeds:
-        for arm in ARMS:
+        for arm in a.arms:
             steps = round(ratio * a.phase2_steps) if arm == "vanilla_flops" else a.phase2_steps
             o = dict(ov)
             if arm == "preserving":
@@ -147,7 +153,7 @@ def start_losses(a, cfgs: dict) -> dict:
     val = TokenData(a.data, "val", a.block_size)
     sd = load_state_dict(os.path.join(a.out, "phase1", "ckpt"))
     out = {}
-    for arm in ("vanilla",) + MOM_ARMS:
+    for arm in ("vanilla",) + mom_arms(a):
         c = cfgs[f"{arm}_s{a.seeds[0]}"]
         cfg = MoMConfig.from_name("tiny", **c["model_overrides"])
         torch.manual_seed(c["seed"])
@@ -170,14 +176,14 @@ def capacity_agreement(a, cfgs: dict) -> dict:
 
 def summarise(a, cfgs: dict, start: dict) -> dict:
     res = {"arms": {}, "start": start, "phase1": val_rows(cfgs["phase1"]["out_dir"])[-1][2]}
-    for arm in ARMS:
+    for arm in a.arms:
         finals = [val_rows(cfgs[f"{arm}_s{s}"]["out_dir"])[-1][2] for s in a.seeds]
         res["arms"][arm] = {"final": finals, "mean": statistics.mean(finals),
                             "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                             "min": min(finals), "max": max(finals),
                             "steps": cfgs[f"{arm}_s{a.seeds[0]}"]["max_steps"]}
     van = res["arms"]["vanilla"]["final"]
-    for arm in MOM_ARMS + ("vanilla_flops",):  # paired by seed (same data order per seed... per arm)
+    for arm in mom_arms(a) + tuple(x for x in a.arms if x == "vanilla_flops"):  # paired by seed (same data order per seed... per arm)
         d = [x - y for x, y in zip(res["arms"][arm]["final"], van)]
         res["arms"][arm]["minus_vanilla"] = {"mean": statistics.mean(d),
                                              "std": statistics.stdev(d) if len(d) > 1 else 0.0}
@@ -194,7 +200,7 @@ def plot(a, cfgs: dict, png: str):
     ax.plot([t for _, t, _ in p1], [v for _, _, v in p1], "k-", label="phase 1 (vanilla)")
     colors = {"plain": "tab:red", "capacity": "tab:brown", "preserving": "tab:green", "learned": "tab:orange",
               "vanilla": "tab:blue", "vanilla_flops": "tab:purple"}
-    for arm in ARMS:
+    for arm in a.arms:
         for i, s in enumerate(a.seeds):
             r = val_rows(cfgs[f"{arm}_s{s}"]["out_dir"])
             ax.plot([off + t for _, t, _ in r], [v for _, _, v in r], "-", color=colors[arm], alpha=0.7,
@@ -215,7 +221,7 @@ def table(res: dict, a) -> str:
     n = len(a.seeds)
     lines = [f"| arm | phase-2 steps | val loss mean ± std over {n} seeds | min / max | vs vanilla (paired) |",
              "|---|---|---|---|---|"]
-    for arm in ARMS:
+    for arm in a.arms:
         r = res["arms"][arm]
         d = r.get("minus_vanilla")
         dv = f"{d['mean']:+.4f} ± {d['std']:.4f}" if d else "-"
@@ -224,7 +230,7 @@ def table(res: dict, a) -> str:
     s = res["start"]
     lines += ["", f"phase 1 final val loss {res['phase1']:.4f}; at phase 2's start (before any step): vanilla "
               f"{s['vanilla']:.4f}, " + ", ".join(f"{arm} cut {s[arm]:.4f} ({s[arm] - s['vanilla']:+.4f})"
-                                                  for arm in MOM_ARMS)]
+                                                  for arm in mom_arms(a))]
     if res.get("agreement"):
         ag = res["agreement"]
         lines += ["", "capacity arm, training's choice (top capacity per sequence) against inference's (the causal "
@@ -264,6 +270,8 @@ def parse(argv=None):
         p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=int, default=None,
                        help=f"overrides the size's {k} (full: {v})")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="phase-2 seeds (default 1 2 3)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="the phase-2 arms to run (default: all; vanilla is always run: every arm is compared with it)")
     p.add_argument("--prior-frac", type=float, default=0.5, help="the prior decays over this share of phase 2")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
     p.add_argument("--jobs", type=int, default=1, help="phase-2 arms run at a time (each its own process with "
@@ -275,6 +283,7 @@ def parse(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.results = a.results or os.path.join(a.out, "quality")
+    a.arms = tuple(x for x in ARMS if x in set(a.arms) | {"vanilla"})  # in the table's order
     return a
 
 
@@ -291,7 +300,7 @@ def main(argv=None) -> dict:
     atomic_write_text(os.path.join(a.out, "commands.sh"), "# one command per arm (phase1 first)\n" + "".join(
         f"python -m mom.train --config {cfg_dir}/{n}.json --progress false\n" for n in cfgs))
     t0 = time.time()
-    order = ["phase1"] + [f"{arm}_s{s}" for s in a.seeds for arm in ARMS]  # seed-major: partial runs are usable
+    order = ["phase1"] + [f"{arm}_s{s}" for s in a.seeds for arm in a.arms]  # seed-major: partial runs are usable
     run_arm(order[0], cfgs[order[0]], cfg_dir, log_dir, a.in_process)  # phase 1: every arm starts from it
     if a.jobs > 1 and not a.in_process:  # the phase-2 arms are independent: a.jobs processes at a time
         from concurrent.futures import ThreadPoolExecutor
@@ -304,16 +313,17 @@ def main(argv=None) -> dict:
             run_arm(name, cfgs[name], cfg_dir, log_dir, a.in_process)
     start = start_losses(a, cfgs)
     res = summarise(a, cfgs, start)
-    res["agreement"] = capacity_agreement(a, cfgs)
-    if not a.no_removal:
+    if "capacity" in a.arms:
+        res["agreement"] = capacity_agreement(a, cfgs)
+    if not a.no_removal and mom_arms(a):
         from mom.analysis import removal_experiment
-        best = min(MOM_ARMS, key=lambda arm: res["arms"][arm]["mean"])
+        best = min(mom_arms(a), key=lambda arm: res["arms"][arm]["mean"])
         res["removal_arm"] = best
         res["removal"] = removal_experiment(os.path.join(cfgs[f"{best}_s{a.seeds[0]}"]["out_dir"], "ckpt"), a.data,
                                             os.path.join(a.out, "removal"), 0.5, 0.25, a.eval_windows,
                                             a.retrain_steps, 3e-4)
     res.update(size=a.size, argv=sys.argv if argv is None else ["benchmarks/quality.py"] + list(argv),
-               settings={k: getattr(a, k) for k in list(SIZES["full"]) + ["seeds", "prior_frac", "threads", "jobs"]},
+               settings={k: getattr(a, k) for k in list(SIZES["full"]) + ["seeds", "arms", "prior_frac", "threads", "jobs"]},
                flops_ratio=flops_ratio(model_overrides(a, vocab)), wall_s=round(time.time() - t0),
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), host=platform.platform(),
                cpus=os.cpu_count(), torch=torch.__version__)

@@ -49,3 +49,7 @@ def test_toy_run(sample_data, tmp_path, capsys):
     quality.main(argv + ["--no-removal"])  # rerun: every arm is found finished
     printed = capsys.readouterr().out
     assert printed.count("done already") == 1 + 6 * 2
+    res = quality.main(argv + ["--no-removal", "--arms", "capacity"])  # a subset: capacity and the vanilla
+    assert set(res["arms"]) == {"capacity", "vanilla"} and set(res["start"]) == {"capacity", "vanilla"}
+    assert "minus_vanilla" in res["arms"]["capacity"] and "removal" not in res
+    assert capsys.readouterr().out.count("done already") == 1 + 2 * 2
