@@ -102,6 +102,15 @@ def test_bad_arguments_are_named(kwargs, named):
         mom.MoMBlock(**kwargs)
 
 
+def test_aux_loss_sums_every_block():
+    torch.manual_seed(0)
+    net = nn.Sequential(mom.MoMBlock(16, 4, 3, 3, 2), nn.GELU(), mom.MoMBlock(16, 4, 2, 3, 1))
+    net(torch.randn(2, 5, 16))
+    first, second = net[0].aux_loss, net[2].aux_loss
+    assert first.item() > 0 and second.item() > 0
+    assert torch.equal(mom.aux_loss(net), first + second) and torch.equal(mom.aux_loss(net[2]), second)
+
+
 def test_bad_inputs_and_aux_loss_errors():
     block = mom.MoMBlock(16, 4, 2, 2, 1)
     with pytest.raises(ValueError, match=r"x must be \[batch, tokens, d_model=16\], got \(4, 16\)"):

@@ -62,8 +62,9 @@ def test_triton_route_and_uniform_plan_against_the_spec(B, T, E, C, dtype):
 
     cfg = _cfg(capacity=C / T, router_temperature=0.8, capacity_scale=0.3)
     assert cfg.capacity_tokens(E, T) == C
-    base = torch.randint(-4, 5, (E, B * T), dtype=torch.float64) + 0.25 * torch.randn(E, B * T, dtype=torch.float64)
-    logits = base.t().to(dtype)  # non-contiguous, with ties
+    base = torch.randint(-4, 5, (E, B * T), dtype=torch.float64)
+    base[:, 1::2] += 0.25 * torch.randn(E, B * T // 2, dtype=torch.float64)
+    logits = base.t().to(dtype)  # non-contiguous; the even tokens' integer logits tie (the earlier token wins)
     dw, dp, dl = torch.randn(B * T, E, dtype=dtype), torch.randn(B * T, E, dtype=dtype), torch.tensor(0.7, dtype=dtype)
 
     def grads(fn):
