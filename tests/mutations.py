@@ -579,6 +579,12 @@ MUTATIONS: List[Mutation] = [
              CAPACITY_TESTS),
     Mutation("capacity_kernel_sigmoid_grad", "the capacity backward drops the sigmoid's derivative (1 - s)",
              "mom_kernels/capacity.py", "dz = ds * s * (1.0 - s)", "dz = ds * s", CAPACITY_TESTS),
+    Mutation("slot_loop_last_slot_dropped", "the torch backend's slot-by-slot combine (one slot per module) "
+             "stops before the last slot", "mom/routed.py", "        for k in range(1, K):\n            if w is None:",
+             "        for k in range(1, K - 1):\n            if w is None:", CAPACITY_TESTS),
+    Mutation("slot_loop_weight_grad_first_slot", "the slot-by-slot routing-weight gradient dots every slot with "
+             "the first slot's row", "mom/routed.py", "torch.linalg.vecdot(rows[slot[:, k]], grad)",
+             "torch.linalg.vecdot(rows[slot[:, 0]], grad)", CAPACITY_TESTS),
     # ---- the drop-in block (mom/block.py), the command line (mom/cli.py), the checkpoint format ----
     Mutation("block_always_causal", "MoMBlock(causal=False) still attends causally", "mom/block.py",
              "self.layer.causal = causal", "self.layer.causal = True", ("tests/test_block.py",)),

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close, make_model, small_config
+from helpers import assert_close, assert_same_run, make_model, run_backend, small_config
 from mom import MoMConfig, flops
 from mom.capacity import agreement, force_mode, route_capacity
 from mom.config import ConfigError
@@ -91,6 +91,21 @@ def test_triton_route_and_uniform_plan_against_the_spec(B, T, E, C, dtype):
             covered[start:end] += 1
     assert torch.equal(covered, torch.ones(S, dtype=torch.int32))
     assert capacity_route(logits, E, T, C, 0.8, 0.3, False)[4] is None  # the threshold rule: no uniform plan
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(family="llama", n_embd=24, router="mlp", weighted_qkv=True)])
+def test_torch_equals_reference_with_a_slot_per_module(kw):
+    """Pools of 4 and 5 modules: every token has one pick slot per module, so the torch backend sums a token's
+    picks slot by slot (mom.routed._SLOT_LOOP_FROM); logits, losses and every gradient (the routing weights'
+    too) against the reference loop in fp64, in training and with the threshold rule."""
+    from mom.routed import _SLOT_LOOP_FROM
+
+    cfg = _cfg(n_attn=_SLOT_LOOP_FROM, n_ffn=_SLOT_LOOP_FROM + 1, capacity=0.4, **kw)
+    model = make_model(cfg, torch.float64).to(DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), device=DEVICE)
+    assert_same_run(run_backend(model, ids, "torch"), run_backend(model, ids, "reference"), 1e-10, 1e-10)
+    with force_mode(model, "threshold"):
+        assert_same_run(run_backend(model, ids, "torch"), run_backend(model, ids, "reference"), 1e-10, 1e-10)
 
 
 def test_training_work_is_static_and_matches_the_expected_count():
