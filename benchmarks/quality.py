@@ -2,12 +2,14 @@
 
     python -m benchmarks.quality --data data/X --out runs/quality --results benchmarks/results/quality_X [size]
 
-One phase 1 (a vanilla GPT-2), then, for every seed, six phase-2 arms on the same training data:
+One phase 1 (a vanilla GPT-2), then, for every seed, seven phase-2 arms on the same training data:
     plain        the paper's cut (routers new, mom.convert.from_gpt2)
     capacity     the same cut with capacity (expert-choice) routing (mom/capacity.py): each module takes
                  top_k / pool = half of each sequence's tokens in training, the same FLOPs as the plain arm without
                  SKIP; its validation (eval mode) routes by the causal threshold rule. (The function-preserving
                  cuts do not apply: they need module h to take every token at step h, a capacity of 1.)
+    capacity_bce the capacity arm with the BCE aux loss (what teaches the routers the threshold rule) at
+                 aux_loss_coef = CAPACITY_BCE_COEF instead of the shared default 0.01
     preserving   the function-preserving cut (mom/cut.py: routing prior, decays over --prior-frac of phase 2)
     learned      the function-preserving cut with a trained prior (routing_prior_learned: no forced decay;
                  routing can leave the layer order only where the loss's gradient moves it)
@@ -39,8 +41,9 @@ from mom.cli import ArgumentParser
 from mom.io import atomic_file, atomic_write_json, atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARMS = ("plain", "capacity", "preserving", "learned", "vanilla", "vanilla_flops")
-MOM_ARMS = ("plain", "capacity", "preserving", "learned")
+CAPACITY_BCE_COEF = 1.0  # the capacity_bce arm's aux_loss_coef (at 0.01 the threshold rule took 13-21% of the tokens)
+ARMS = ("plain", "capacity", "capacity_bce", "preserving", "learned", "vanilla", "vanilla_flops")
+MOM_ARMS = ("plain", "capacity", "capacity_bce", "preserving", "learned")
 
 # full: the documented run (about 90 minutes on 2 cores); reduced: what fits in ~30 busy-CPU minutes; toy: CI
 SIZES = {
@@ -95,6 +98,8 @@ def arm_configs(a, vocab_size: int) -> dict:
                 o.update(routing_prior=50.0, routing_prior_learned=True)
             elif arm == "capacity":
                 o.update(routing="expert_choice")
+            elif arm == "capacity_bce":
+                o.update(routing="expert_choice", aux_loss_coef=CAPACITY_BCE_COEF)
             out[f"{arm}_s{seed}"] = {**common, "model_overrides": o, "vanilla": arm.startswith("vanilla"),
                                      "init_from": p1, "max_steps": steps, "warmup_steps": max(1, steps // 12),
                                      "lr": 1e-3, "eval_interval": a.eval_interval, "ckpt_interval": 0,
@@ -170,8 +175,9 @@ def capacity_agreement(a, cfgs: dict) -> dict:
     from mom.model import MoMForCausalLM
 
     val = TokenData(a.data, "val", a.block_size)
-    return {s: agreement(MoMForCausalLM.from_pretrained(os.path.join(cfgs[f"capacity_s{s}"]["out_dir"], "ckpt")), val,
-                         n_windows=a.eval_windows) for s in a.seeds}
+    return {f"{arm}, seed {s}": agreement(MoMForCausalLM.from_pretrained(os.path.join(cfgs[f"{arm}_s{s}"]["out_dir"],
+                                                                                   "ckpt")), val, n_windows=a.eval_windows)
+            for arm in ("capacity", "capacity_bce") if arm in a.arms for s in a.seeds}
 
 
 def summarise(a, cfgs: dict, start: dict) -> dict:
@@ -198,7 +204,7 @@ def plot(a, cfgs: dict, png: str):
     p1 = val_rows(cfgs["phase1"]["out_dir"])
     off = p1[-1][1]
     ax.plot([t for _, t, _ in p1], [v for _, _, v in p1], "k-", label="phase 1 (vanilla)")
-    colors = {"plain": "tab:red", "capacity": "tab:brown", "preserving": "tab:green", "learned": "tab:orange",
+    colors = {"plain": "tab:red", "capacity": "tab:brown", "capacity_bce": "tab:olive", "preserving": "tab:green", "learned": "tab:orange",
               "vanilla": "tab:blue", "vanilla_flops": "tab:purple"}
     for arm in a.arms:
         for i, s in enumerate(a.seeds):
@@ -233,9 +239,9 @@ def table(res: dict, a) -> str:
                                                   for arm in mom_arms(a))]
     if res.get("agreement"):
         ag = res["agreement"]
-        lines += ["", "capacity arm, training's choice (top capacity per sequence) against inference's (the causal "
+        lines += ["", "capacity arms, training's choice (top capacity per sequence) against inference's (the causal "
                   "threshold rule) on the validation windows, per seed: " + "; ".join(
-                      f"seed {s}: {100 * g['agreement']:.1f}% of decisions alike, taken {100 * g['taken_train']:.0f}% "
+                      f"{s}: {100 * g['agreement']:.1f}% of decisions alike, taken {100 * g['taken_train']:.0f}% "
                       f"vs {100 * g['taken_threshold']:.0f}%, val loss {g['val_loss_train']:.4f} (training's choice) "
                       f"vs {g['val_loss_threshold']:.4f} (inference's)" for s, g in ag.items())]
     if "removal" in res:
@@ -313,7 +319,7 @@ def main(argv=None) -> dict:
             run_arm(name, cfgs[name], cfg_dir, log_dir, a.in_process)
     start = start_losses(a, cfgs)
     res = summarise(a, cfgs, start)
-    if "capacity" in a.arms:
+    if {"capacity", "capacity_bce"} & set(a.arms):
         res["agreement"] = capacity_agreement(a, cfgs)
     if not a.no_removal and mom_arms(a):
         from mom.analysis import removal_experiment

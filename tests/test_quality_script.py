@@ -24,7 +24,7 @@ def test_toy_run(sample_data, tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["--data", sample_data, "--out", str(out), "--size", "toy", "--seeds", "1", "2", "--in-process"]
     res = quality.main(argv)
-    assert set(res["arms"]) == {"plain", "capacity", "preserving", "learned", "vanilla", "vanilla_flops"}
+    assert set(res["arms"]) == {"plain", "capacity", "capacity_bce", "preserving", "learned", "vanilla", "vanilla_flops"}
     for arm, r in res["arms"].items():
         assert len(r["final"]) == 2 and r["std"] >= 0
     assert res["arms"]["vanilla_flops"]["steps"] == round(res["flops_ratio"] * res["arms"]["vanilla"]["steps"])
@@ -35,7 +35,7 @@ def test_toy_run(sample_data, tmp_path, capsys):
     for ext in (".json", ".md", ".png"):
         assert os.path.getsize(str(out / "quality") + ext) > 0
     cmds = Path(out / "commands.sh").read_text()
-    assert cmds.count("python -m mom.train --config") == 1 + 6 * 2
+    assert cmds.count("python -m mom.train --config") == 1 + 7 * 2
     with open(out / "configs" / "preserving_s1.json") as f:
         cfg = json.load(f)
     assert cfg["model_overrides"]["routing_prior"] == 50.0 and cfg["init_from"].endswith("phase1")
@@ -43,12 +43,16 @@ def test_toy_run(sample_data, tmp_path, capsys):
         assert json.load(f)["model_overrides"]["routing_prior_learned"] is True
     with open(out / "configs" / "capacity_s1.json") as f:
         assert json.load(f)["model_overrides"]["routing"] == "expert_choice"
-    assert set(res["agreement"]) == {1, 2} and all(0 <= g["agreement"] <= 1 for g in res["agreement"].values())
+    with open(out / "configs" / "capacity_bce_s1.json") as f:
+        over = json.load(f)["model_overrides"]
+        assert over["routing"] == "expert_choice" and over["aux_loss_coef"] == quality.CAPACITY_BCE_COEF
+    assert set(res["agreement"]) == {f"{arm}, seed {s}" for arm in ("capacity", "capacity_bce") for s in (1, 2)}
+    assert all(0 <= g["agreement"] <= 1 for g in res["agreement"].values())
     assert "inference's" in Path(str(out / "quality") + ".md").read_text()
     capsys.readouterr()
     quality.main(argv + ["--no-removal"])  # rerun: every arm is found finished
     printed = capsys.readouterr().out
-    assert printed.count("done already") == 1 + 6 * 2
+    assert printed.count("done already") == 1 + 7 * 2
     res = quality.main(argv + ["--no-removal", "--arms", "capacity"])  # a subset: capacity and the vanilla
     assert set(res["arms"]) == {"capacity", "vanilla"} and set(res["start"]) == {"capacity", "vanilla"}
     assert "minus_vanilla" in res["arms"]["capacity"] and "removal" not in res
