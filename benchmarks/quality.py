@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -325,9 +326,10 @@ def main(argv=None) -> dict:
         from mom.analysis import removal_experiment
         best = min(mom_arms(a), key=lambda arm: res["arms"][arm]["mean"])
         res["removal_arm"] = best
+        removal = os.path.join(a.out, "removal")
+        shutil.rmtree(removal, ignore_errors=True)  # recomputed on every run (minutes): the best arm may have changed
         res["removal"] = removal_experiment(os.path.join(cfgs[f"{best}_s{a.seeds[0]}"]["out_dir"], "ckpt"), a.data,
-                                            os.path.join(a.out, "removal"), 0.5, 0.25, a.eval_windows,
-                                            a.retrain_steps, 3e-4)
+                                            removal, 0.5, 0.25, a.eval_windows, a.retrain_steps, 3e-4)
     res.update(size=a.size, argv=sys.argv if argv is None else ["benchmarks/quality.py"] + list(argv),
                settings={k: getattr(a, k) for k in list(SIZES["full"]) + ["seeds", "arms", "prior_frac", "threads", "jobs"]},
                flops_ratio=flops_ratio(model_overrides(a, vocab)), wall_s=round(time.time() - t0),

@@ -50,7 +50,7 @@ def test_toy_run(sample_data, tmp_path, capsys):
     assert all(0 <= g["agreement"] <= 1 for g in res["agreement"].values())
     assert "inference's" in Path(str(out / "quality") + ".md").read_text()
     capsys.readouterr()
-    quality.main(argv + ["--no-removal"])  # rerun: every arm is found finished
+    quality.main(argv)  # rerun: every arm is found finished; the removal experiment runs again
     printed = capsys.readouterr().out
     assert printed.count("done already") == 1 + 7 * 2
     res = quality.main(argv + ["--no-removal", "--arms", "capacity"])  # a subset: capacity and the vanilla
