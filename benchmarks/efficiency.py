@@ -274,7 +274,7 @@ def verdict(arows, rows, modes, settings="", pair=CLAIM_PAIR) -> list:
                     paper="matches (GLUE, XSUM)", ours="not measured", holds="not shown",
                     why=f"the models here are untrained (routers as initialised); showing it needs pre-training "
                         f"at {a[base_name]['params_M']:.0f}M parameters (docs/training.md: at width 128 with 3 seeds "
-                        f"the MoM was 0.030 nats worse at equal tokens and 0.10 behind at equal FLOPs)"))
+                        f"the MoM was 0.026 nats worse at equal tokens and 0.10 behind at equal FLOPs)"))
     return out
 
 
