@@ -158,7 +158,8 @@ def _per_pick(rows, plan: Plan):
 # Capacity routing gives every token one pick slot per module (K = E, most of them SKIP): there the [N, K, O]
 # gather allocates and fills K rows per token for a handful of real ones (at N 2048, K 8, O 768: 23 ms of a
 # 26 ms combine on 2 CPU threads), so from this many slots on, the sums over a token's picks run slot by slot
-# instead (K gathers of [N, O] accumulated in slot order: 8 ms). Token choice's K <= 3 keeps the one gather.
+# instead (K gathers of [N, O] accumulated in slot order: 8 ms). Token choice with top_k <= 3 (every preset's)
+# keeps the one gather.
 _SLOT_LOOP_FROM = 4
 
 
