@@ -108,6 +108,17 @@ def assert_2x_rule(name, got, ref_lowp, ref_hi, floor):
                                         f"{e_ref:.3e} + {floor:.1e}")
 
 
+def assert_run_close(y, grads, y_ref, grads_ref, names, dtype):
+    """A kernel's output and gradients (in the inputs' dtype) against the fp64 reference's: fp64 to 1e-10, fp32 to
+    2e-5, the gradients 4x looser (they sum more terms)."""
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert y.dtype == dtype
+    assert_close_verbose("y", y, y_ref, tol, tol)
+    for name, a, b in zip(names, grads, grads_ref, strict=True):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert_close_verbose(f"d{name}", a, b, tol * 4, tol * 4)
+
+
 def outputs_and_grads(fn, ts, grad_idx, dy):
     """[fn(*ts), d/d ts[i] for i in grad_idx] with the output's gradient dy (fresh leaves each call)."""
     leaves = [t.detach().clone().requires_grad_() if i in grad_idx else t for i, t in enumerate(ts)]

@@ -70,6 +70,17 @@ ROUTED_CASES = [
 ]
 
 
+def cached_logits(forward, ids, prefix: int):
+    """ids [B, T] decoded with a KV cache: the first `prefix` tokens in one call, then one token per call (forward:
+    a model, or a compiled one). Returns the logits of every position [B, T, V] and the last call's output."""
+    out = forward(ids[:, :prefix], use_cache=True)
+    steps = [out.logits]
+    for t in range(prefix, ids.shape[1]):
+        out = forward(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits)
+    return torch.cat(steps, 1), out
+
+
 def case_id(case: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in case.items()) or "default"
 

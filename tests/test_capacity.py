@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close, assert_same_run, make_model, run_backend, small_config
+from helpers import assert_close, assert_same_run, cached_logits, make_model, run_backend, small_config
 from mom import MoMConfig, flops
 from mom.capacity import agreement, force_mode, route_capacity
 from mom.config import ConfigError
@@ -124,12 +124,7 @@ def test_inference_is_causal_and_cached_decoding_equals_the_full_forward(backend
     ids = torch.randint(0, cfg.vocab_size, (2, 10))
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :4], use_cache=True)
-        steps = [out.logits]
-        for t in range(4, 10):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-        assert_close("cached", torch.cat(steps, 1), full, 1e-10, 1e-10)
+        assert_close("cached", cached_logits(model, ids, 4)[0], full, 1e-10, 1e-10)
         later = ids.clone()
         later[:, 6:] = torch.randint(0, cfg.vocab_size, (2, 4))
         assert torch.equal(model(later).logits[:, :6], full[:, :6])

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from helpers import cached_logits
 from mom import MoMConfig, MoMForCausalLM
 
 
@@ -46,9 +47,5 @@ def test_compiled_cached_decoding_matches_eager():
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
         full = model(ids).logits
-        out = step(ids[:, :6], use_cache=True)
-        logits = [out.logits]
-        for t in range(6, 9):
-            out = step(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-5, atol=1e-5)
+        logits = cached_logits(step, ids, 6)[0]
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)

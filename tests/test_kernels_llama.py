@@ -9,8 +9,8 @@ import torch
 
 import mom_kernels
 from mom_kernels import decode, reference, rotary
-from mom_kernels.testing import (FAMILY_OPS, assert_2x_rule, assert_close_verbose, ffn_inputs, linear_inputs,
-                                 make_plan)
+from mom_kernels.testing import (FAMILY_OPS, assert_2x_rule, assert_close_verbose, assert_run_close, ffn_inputs,
+                                 linear_inputs, make_plan)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LLAMA = FAMILY_OPS["llama"]
@@ -45,12 +45,7 @@ def test_swiglu_ffn_matches_reference(case, dtype):
     y_ref, g_ref = _ffn(reference.routed_ffn, hi, dy)
     lo = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in hi]
     y, grads = _ffn(mom_kernels.routed_ffn, lo, dy)
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
-    assert y.dtype == dtype
-    assert_close_verbose("y", y, y_ref, tol, tol)
-    for name, a, b in zip(FFN_NAMES, grads, g_ref):
-        assert a.dtype == dtype and a.shape == b.shape, name
-        assert_close_verbose(f"d{name}", a, b, tol * 4, tol * 4)
+    assert_run_close(y, grads, y_ref, g_ref, FFN_NAMES, dtype)
     if skip == 1.0:
         assert (y == 0).all() and all((gr == 0).all() for gr in grads)
 
@@ -147,10 +142,7 @@ def test_rms_linear_matches_reference(T, K, E, n_in, n_out, skip, bias, weighted
 
     y_ref, g_ref = run(reference.routed_linear, torch.float64)
     y, grads = run(mom_kernels.routed_linear, dtype)
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
-    assert_close_verbose("y", y, y_ref, tol, tol)
-    for k in g_ref:
-        assert_close_verbose(f"d{k}", grads[k], g_ref[k], 4 * tol, 4 * tol)
+    assert_run_close(y, [grads[k] for k in g_ref], y_ref, list(g_ref.values()), list(g_ref), dtype)
 
 
 def test_rms_linear_bf16_2x_rule():

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 import mom_kernels  # noqa: E402
 from mom_kernels import reference  # noqa: E402
-from mom_kernels.testing import assert_2x_rule, assert_close_verbose, ffn_inputs  # noqa: E402
+from mom_kernels.testing import assert_2x_rule, assert_close_verbose, assert_run_close, ffn_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -52,12 +52,7 @@ def test_routed_ffn_matches_reference(case, dtype):
     y_ref, g_ref = _run(reference.routed_ffn, hi, dy)
     lo = [t.to(dtype) if t.is_floating_point() else t for t in hi]
     y, grads = _run(mom_kernels.routed_ffn, lo, dy)
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
-    assert y.dtype == dtype
-    assert_close_verbose("y", y, y_ref, tol, tol)
-    for name, a, b in zip(NAMES, grads, g_ref):
-        assert a.dtype == dtype and a.shape == b.shape, name
-        assert_close_verbose(f"d{name}", a, b, tol * 4, tol * 4)
+    assert_run_close(y, grads, y_ref, g_ref, NAMES, dtype)
     if skip == 1.0:
         assert (y == 0).all() and all((gr == 0).all() for gr in grads)
 

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 import mom_kernels  # noqa: E402
 from mom_kernels import reference  # noqa: E402
-from mom_kernels.testing import assert_2x_rule, assert_close_verbose, linear_inputs  # noqa: E402
+from mom_kernels.testing import assert_2x_rule, assert_close_verbose, assert_run_close, linear_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -74,12 +74,7 @@ def test_routed_linear_matches_reference(case, variant, dtype):
     y_ref, g_ref = _run(reference.routed_linear, *hi, dy, variant)
     lo = [t.to(dtype) if t.is_floating_point() else t for t in hi]
     y, grads = _run(mom_kernels.routed_linear, *lo, dy, variant)
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
-    assert y.dtype == dtype
-    assert_close_verbose("y", y, y_ref, tol, tol)
-    for name, a, b in zip(_names(variant), grads, g_ref):
-        assert a.dtype == dtype and a.shape == b.shape, name
-        assert_close_verbose(f"d{name}", a, b, tol * 4, tol * 4)
+    assert_run_close(y, grads, y_ref, g_ref, _names(variant), dtype)
 
 
 @pytest.mark.parametrize("variant", ["qkv", "proj"])

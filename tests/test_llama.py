@@ -6,7 +6,7 @@ published shapes."""
 import pytest
 import torch
 
-from helpers import assert_close, randomize_
+from helpers import assert_close, cached_logits, randomize_
 from mom import MoMConfig, MoMForCausalLM
 from mom.config import ConfigError
 
@@ -103,12 +103,8 @@ def test_cached_decoding_equals_the_full_forward():
     ids = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :6], use_cache=True)
-        steps = [out.logits]
-        for t in range(6, 10):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-    assert_close("incremental logits", torch.cat(steps, 1), full, 1e-10, 1e-10)
+        logits, out = cached_logits(model, ids, 6)
+    assert_close("incremental logits", logits, full, 1e-10, 1e-10)
     assert out.past_key_values[0][0].shape[1] == 2  # K/V heads only: GQA's saving shows in the cache
 
 

@@ -3,7 +3,8 @@ the whole model."""
 import pytest
 import torch
 
-from helpers import ROUTED_CASES, assert_close, assert_same_run, case_id, make_model, run_backend, small_config
+from helpers import (ROUTED_CASES, assert_close, assert_same_run, cached_logits, case_id, make_model, run_backend,
+                     small_config)
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available():
@@ -37,9 +38,5 @@ def test_triton_incremental_decoding_equals_full_forward():
     ids = torch.randint(0, cfg.vocab_size, (2, 7), device=DEVICE)
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :4], use_cache=True)
-        steps = [out.logits]
-        for t in range(4, 7):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-    assert_close("incremental logits", torch.cat(steps, 1), full, 1e-10, 1e-10)
+        logits = cached_logits(model, ids, 4)[0]
+    assert_close("incremental logits", logits, full, 1e-10, 1e-10)
