@@ -215,8 +215,8 @@ TILE_CONFIGS = [
 
 
 def tile_sweep(device, dtype, cfg=None):
-    """Forward TFLOP/s (forward only, to keep compile time short) of the Triton routed FFN under each of TILE_CONFIGS at one configuration, against
-    the dense FFN: a quick way to tune the GEMM tiles from one GPU session."""
+    """Forward TFLOP/s (forward only, to keep compile time short) of the Triton routed FFN under each of
+    TILE_CONFIGS at one configuration, against the dense FFN: the GEMM tiles compared in one run on a CUDA machine."""
     import mom_kernels
 
     cfg = cfg or sweep("check")[0]

@@ -28,8 +28,8 @@
 # copy the table and the CSV rows into benchmarks/results/ with the GPU, date and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-benchmarks/out/gpu_check}"
-mkdir -p "$OUT"
+OUT_DIR="${1:-benchmarks/out/gpu_check}"
+mkdir -p "$OUT_DIR"
 export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 export TRITON_DEFAULT_FP_FUSION=1   # silences triton 3.9's notice; the default in 3.6 anyway
@@ -50,23 +50,23 @@ PY
 
 stage "routed step (bf16, D 1280, E 16, K 2, 8 x 1024)"
 timeout 80 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
-  --modules 16 --top-k 2 --batch 8 --tokens 1024 --repeats 10 --graph --csv "$OUT/bench_step.csv" \
-  > "$OUT/step.log" 2>&1 \
+  --modules 16 --top-k 2 --batch 8 --tokens 1024 --repeats 10 --graph --csv "$OUT_DIR/bench_step.csv" \
+  > "$OUT_DIR/step.log" 2>&1 \
   || echo "bench_step failed or timed out (rc $?)"
 
 stage "Llama-family step (Qwen2.5-0.5B's shape) and capacity-routed step (bf16, 8 x 1024, eager)"
 timeout 40 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --family llama --n-embd 896 \
   --n-head 14 --kv-heads 2 --n-inner 4864 --modules 10 --top-k 2 --batch 8 --tokens 1024 --repeats 5 \
-  --csv "$OUT/bench_step.csv" 2>&1 | grep -E "^\| " | sed 's/^/llama: /' >> "$OUT/step.log" \
+  --csv "$OUT_DIR/bench_step.csv" 2>&1 | grep -E "^\| " | sed 's/^/llama: /' >> "$OUT_DIR/step.log" \
   || echo "Llama-family bench_step failed or timed out"
 timeout 40 python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
   --modules 16 --routing expert_choice --capacity 0.125 --batch 8 --tokens 1024 --repeats 5 \
-  --csv "$OUT/bench_step.csv" 2>&1 | grep -E "^\| " | sed 's/^/capacity: /' >> "$OUT/step.log" \
+  --csv "$OUT_DIR/bench_step.csv" 2>&1 | grep -E "^\| " | sed 's/^/capacity: /' >> "$OUT_DIR/step.log" \
   || echo "capacity bench_step failed or timed out"
 
 stage "whole model (mom-large-efficient vs gpt2-large, bf16, 8 x 1024)"
 timeout 80 python -m benchmarks.bench_model --device cuda --dtype bfloat16 --batch 8 --seq-len 1024 \
-  --repeats 5 --graph --pairs mom-large-efficient:gpt2-large --csv "$OUT/bench_model.csv" > "$OUT/model.log" 2>&1 \
+  --repeats 5 --graph --pairs mom-large-efficient:gpt2-large --csv "$OUT_DIR/bench_model.csv" > "$OUT_DIR/model.log" 2>&1 \
   || echo "bench_model failed or timed out (rc $?)"
 
 stage "kernel and model tests (CUDA, compiled)"
@@ -79,72 +79,72 @@ TESTS="tests/test_kernels_routing.py tests/test_kernels_routed_ffn.py tests/test
        tests/test_kernels_autotune.py tests/test_kernels_llama.py tests/test_capacity.py"
 if python -c "import xdist" 2>/dev/null; then PAR="-n 14"; else PAR=""; fi  # compiling dominates: spread it
 # shellcheck disable=SC2086
-timeout 110 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT/tests.log" 2>&1
+timeout 110 python -m pytest -q -rfE -p no:cacheprovider $PAR $TESTS > "$OUT_DIR/tests.log" 2>&1
 TEST_RC=$?
-tail -n 1 "$OUT/tests.log"
+tail -n 1 "$OUT_DIR/tests.log"
 
 stage "routed_ffn sweep (check)"
-rm -f "$OUT/routed_ffn.csv"
-timeout 50 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn.csv" > "$OUT/bench.log" 2>&1
+rm -f "$OUT_DIR/routed_ffn.csv"
+timeout 50 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT_DIR/routed_ffn.csv" > "$OUT_DIR/bench.log" 2>&1
 BENCH_RC=$?
-tail -n 2 "$OUT/bench.log"
-echo "-- the same sweep with the TMA weight path (MOM_KERNELS_TMA=1)" >> "$OUT/bench.log"
-MOM_KERNELS_TMA=1 timeout 35 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT/routed_ffn_tma.csv" \
-  >> "$OUT/bench.log" 2>&1 || echo "TMA sweep failed or timed out"
+tail -n 2 "$OUT_DIR/bench.log"
+echo "-- the same sweep with the TMA weight path (MOM_KERNELS_TMA=1)" >> "$OUT_DIR/bench.log"
+MOM_KERNELS_TMA=1 timeout 35 python -m benchmarks.bench_routed_ffn --sweep check --csv "$OUT_DIR/routed_ffn_tma.csv" \
+  >> "$OUT_DIR/bench.log" 2>&1 || echo "TMA sweep failed or timed out"
 
 stage "GEMM tiles at the base point (forward): epilogue slices, persistent grid, tile shapes"
-timeout 25 python -m benchmarks.bench_routed_ffn --tiles >> "$OUT/bench.log" 2>&1 || echo "tile sweep failed or timed out"
+timeout 25 python -m benchmarks.bench_routed_ffn --tiles >> "$OUT_DIR/bench.log" 2>&1 || echo "tile sweep failed or timed out"
 
 stage "routed step with MOM_KERNELS_AUTOTUNE=1 (each GEMM's fastest way, timed in the warm-up)"
 rm -f /tmp/mom_autotune.json
 MOM_KERNELS_AUTOTUNE=1 MOM_KERNELS_AUTOTUNE_CACHE=/tmp/mom_autotune.json timeout 40 \
   python -m benchmarks.bench_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 --modules 16 \
   --top-k 2 --batch 8 --tokens 1024 --repeats 10 --csv /tmp/bench_step_tuned.csv 2>&1 \
-  | grep -E "^\| forward\+backward \| (dense|triton)|^autotune" | sed 's/^/tuned: /' >> "$OUT/step.log" \
+  | grep -E "^\| forward\+backward \| (dense|triton)|^autotune" | sed 's/^/tuned: /' >> "$OUT_DIR/step.log" \
   || echo "autotuned step failed or timed out"
 { echo "autotune table (MOM_KERNELS_AUTOTUNE_CACHE; commit it under benchmarks/results/):"
-  cat /tmp/mom_autotune.json; } >> "$OUT/step.log" 2>&1
+  cat /tmp/mom_autotune.json; } >> "$OUT_DIR/step.log" 2>&1
 
 stage "kernel timeline of the step"
 timeout 30 python -m benchmarks.profile_step --device cuda --dtype bfloat16 --n-embd 1280 --n-head 20 \
-  --modules 16 --top-k 2 --batch 8 --tokens 1024 >> "$OUT/step.log" 2>&1 || echo "profile_step failed or timed out"
+  --modules 16 --top-k 2 --batch 8 --tokens 1024 >> "$OUT_DIR/step.log" 2>&1 || echo "profile_step failed or timed out"
 
 stage "generation (bf16, graphed) and the few-token kernel"
 timeout 70 python -m benchmarks.bench_decode --device cuda --scale 1 --dtype bfloat16 --cuda-graph --batch 1 64 \
-  --prompt 128 --new-tokens 16 --repeats 1 --out "$OUT/decode" > "$OUT/decode.log" 2>&1 \
+  --prompt 128 --new-tokens 16 --repeats 1 --out "$OUT_DIR/decode" > "$OUT_DIR/decode.log" 2>&1 \
   || echo "bench_decode failed or timed out (rc $?)"
-rm -rf "$OUT/decode"   # its CSV / MD / PNG: the table is in decode.log
-timeout 30 python -m benchmarks.bench_gemv --device cuda --repeats 30 --csv "" >> "$OUT/decode.log" 2>&1 \
+rm -rf "$OUT_DIR/decode"   # its CSV / MD / PNG: the table is in decode.log
+timeout 30 python -m benchmarks.bench_gemv --device cuda --repeats 30 --csv "" >> "$OUT_DIR/decode.log" 2>&1 \
   || echo "bench_gemv failed or timed out (rc $?)"
 
 echo
-stage "summary (tests rc=$TEST_RC, sweep rc=$BENCH_RC; logs in $OUT)"
+stage "summary (tests rc=$TEST_RC, sweep rc=$BENCH_RC; logs in $OUT_DIR)"
 echo "-- tests"
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
-tail -n 1 "$OUT/tests.log"
+grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests.log" | head -n 20
+tail -n 1 "$OUT_DIR/tests.log"
 echo "-- routed step"
-grep -E "^routed step|^FFN rows|^\||^GRU|^tuned: |^llama: |^capacity: " "$OUT/step.log" || tail -n 5 "$OUT/step.log"
+grep -E "^routed step|^FFN rows|^\||^GRU|^tuned: |^llama: |^capacity: " "$OUT_DIR/step.log" || tail -n 5 "$OUT_DIR/step.log"
 echo "targets: triton step fwd+bwd <= 1.6x dense eager, <= 1.3x graphed; routing <= 5% of the graphed step"
 echo "-- whole model"
-grep -E "^batch|^\|" "$OUT/model.log" || tail -n 5 "$OUT/model.log"
+grep -E "^batch|^\|" "$OUT_DIR/model.log" || tail -n 5 "$OUT_DIR/model.log"
 echo "targets: mom graphed per FLOP vs GPT-2 (graphed) >= 0.85"
 echo "-- kernel time of one step (fwd+bwd)"
-grep -E "^-- " "$OUT/step.log"
+grep -E "^-- " "$OUT_DIR/step.log"
 echo "-- generation (mom-large-efficient vs gpt2-large, graphed) and the few-token kernel"
-grep -E "^- |^\| (ffn|qkv) " "$OUT/decode.log" || tail -n 5 "$OUT/decode.log"
+grep -E "^- |^\| (ffn|qkv) " "$OUT_DIR/decode.log" || tail -n 5 "$OUT_DIR/decode.log"
 echo "targets: decode tokens/s >= 1.3x GPT-2-large at batch 1, >= 1.2x at 64; peak memory <= 0.6x; of_copy >= 0.70"
 echo "-- routed_ffn sweep"
-if [ -f "$OUT/routed_ffn.csv" ]; then
-  python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT/routed_ffn.csv'))"
+if [ -f "$OUT_DIR/routed_ffn.csv" ]; then
+  python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT_DIR/routed_ffn.csv'))"
   echo "targets: fwd >= 85% of dense, fwd+bwd >= 75%, >= 3x the loop (xloop)"
-  if [ -f "$OUT/routed_ffn_tma.csv" ]; then
+  if [ -f "$OUT_DIR/routed_ffn_tma.csv" ]; then
     echo "-- routed_ffn sweep, TMA weight path"
-    python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT/routed_ffn_tma.csv'))"
-    rm -f "$OUT/routed_ffn_tma.csv"   # (at most 8 files: its summary is printed here)
+    python -c "from benchmarks.bench_routed_ffn import summary_csv; print(summary_csv('$OUT_DIR/routed_ffn_tma.csv'))"
+    rm -f "$OUT_DIR/routed_ffn_tma.csv"   # (at most 8 files: its summary is printed here)
   fi
 else
-  tail -n 5 "$OUT/bench.log"
+  tail -n 5 "$OUT_DIR/bench.log"
 fi
 echo "-- GEMM tiles (forward, base point)"
-grep -E "^tile sweep|^  " "$OUT/bench.log" | tail -n 12
+grep -E "^tile sweep|^  " "$OUT_DIR/bench.log" | tail -n 12
 [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]

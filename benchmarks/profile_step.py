@@ -8,7 +8,7 @@
    then the sum of kernel time against the wall time (the gap is launch / host overhead).
 2. --tiles: forward and forward+backward time of the "triton" step under each of TILE_CONFIGS (environment
    overrides that mom_kernels reads at launch: MOM_KERNELS_BLOCK_M, MOM_KERNELS_GEMM_CONFIG,
-   MOM_KERNELS_DW_CONFIG), to pick the defaults of `gemm_config` / `dw_config` from one GPU session.
+   MOM_KERNELS_DW_CONFIG), to pick the defaults of `gemm_config` / `dw_config` from one run on a CUDA machine.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.sh, checked on the CPU: a lent GPU gives one short, costly try, so a typo in the script
-must fail here, not there. Its shell syntax; every `python -m benchmarks.<name> ...` command line against that
+"""benchmarks/gpu_check.sh, checked on the CPU: the script is meant to run through in one go on a CUDA machine,
+so a typo in it must fail here, not there. Its shell syntax; every `python -m benchmarks.<name> ...` command line against that
 benchmark's own argument parser (parsed, not run: the sizes are the H200's); the test files it names exist; the
 MOM_KERNELS_* settings it sets are ones the kernels read; the helpers its summary imports exist."""
 from __future__ import annotations
