@@ -230,9 +230,9 @@ class MoMConfig:
         if self.routing == "expert_choice":
             for name, bad in (("dense_routing", True), ("shared_slots", True), ("straight_through", True),
                               ("balance_loss", "pooled"), ("balance_skip", True)):
-                need(getattr(self, name) != bad, name, f"does not apply to expert-choice routing (routing="
-                     f"'expert_choice': each module takes its capacity; the routers have no SKIP slot, their aux "
-                     f"loss is a BCE, not a balance loss)")
+                need(getattr(self, name) != bad, name, "does not apply to expert-choice routing (routing="
+                     "'expert_choice': each module takes its capacity; the routers have no SKIP slot, their aux "
+                     "loss is a BCE, not a balance loss)")
             need(not self.routing_prior, "routing_prior", "the function-preserving cut needs token choice (at "
                  "step h module h takes every token: a capacity of 1)")
         else:

@@ -13,7 +13,7 @@ attended. Generation (static cache, left-padded batches, sampling, stop tokens, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
